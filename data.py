@@ -1,0 +1,396 @@
+"""Pixels in and out for every script: datasets, device batches, image grids, GIFs and loss plots.
+
+    import data
+    ds = data.load_dataset("mnist", data_dir="data")         # ds.images uint8 [N, 1, 28, 28], ds.labels int64 [N]
+    ds = data.load_dataset("faces/", image_size=64)           # one sub-folder per class, or loose images
+    batches = data.Batches(ds, batch_size=64, device="cuda", seed=0)
+    for real, labels in batches.epoch(0): ...                # real: float [B, C, H, W] in [-1, 1] on the device
+
+Named datasets are looked for in DATA_DIR/<name>/, then in Debian's /usr/share/datasets/<name>/, and are
+otherwise downloaded into DATA_DIR/<name>/ (every file checked against its published MD5 before it is kept).
+Bad input raises DataError with a one-line message naming the file; the scripts turn it into exit status 2.
+"""
+import gzip
+import hashlib
+import math
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+
+class DataError(Exception):
+    """Bad input (missing, corrupt or unreadable data). The message is one line that names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Named datasets: the four standard IDX files each, with the MD5 of the published gzip file
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+DATASETS = {
+    "mnist": {
+        "mirrors": [
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",  # first: yann.lecun.com often answers 403
+            "http://yann.lecun.com/exdb/mnist/",
+        ],
+        "md5": {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+        "classes": [str(digit) for digit in range(10)],
+    },
+    "fashion-mnist": {
+        "mirrors": [
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",
+        ],
+        "md5": {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        "classes": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    },
+}
+SYSTEM_DATASET_DIR = "/usr/share/datasets"  # where Debian's dataset-mnist / dataset-fashion-mnist put the files
+IMAGE_EXTENSIONS = {".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # uint8 [N, C, H, W], 0..255, on the CPU
+    labels: torch.Tensor  # int64 [N]
+    classes: list = field(default_factory=list)  # classes[label] is the class name
+    source: str = ""  # the folder the data came from (FID caches its statistics next to it)
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    @property
+    def image_shape(self):
+        return tuple(self.images.shape[1:])
+
+
+def load_dataset(name, data_dir="data", split="train", image_size=None, channels=None, download=True):
+    """A named dataset ('mnist', 'fashion-mnist') or a path to a folder of images, as one uint8 tensor.
+
+    image_size: side of the square images to return (None keeps 28x28 for the named datasets; required for folders).
+    channels: 1 or 3 to force grayscale or RGB; None keeps the data's own (1 for MNIST, a folder decides by content).
+    """
+    if name in DATASETS:
+        folder = find_idx_folder(name, data_dir, split, download)
+        images_file, labels_file = (idx_path(folder, stem) for stem in IDX_FILES[split])
+        images = read_idx(images_file, ndim=3)
+        labels = read_idx(labels_file, ndim=1)
+        if len(images) != len(labels):
+            raise DataError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
+        dataset = Dataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
+                          list(DATASETS[name]["classes"]), folder)
+        if labels.max() >= dataset.num_classes:
+            raise DataError(f"{labels_file} has label {labels.max()}, expected 0..{dataset.num_classes - 1}")
+    elif os.path.isdir(name):
+        if image_size is None:
+            raise DataError(f"an image folder needs an image size ({name})")
+        return load_folder(name, image_size, channels)
+    else:
+        raise DataError(f"unknown dataset '{name}': use mnist, fashion-mnist or a folder of images")
+    if channels == 3:
+        dataset.images = dataset.images.expand(-1, 3, -1, -1).contiguous()
+    if image_size is not None and image_size != dataset.images.shape[-1]:
+        dataset.images = resize_images(dataset.images, image_size)
+    return dataset
+
+
+def resize_images(images, size):
+    """Resize a uint8 [N, C, h, w] batch of square images to [N, C, size, size] (antialiased bilinear)."""
+    resized = []
+    for chunk in images.split(4096):  # bounded memory for the float copy
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        resized.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(resized)
+
+
+def idx_path(folder, stem):
+    """The IDX file `stem` in folder, plain or gzipped (None if neither is there)."""
+    for candidate in (stem, stem + ".gz"):
+        path = os.path.join(folder, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def find_idx_folder(name, data_dir, split, download):
+    """DATA_DIR/<name>, then /usr/share/datasets/<name>, else download into DATA_DIR/<name>."""
+    local = os.path.join(data_dir, name)
+    for folder in (local, os.path.join(SYSTEM_DATASET_DIR, name)):
+        if all(idx_path(folder, stem) for stem in IDX_FILES[split]):
+            return folder
+    if not download:
+        raise DataError(f"{name} not found in {local} or {SYSTEM_DATASET_DIR}/{name}")
+    info = DATASETS[name]
+    for stem in IDX_FILES[split]:
+        if idx_path(local, stem) is None:
+            fetch(stem + ".gz", info["mirrors"], info["md5"][stem + ".gz"], local)
+    return local
+
+
+def read_idx(path, ndim):
+    """Parse an IDX file of unsigned bytes (gzipped or not), checking magic number, dimensions and length."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:  # BadGzipFile is an OSError; EOFError = truncated gzip
+        raise DataError(f"cannot read {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
+        raise DataError(f"{path} is not an IDX file of {ndim}-d unsigned bytes (bad magic number {raw[:4].hex()})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated (header cut short)")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "longer than its header says"
+        raise DataError(f"{path} is {what}: {len(raw)} bytes, header {dims} needs {expected}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def fetch(filename, mirrors, md5, folder, timeout=30):
+    """Download `filename` from the first mirror that serves it with the right MD5, into folder/filename.
+
+    The bytes go to a temporary file beside the target and are renamed only once the MD5 matches, so a failed,
+    partial or wrong download never leaves a file behind."""
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, filename)
+    failures = []
+    for mirror in mirrors:
+        url = mirror + filename
+        fd, partial = tempfile.mkstemp(prefix=filename + ".", suffix=".part", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                digest = copy_with_progress(response, out, filename)
+            if digest != md5:
+                failures.append(f"{url}: MD5 {digest}, expected {md5}")
+                continue
+            os.replace(partial, target)
+            return target
+        except (urllib.error.URLError, OSError) as e:
+            failures.append(f"{url}: {getattr(e, 'reason', e)}")
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    raise DataError(f"could not download {filename} ({'; '.join(failures)}); "
+                    f"put the file in {folder} yourself to work offline")
+
+
+def copy_with_progress(response, out, filename, chunk_size=1 << 16):
+    """Stream response into out, showing progress on stderr for large files; returns the MD5 hex digest."""
+    total = int(response.headers.get("Content-Length") or 0)
+    show = total > (1 << 20) and sys.stderr.isatty()
+    md5, done = hashlib.md5(), 0
+    while chunk := response.read(chunk_size):
+        out.write(chunk)
+        md5.update(chunk)
+        done += len(chunk)
+        if show:
+            print(f"\rdownloading {filename}: {100 * done // total:3d}% of {total / 1e6:.1f} MB",
+                  end="", file=sys.stderr, flush=True)
+    if show:
+        print(file=sys.stderr)
+    return md5.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A folder of images
+
+def load_folder(root, image_size, channels=None):
+    """One sub-folder per class (names sorted give the labels), or loose images as a single class.
+
+    Every file is decoded once, resized (shorter side to image_size, then centre crop) and kept as uint8.
+    Hidden files (.DS_Store, ...) are skipped; any other file PIL cannot read is an error naming it.
+    channels=None picks 1 if every image is grayscale, else 3. RGBA is composited onto white."""
+    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+    classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    if classes:
+        files = [(os.path.join(root, c, f), label) for label, c in enumerate(classes)
+                 for f in sorted(os.listdir(os.path.join(root, c))) if not f.startswith(".")]
+        loose = [e for e in entries if e not in classes]
+        if loose:
+            print(f"warning: {root}: ignoring {len(loose)} file(s) beside the class folders, e.g. {loose[0]}",
+                  file=sys.stderr)
+    else:
+        classes = [os.path.basename(os.path.normpath(root))]
+        files = [(os.path.join(root, f), 0) for f in entries]
+    files = [(path, label) for path, label in files if os.path.isfile(path)]
+    if not files:
+        raise DataError(f"no images in {root}")
+    pictures = [open_image(path, image_size) for path, _ in files]
+    if channels is None:
+        channels = 1 if all(p.mode == "L" for p in pictures) else 3
+    mode = "L" if channels == 1 else "RGB"
+    images = np.stack([np.asarray(p.convert(mode)).reshape(image_size, image_size, channels) for p in pictures])
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return Dataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, classes, root)
+
+
+def open_image(path, image_size):
+    """Decode one image to mode L or RGB at image_size x image_size."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (image_size, image_size))  # JPEG: let the decoder downscale, much faster
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                img = Image.new("RGB", rgba.size, (255, 255, 255))
+                img.paste(rgba, mask=rgba.getchannel("A"))
+            elif img.mode not in ("L", "RGB"):
+                img = img.convert("L" if img.mode in ("1", "I", "I;16", "F") else "RGB")
+            return ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BICUBIC)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"not a readable image: {path} ({type(e).__name__})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches on the device
+
+class Batches:
+    """Shuffled mini-batches sliced from the whole dataset, kept once on the device as uint8.
+
+    Each epoch is one random permutation split into len(self) nearly equal batches (sizes differ by at most one),
+    so every image is seen exactly once per epoch and no batch is a tiny leftover (BatchNorm dislikes those).
+    The permutation depends only on (seed, epoch), which makes a resumed run draw the same batches."""
+
+    def __init__(self, dataset, batch_size, device, seed=0):
+        self.images = dataset.images.to(device)
+        self.labels = dataset.labels.to(device)
+        self.num_batches = max(1, round(len(self.images) / batch_size))
+        self.seed = seed
+
+    def __len__(self):
+        return self.num_batches
+
+    def epoch(self, epoch):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.images), generator=generator).to(self.images.device)
+        for index in order.tensor_split(self.num_batches):
+            yield to_float(self.images[index]), self.labels[index]
+
+
+def to_float(images):
+    """uint8 0..255 -> float32 in [-1, 1], the range the generators' tanh produces."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images):
+    """Float images in [-1, 1] -> uint8 0..255, rounded exactly as saving a PNG with torchvision would."""
+    return ((images.detach().float() + 1) * 127.5 + 0.5).clamp_(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image output
+
+def make_grid(images, nrow, padding=2, pad_value=128):
+    """[N, C, H, W] images (float in [-1, 1] or uint8) -> one uint8 array [rows, cols, C], nrow images per row."""
+    if images.dtype != torch.uint8:
+        images = to_uint8(images)
+    images = images.cpu().numpy()
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((padding + rows * (h + padding), padding + nrow * (w + padding), c), pad_value, np.uint8)
+    for i, image in enumerate(images):
+        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        grid[top:top + h, left:left + w] = image.transpose(1, 2, 0)
+    return grid
+
+
+def save_grid(images, path, nrow, scale=1):
+    """Save images as a PNG grid (rows of nrow); scale > 1 enlarges it with crisp pixels."""
+    grid = make_grid(images, nrow)
+    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    save_atomic(picture, path, "PNG")
+
+
+def save_gif(png_paths, path, duration_ms=250):
+    """An animated GIF from PNG frames (the per-epoch grids), the last frame held a little longer."""
+    frames = [Image.open(p).convert("RGB") for p in png_paths]
+    if not frames:
+        return
+    durations = [duration_ms] * (len(frames) - 1) + [duration_ms * 4]
+    save_atomic(frames[0], path, "GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+
+
+def save_atomic(picture, path, fmt, **options):
+    """Write a PIL image to a temporary file beside path, then rename: readers never see half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    picture.save(tmp, format=fmt, **options)
+    os.replace(tmp, path)
+
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def plot_curves(series, path, xlabel="epoch", size=(640, 400)):
+    """Line plot of {name: [values...]} against 1..len with PIL: axes, ticks with values, a legend."""
+    series = {name: [float(v) for v in values] for name, values in series.items() if len(values)}
+    if not series:
+        return
+    width, height = size
+    left, right, top, bottom = 64, 16, 16, 44
+    font = ImageFont.load_default()
+    picture = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(picture)
+    finite = [v for values in series.values() for v in values if math.isfinite(v)] or [0.0]
+    lo, hi = min(finite), max(finite)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 1, hi + 1
+    margin = 0.05 * (hi - lo)
+    lo, hi = lo - margin, hi + margin
+    n = max(len(values) for values in series.values())
+
+    def xy(i, v):
+        x = left + (width - left - right) * (i / max(n - 1, 1))
+        y = top + (height - top - bottom) * (hi - v) / (hi - lo)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for k in range(6):  # y ticks with values and light grid lines
+        v = lo + (hi - lo) * k / 5
+        _, y = xy(0, v)
+        draw.line([left, y, width - right, y], fill=(225, 225, 225))
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((4, y - 6), f"{v:.3g}", fill="black", font=font)
+    for k in range(min(n, 8)):  # x ticks at whole epochs
+        i = round(k * (n - 1) / max(min(n, 8) - 1, 1))
+        x, _ = xy(i, lo)
+        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
+        draw.text((x - 6, height - bottom + 6), str(i + 1), fill="black", font=font)
+    draw.text(((width - left) // 2 + left - 12, height - 16), xlabel, fill="black", font=font)
+    for (name, values), color in zip(series.items(), COLORS):
+        points = [xy(i, v) for i, v in enumerate(values) if math.isfinite(v)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for x, y in points if len(points) < 40 else []:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+    for k, (name, color) in enumerate(zip(series, COLORS)):  # legend, top right
+        y = top + 6 + 14 * k
+        draw.line([width - right - 120, y + 6, width - right - 100, y + 6], fill=color, width=2)
+        draw.text((width - right - 94, y), name, fill="black", font=font)
+    save_atomic(picture, path, "PNG")
