@@ -75,7 +75,8 @@ class Dataset:
     images: torch.Tensor  # uint8 [N, C, H, W], 0..255, on the CPU
     labels: torch.Tensor  # int64 [N]
     classes: list = field(default_factory=list)  # classes[label] is the class name
-    source: str = ""  # the folder the data came from (FID caches its statistics next to it)
+    source: str = ""  # the folder the data came from
+    cache_dir: str = ""  # a writable folder next to the data, for derived files such as FID statistics
 
     @property
     def num_classes(self):
@@ -99,8 +100,9 @@ def load_dataset(name, data_dir="data", split="train", image_size=None, channels
         labels = read_idx(labels_file, ndim=1)
         if len(images) != len(labels):
             raise DataError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
+        cache_dir = folder if os.access(folder, os.W_OK) else os.path.join(data_dir, name)  # /usr/share: read-only
         dataset = Dataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
-                          list(DATASETS[name]["classes"]), folder)
+                          list(DATASETS[name]["classes"]), folder, cache_dir)
         if labels.max() >= dataset.num_classes:
             raise DataError(f"{labels_file} has label {labels.max()}, expected 0..{dataset.num_classes - 1}")
     elif os.path.isdir(name):
@@ -246,7 +248,8 @@ def load_folder(root, image_size, channels=None):
     mode = "L" if channels == 1 else "RGB"
     images = np.stack([np.asarray(p.convert(mode)).reshape(image_size, image_size, channels) for p in pictures])
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return Dataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, classes, root)
+    cache_dir = os.path.join(root, ".cache")  # hidden, so the loader itself skips it next time
+    return Dataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, classes, root, cache_dir)
 
 
 def open_image(path, image_size):

@@ -1,0 +1,329 @@
+"""Conditional GAN (Mirza & Osindero 2014, arXiv:1411.1784): the class label, one-hot, goes into both G and D.
+
+    python cgan.py --epochs 20                         # train on MNIST; one grid row per class, in runs/cgan/
+    python cgan.py --epochs 30 --resume                # continue the same run up to epoch 30
+    python cgan.py --generate 100 --label 7            # 100 sevens into runs/cgan/samples.npz and samples.png
+
+Labels are one-hot vectors rather than a learned embedding: with ten classes a one-hot code is already the most
+separable input there is, it has no parameters to learn, and it is what the paper used.
+"""
+import argparse
+import csv
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+
+class Generator(nn.Module):
+    """(z, one-hot label) -> image in [-1, 1]. BatchNorm keeps the hidden activations well scaled from the start."""
+
+    def __init__(self, latent_dim, num_classes, image_shape, hidden=(256, 512, 1024)):
+        super().__init__()
+        self.image_shape, self.num_classes = tuple(image_shape), num_classes
+        layers, width = [], latent_dim + num_classes
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.BatchNorm1d(h, momentum=0.1), nn.LeakyReLU(0.2)]
+            width = h
+        layers += [nn.Linear(width, int(torch.tensor(image_shape).prod())), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z, labels):  # (B, latent_dim), (B,) -> (B, C, H, W)
+        inputs = torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], dim=1)
+        return self.net(inputs).view(len(z), *self.image_shape)
+
+
+class Discriminator(nn.Module):
+    """(image, one-hot label) -> one logit: "is this a real image of this class?" (no sigmoid: the loss takes
+    logits, which is numerically safe)."""
+
+    def __init__(self, image_shape, num_classes, hidden=(512, 256)):
+        super().__init__()
+        self.num_classes = num_classes
+        layers, width = [], int(torch.tensor(image_shape).prod()) + num_classes
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
+            width = h
+        layers += [nn.Linear(width, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images, labels):  # (B, C, H, W), (B,) -> (B,)
+        one_hot = F.one_hot(labels, self.num_classes).to(images.dtype)
+        return self.net(torch.cat([images.flatten(1), one_hot], dim=1)).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GAN itself: two losses and the alternating update
+
+def d_loss(real_logits, fake_logits):
+    """Binary cross-entropy: real images are labelled 1, generated ones 0."""
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def g_loss(fake_logits):
+    """Non-saturating loss -log D(G(z)). The minimax form log(1 - D(G(z))) has almost no gradient early on,
+    when D rejects the generator's samples with confidence; this form has its strongest gradient exactly then."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler):
+    """One D update, then one G update against the D just improved. The fakes are made for the real batch's
+    labels, so D sees the same classes in both halves and can only tell them apart by the images."""
+    z = torch.randn(len(real), latent_dim, device=real.device)
+    with autocast(real.device, scaler):
+        fake = G(z, labels)
+        # Discriminator: fake is detached so this loss does not reach into G.
+        real_logits, fake_logits = D(real, labels), D(fake.detach(), labels)
+        loss_d = d_loss(real_logits, fake_logits)
+    opt_d.zero_grad(set_to_none=True)
+    scaler.scale(loss_d).backward()
+    scaler.step(opt_d)
+
+    # Generator: the same fake batch, scored again by the updated D. D's weights are frozen meanwhile, so the
+    # backward pass computes only what G needs (gradients flow through D to the image, not into D's weights).
+    D.requires_grad_(False)
+    with autocast(real.device, scaler):
+        loss_g = g_loss(D(fake, labels))
+    opt_g.zero_grad(set_to_none=True)
+    scaler.scale(loss_g).backward()
+    scaler.step(opt_g)
+    scaler.update()
+    D.requires_grad_(True)
+
+    # Returned as tensors on the device: reading them (.item()) would force a sync every step.
+    return torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(real_logits.detach()).mean(),
+                        torch.sigmoid(fake_logits.detach()).mean()]).float()
+
+
+def autocast(device, scaler):
+    """Mixed precision when --amp is on: float16 with loss scaling on CUDA, bfloat16 (no scaling needed) on CPU."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=scaler.amp)
+
+
+METRICS = ["d_loss", "g_loss", "d_real", "d_fake"]  # d_real = mean D(x), d_fake = mean D(G(z)) before the D step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running it: training, sampling, checkpoints
+
+class UsageError(Exception):
+    """Bad flags or a missing checkpoint: reported as one line, exit status 2."""
+
+
+def build_models(args, image_shape, num_classes):
+    G = Generator(args.latent_dim, num_classes, image_shape)
+    D = Discriminator(image_shape, num_classes)
+    return G, D
+
+
+@torch.no_grad()
+def generate_images(G, labels, latent_dim, device, seed, batch_size=500):
+    """One image per label, as uint8 [n, C, H, W], made in batches by G in eval mode (BatchNorm uses its running
+    averages)."""
+    G.eval()
+    noise = torch.Generator().manual_seed(seed)
+    images = [data.to_uint8(G(torch.randn(len(chunk), latent_dim, generator=noise).to(device), chunk.to(device)))
+              .cpu() for chunk in labels.split(batch_size)]
+    G.train()
+    return torch.cat(images)
+
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a crash or Ctrl-C mid-save leaves the previous checkpoint intact
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(out):
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}: train first (or pass the run's --out)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+
+
+def write_metrics(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_metrics(path, up_to_epoch):
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
+
+
+def train(args):
+    device = torch.device(args.device)
+    dataset = data.load_dataset(args.dataset, args.data_dir)
+    checkpoint = load_checkpoint(args.out) if args.resume else None
+    if checkpoint:
+        for key in ("latent_dim", "batch_size", "lr", "seed"):  # the run's own settings win over the command line
+            setattr(args, key, checkpoint["args"][key])
+    torch.manual_seed(args.seed)
+    G, D = build_models(args, dataset.image_shape, dataset.num_classes)
+    G, D = G.to(device), D.to(device)
+    # beta1 = 0.5 (DCGAN's setting): the default 0.9 makes the two players' momentum overshoot each other.
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    start_epoch = 0
+    if checkpoint:
+        G.load_state_dict(checkpoint["generator"])
+        D.load_state_dict(checkpoint["discriminator"])
+        opt_g.load_state_dict(checkpoint["opt_g"])
+        opt_d.load_state_dict(checkpoint["opt_d"])
+        start_epoch = checkpoint["epoch"]
+        torch.set_rng_state(checkpoint["rng"])
+    # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
+    G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    scaler.amp = args.amp
+
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.csv")
+    history = read_metrics(metrics_path, start_epoch)
+    batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
+    # The grid: one row per class, the same noise down each column, so a column shows one style in every class.
+    columns = 10
+    grid_noise = torch.randn(columns, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    grid_noise = grid_noise.repeat(dataset.num_classes, 1).to(device)
+    grid_labels = torch.arange(dataset.num_classes).repeat_interleave(columns).to(device)
+    print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} steps per epoch, "
+          f"device {device}, epochs {start_epoch + 1}..{args.epochs}")
+
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        started, seen = time.time(), 0
+        totals = torch.zeros(len(METRICS), device=device)
+        for i, (real, labels) in enumerate(batches.epoch(epoch), 1):
+            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler)
+            seen += len(real)
+            if i % args.log_every == 0 or i == len(batches):
+                means = (totals / i).tolist()  # the only sync with the device, every log_every steps
+                if not all(map(torch.isfinite, torch.tensor(means))):
+                    raise FloatingPointError(f"loss became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch} step {i}")
+                rate = seen / (time.time() - started)
+                left = (len(batches) - i) * args.batch_size / rate
+                print(f"\repoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} "
+                      f"g_loss {means[1]:.3f} | D(x) {means[2]:.2f} D(G(z)) {means[3]:.2f} | "
+                      f"{rate:.0f} img/s | epoch ends in {left:.0f}s ", end="", flush=True)
+        print()
+
+        seconds = time.time() - started
+        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(METRICS, means)},
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+        write_metrics(metrics_path, history)
+        data.plot_curves({k: [float(row[k]) for row in history] for k in ("d_loss", "g_loss")},
+                         os.path.join(args.out, "losses.png"))
+        G.eval()
+        with torch.no_grad():
+            data.save_grid(G(grid_noise, grid_labels), os.path.join(args.out, "samples", f"epoch_{epoch:03d}.png"),
+                           nrow=columns)
+        G.train()
+        frames = sorted(os.listdir(os.path.join(args.out, "samples")))
+        data.save_gif([os.path.join(args.out, "samples", f) for f in frames], os.path.join(args.out, "progress.gif"))
+        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+            "generator": G.state_dict(), "discriminator": D.state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch,
+            "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
+            "rng": torch.get_rng_state()})
+
+    if args.fid:
+        report_fid(G, args, dataset, device)
+
+
+def report_fid(G, args, dataset, device):
+    import fid  # only needed here; fid.py stands alone
+
+    labels = torch.arange(args.fid) % dataset.num_classes  # classes balanced, as in MNIST-like data
+    fake = generate_images(G, labels, args.latent_dim, device, seed=args.seed + 1)
+    cache = os.path.join(dataset.cache_dir, f"fid_stats_{dataset.image_shape[-1]}px_{len(dataset.images)}.npz")
+    mu_real, sigma_real = fid.cached_statistics(cache, lambda: dataset.images, device=device)
+    mu_fake, sigma_fake = fid.compute_statistics(fake, device=device)
+    print(f"FID: {fid.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake):.4f} "
+          f"({args.fid} generated vs {len(dataset.images)} real images)")
+
+
+def generate(args):
+    checkpoint = load_checkpoint(args.out)
+    saved = argparse.Namespace(**checkpoint["args"])
+    num_classes = len(checkpoint["classes"])
+    if args.label is not None and not 0 <= args.label < num_classes:
+        raise UsageError(f"--label {args.label} is not a class of this model (0..{num_classes - 1})")
+    G, _ = build_models(saved, checkpoint["image_shape"], num_classes)
+    G.load_state_dict(checkpoint["generator"])
+    if args.label is None:
+        labels = torch.arange(args.generate) % num_classes
+    else:
+        labels = torch.full((args.generate,), args.label)
+    images = generate_images(G.to(args.device), labels, saved.latent_dim, args.device, seed=args.seed)
+    path = os.path.join(args.out, "samples.npz")
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+    os.replace(tmp, path)
+    data.save_grid(images[:100], os.path.join(args.out, "samples.png"), nrow=10)
+    print(f"wrote {len(images)} images to {path} and a grid to {os.path.join(args.out, 'samples.png')}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
+    p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
+    p.add_argument("--epochs", type=int, default=20, help="total passes over the training set (default 20)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D (default 2e-4)")
+    p.add_argument("--latent-dim", type=int, default=64, help="size of the noise vector z (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--out", default=os.path.join("runs", "cgan"), help="the run's folder (default runs/cgan)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--generate", type=int, metavar="N", help="no training: write N images to OUT/samples.npz")
+    p.add_argument("--label", type=int, metavar="K", help="with --generate: all images of class K (default: cycle)")
+    p.add_argument("--fid", type=int, metavar="N", help="after training, FID of N generated vs the real images")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
+    p.add_argument("--amp", action="store_true", help="mixed precision: float16 + loss scaling on CUDA, bfloat16 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile G and D (pays off on GPUs)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.generate is not None:
+            generate(args)
+        else:
+            train(args)
+    except (data.DataError, UsageError) as e:
+        print(f"cgan.py: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"\ncgan.py: training diverged: {e}; the last good checkpoint is kept in {args.out}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
