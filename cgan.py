@@ -4,10 +4,14 @@
     python cgan.py --epochs 30 --resume                # continue the same run up to epoch 30
     python cgan.py --generate 100 --label 7            # 100 sevens into runs/cgan/samples.npz and samples.png
 
-Labels are one-hot vectors rather than a learned embedding: with ten classes a one-hot code is already the most
-separable input there is, it has no parameters to learn, and it is what the paper used.
+Labels are one-hot vectors (what the paper used). G reads the one-hot concatenated to z. D reads it through a
+projection (Miyato & Koyama 2018): logit = w.phi(x) + (V onehot(y)).phi(x), i.e. an inner product between the image's
+features and a learned vector per class. Concatenating the one-hot to D's input, as in the paper, makes D learn
+"does the image match the label" far more slowly: on the bar test in test_gans.py it needed 30+ epochs at lr 1e-3 and
+never got there at 2e-4, while the projection gets there in under 10 epochs at either rate.
 """
 import argparse
+import copy
 import csv
 import os
 import sys
@@ -41,21 +45,23 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """(image, one-hot label) -> one logit: "is this a real image of this class?" (no sigmoid: the loss takes
-    logits, which is numerically safe)."""
+    logits, which is numerically safe). The label enters by projection onto the image features."""
 
     def __init__(self, image_shape, num_classes, hidden=(512, 256)):
         super().__init__()
         self.num_classes = num_classes
-        layers, width = [], int(torch.tensor(image_shape).prod()) + num_classes
+        layers, width = [nn.Flatten()], int(torch.tensor(image_shape).prod())
         for h in hidden:
             layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
             width = h
-        layers += [nn.Linear(width, 1)]
-        self.net = nn.Sequential(*layers)
+        self.features = nn.Sequential(*layers)
+        self.realness = nn.Linear(width, 1)  # w.phi(x) + b: how real, whatever the class
+        self.class_projection = nn.Linear(num_classes, width, bias=False)  # V onehot(y): one vector per class
 
     def forward(self, images, labels):  # (B, C, H, W), (B,) -> (B,)
-        one_hot = F.one_hot(labels, self.num_classes).to(images.dtype)
-        return self.net(torch.cat([images.flatten(1), one_hot], dim=1)).squeeze(1)
+        features = self.features(images)  # (B, hidden[-1])
+        class_vector = self.class_projection(F.one_hot(labels, self.num_classes).to(features.dtype))
+        return self.realness(features).squeeze(1) + (class_vector * features).sum(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,6 +114,18 @@ def autocast(device, scaler):
     return torch.autocast(device.type, dtype=dtype, enabled=scaler.amp)
 
 
+@torch.no_grad()
+def update_average(G_average, G, step, decay):
+    """Exponential moving average of G's weights. Samples from the average are much cleaner than from the last
+    step's weights, which oscillate around it (Yazici et al. 2019). The decay ramps up over the first steps so
+    that the average does not drag the random initial weights along for thousands of steps."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for average, current in zip(G_average.parameters(), G.parameters()):
+        average.lerp_(current, 1 - decay)
+    for average, current in zip(G_average.buffers(), G.buffers()):  # BatchNorm running statistics
+        average.copy_(current)
+
+
 METRICS = ["d_loss", "g_loss", "d_real", "d_fake"]  # d_real = mean D(x), d_fake = mean D(G(z)) before the D step
 
 
@@ -132,7 +150,6 @@ def generate_images(G, labels, latent_dim, device, seed, batch_size=500):
     noise = torch.Generator().manual_seed(seed)
     images = [data.to_uint8(G(torch.randn(len(chunk), latent_dim, generator=noise).to(device), chunk.to(device)))
               .cpu() for chunk in labels.split(batch_size)]
-    G.train()
     return torch.cat(images)
 
 
@@ -182,12 +199,14 @@ def train(args):
     torch.manual_seed(args.seed)
     G, D = build_models(args, dataset.image_shape, dataset.num_classes)
     G, D = G.to(device), D.to(device)
+    G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     # beta1 = 0.5 (DCGAN's setting): the default 0.9 makes the two players' momentum overshoot each other.
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     start_epoch = 0
     if checkpoint:
         G.load_state_dict(checkpoint["generator"])
+        G_average.load_state_dict(checkpoint["generator_average"])
         D.load_state_dict(checkpoint["discriminator"])
         opt_g.load_state_dict(checkpoint["opt_g"])
         opt_d.load_state_dict(checkpoint["opt_d"])
@@ -215,6 +234,7 @@ def train(args):
         totals = torch.zeros(len(METRICS), device=device)
         for i, (real, labels) in enumerate(batches.epoch(epoch), 1):
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler)
+            update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             seen += len(real)
             if i % args.log_every == 0 or i == len(batches):
                 means = (totals / i).tolist()  # the only sync with the device, every log_every steps
@@ -233,21 +253,19 @@ def train(args):
         write_metrics(metrics_path, history)
         data.plot_curves({k: [float(row[k]) for row in history] for k in ("d_loss", "g_loss")},
                          os.path.join(args.out, "losses.png"))
-        G.eval()
         with torch.no_grad():
-            data.save_grid(G(grid_noise, grid_labels), os.path.join(args.out, "samples", f"epoch_{epoch:03d}.png"),
-                           nrow=columns)
-        G.train()
+            data.save_grid(G_average.eval()(grid_noise, grid_labels),
+                           os.path.join(args.out, "samples", f"epoch_{epoch:03d}.png"), nrow=columns)
         frames = sorted(os.listdir(os.path.join(args.out, "samples")))
         data.save_gif([os.path.join(args.out, "samples", f) for f in frames], os.path.join(args.out, "progress.gif"))
         save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
-            "generator": G.state_dict(), "discriminator": D.state_dict(),
+            "generator": G.state_dict(), "generator_average": G_average.state_dict(), "discriminator": D.state_dict(),
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch,
             "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             "rng": torch.get_rng_state()})
 
     if args.fid:
-        report_fid(G, args, dataset, device)
+        report_fid(G_average, args, dataset, device)
 
 
 def report_fid(G, args, dataset, device):
@@ -269,7 +287,7 @@ def generate(args):
     if args.label is not None and not 0 <= args.label < num_classes:
         raise UsageError(f"--label {args.label} is not a class of this model (0..{num_classes - 1})")
     G, _ = build_models(saved, checkpoint["image_shape"], num_classes)
-    G.load_state_dict(checkpoint["generator"])
+    G.load_state_dict(checkpoint["generator_average"])
     if args.label is None:
         labels = torch.arange(args.generate) % num_classes
     else:
@@ -288,9 +306,13 @@ def parse_args(argv):
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=int, default=20, help="total passes over the training set (default 20)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D (default 2e-4)")
+    # Small batches and a learning rate above DCGAN's 2e-4: more, larger steps for these small MLPs; the moving
+    # average of G absorbs the extra noise. Measured best of bs 32/64 x lr 2e-4/5e-4 on MNIST in 20 epochs.
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of G and D (default 5e-4)")
     p.add_argument("--latent-dim", type=int, default=64, help="size of the noise vector z (default 64)")
+    p.add_argument("--average-decay", type=float, default=0.999,
+                   help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
     p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")

@@ -280,8 +280,10 @@ def parse_args(argv):
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=int, default=20, help="total passes over the training set (default 20)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D (default 2e-4)")
+    # Small batches and a learning rate above DCGAN's 2e-4: more, larger steps for these small MLPs; the moving
+    # average of G absorbs the extra noise. Measured best of bs 32/64 x lr 2e-4/5e-4 on MNIST in 20 epochs.
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of G and D (default 5e-4)")
     p.add_argument("--latent-dim", type=int, default=64, help="size of the noise vector z (default 64)")
     p.add_argument("--average-decay", type=float, default=0.999,
                    help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
