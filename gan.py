@@ -7,6 +7,7 @@
 import argparse
 import copy
 import csv
+import math
 import os
 import sys
 import time
@@ -220,14 +221,16 @@ def train(args):
             seen += len(real)
             if i % args.log_every == 0 or i == len(batches):
                 means = (totals / i).tolist()  # the only sync with the device, every log_every steps
-                if not all(map(torch.isfinite, torch.tensor(means))):
+                if not all(map(math.isfinite, means)):
                     raise FloatingPointError(f"loss became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch} step {i}")
-                rate = seen / (time.time() - started)
-                left = (len(batches) - i) * args.batch_size / rate
-                print(f"\repoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} "
+                elapsed = time.time() - started
+                steps_left = len(batches) - i + (args.epochs - epoch) * len(batches)
+                print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} "
                       f"g_loss {means[1]:.3f} | D(x) {means[2]:.2f} D(G(z)) {means[3]:.2f} | "
-                      f"{rate:.0f} img/s | epoch ends in {left:.0f}s ", end="", flush=True)
-        print()
+                      f"{seen / elapsed:.0f} img/s | {steps_left * elapsed / i / 60:.1f} min left ",
+                      end="\r" if sys.stdout.isatty() else "\n", flush=True)
+        if sys.stdout.isatty():
+            print()
 
         seconds = time.time() - started
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(METRICS, means)},
