@@ -254,14 +254,19 @@ def train(args):
 
 
 def report_fid(G, args, dataset, device):
+    """Print the FID of args.fid generated images against the real training images (their statistics cached)."""
     import fid  # only needed here; fid.py stands alone
 
-    fake = generate_images(G, args.fid, args.latent_dim, device, seed=args.seed + 1)
-    cache = os.path.join(dataset.cache_dir, f"fid_stats_{dataset.image_shape[-1]}px_{len(dataset.images)}.npz")
-    mu_real, sigma_real = fid.cached_statistics(cache, lambda: dataset.images, device=device)
-    mu_fake, sigma_fake = fid.compute_statistics(fake, device=device)
-    print(f"FID: {fid.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake):.4f} "
-          f"({args.fid} generated vs {len(dataset.images)} real images)")
+    try:
+        inception = fid.load_inception(device=device)  # loaded once for both sides
+        fake = generate_images(G, args.fid, args.latent_dim, device, seed=args.seed + 1)
+        cache = os.path.join(dataset.cache_dir, f"fid_stats_{dataset.image_shape[-1]}px_{len(dataset.images)}.npz")
+        mu_real, sigma_real = fid.cached_statistics(cache, lambda: dataset.images, weights=inception)
+        mu_fake, sigma_fake = fid.compute_statistics(fake, weights=inception)
+    except fid.FIDError as e:
+        raise UsageError(f"--fid: {e}") from None
+    print(f"FID: {fid.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake):.6g} "
+          f"({args.fid} generated vs {len(dataset.images)} real images, 2048-d pytorch-fid Inception features)")
 
 
 def generate(args):

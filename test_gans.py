@@ -508,3 +508,29 @@ def test_conditional_gan_puts_the_bar_where_the_label_says():
     bar_brightness = torch.stack([column_brightness[:, left:left + 3].mean(1) for left in bar_lefts], dim=1)
     hit_rate = (bar_brightness.argmax(dim=1) == asked).float().mean().item()  # brightest bar = the asked one
     assert hit_rate > 0.9, hit_rate
+
+
+@pytest.mark.slow
+def test_fid_flag_prints_the_fid_and_caches_the_real_statistics(tmp_path, monkeypatch, capsys):
+    import fid
+
+    data_dir = make_tiny_mnist(tmp_path / "data", n=16)
+    # A random-weights Inception where torch.hub keeps pytorch-fid's file, so nothing is downloaded.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    os.makedirs(fid.default_cache_dir())
+    torch.save(fid.FIDInception().state_dict(), os.path.join(fid.default_cache_dir(), os.path.basename(fid.WEIGHTS_URL)))
+    assert run(cgan, tmp_path, data_dir, "--epochs", "1", "--fid", "8") == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("FID: ")][0]
+    assert float(line.split()[1]) > 0
+    cached = np.load(os.path.join(data_dir, "mnist", "fid_stats_28px_16.npz"))
+    assert cached["mu"].shape == (2048,) and cached["sigma"].shape == (2048, 2048)
+
+
+def test_fid_flag_without_weights_offline_exits_2_saying_where_to_put_them(tmp_path, tiny_data_dir, monkeypatch,
+                                                                            capsys):
+    import fid
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(fid, "WEIGHTS_URL", "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
+    assert run(gan, tmp_path, tiny_data_dir, "--epochs", "1", "--fid", "8") == 2
+    one_line_error(capsys, "--fid", fid.default_cache_dir())
