@@ -12,11 +12,11 @@ Bad input raises DataError with a one-line message naming the file; the scripts 
 """
 import gzip
 import hashlib
+import http.client
 import math
 import os
 import sys
 import tempfile
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -192,8 +192,8 @@ def fetch(filename, mirrors, md5, folder, timeout=30):
                 continue
             os.replace(partial, target)
             return target
-        except (urllib.error.URLError, OSError) as e:
-            failures.append(f"{url}: {getattr(e, 'reason', e)}")
+        except (OSError, http.client.HTTPException) as e:  # URLError is an OSError; IncompleteRead: a cut-off
+            failures.append(f"{url}: {getattr(e, 'reason', e)!s:.200}")
         finally:
             if os.path.exists(partial):
                 os.remove(partial)

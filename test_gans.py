@@ -3,11 +3,18 @@
     python -m pytest test_gans.py            # everything (a few minutes on 2 cores)
     python -m pytest test_gans.py -m "not slow"
 """
+import copy
+import functools
 import gzip
 import hashlib
 import http.server
+import math
 import os
+import subprocess
+import sys
 import threading
+import types
+import zlib
 
 import numpy as np
 import pytest
@@ -16,6 +23,7 @@ from PIL import Image
 
 import cgan
 import data
+import fid
 import gan
 
 
@@ -118,59 +126,77 @@ def test_unknown_dataset_is_an_error():
 # data.py: downloads, against a local HTTP server
 
 @pytest.fixture
-def http_server(tmp_path):
-    """Serves tmp_path/'www' on 127.0.0.1; yields (folder, base URL); stopped after the test."""
-    root = tmp_path / "www"
-    root.mkdir()
+def http_files():
+    """A server on 127.0.0.1 serving {path: (body, declared length)}; a declared length beyond the body is a cut-off
+    download. Yields (base URL, files); stopped after the test."""
+    files = {}
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path not in files:
+                self.send_error(404)
+                return
+            body, length = files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            self.wfile.write(body)
 
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    yield f"http://127.0.0.1:{server.server_address[1]}", files
     server.shutdown()
     server.server_close()
 
 
-def test_download_keeps_a_file_with_the_right_md5(tmp_path, http_server):
-    www, url = http_server
-    (www / "a.gz").write_bytes(b"payload" * 1000)
-    md5 = hashlib.md5(b"payload" * 1000).hexdigest()
-    path = data.fetch("a.gz", [url], md5, str(tmp_path / "dl"))
+def serve(files, path, body):
+    files[path] = (body, len(body))
+    return hashlib.md5(body).hexdigest()
+
+
+def test_download_keeps_a_file_with_the_right_md5(tmp_path, http_files):
+    base, files = http_files
+    md5 = serve(files, "/a.gz", b"payload" * 1000)
+    path = data.fetch("a.gz", [base + "/"], md5, str(tmp_path / "dl"))
     assert open(path, "rb").read() == b"payload" * 1000
     assert os.listdir(tmp_path / "dl") == ["a.gz"]
 
 
-def test_download_with_the_wrong_md5_is_refused_and_leaves_nothing(tmp_path, http_server):
-    www, url = http_server
-    (www / "a.gz").write_bytes(b"tampered")
+def test_download_with_the_wrong_md5_is_refused_and_leaves_nothing(tmp_path, http_files):
+    base, files = http_files
+    serve(files, "/a.gz", b"tampered")
     with pytest.raises(data.DataError, match="could not download a.gz.*MD5"):
-        data.fetch("a.gz", [url], "0" * 32, str(tmp_path / "dl"))
+        data.fetch("a.gz", [base + "/"], "0" * 32, str(tmp_path / "dl"))
     assert os.listdir(tmp_path / "dl") == []
 
 
-def test_download_falls_through_a_failing_mirror_to_the_next(tmp_path, http_server):
-    www, url = http_server
-    (www / "good").mkdir()
-    (www / "good" / "a.gz").write_bytes(b"right")
-    (www / "bad").mkdir()
-    (www / "bad" / "a.gz").write_bytes(b"wrong")
-    mirrors = ["http://127.0.0.1:9/nothing-listens-here/", url + "missing/", url + "bad/", url + "good/"]
-    path = data.fetch("a.gz", mirrors, hashlib.md5(b"right").hexdigest(), str(tmp_path / "dl"))
+def test_cut_off_download_is_refused_and_leaves_nothing(tmp_path, http_files):
+    base, files = http_files
+    files["/a.gz"] = (b"x" * 1000, 100_000)
+    with pytest.raises(data.DataError, match="could not download a.gz"):
+        data.fetch("a.gz", [base + "/"], hashlib.md5(b"x" * 100_000).hexdigest(), str(tmp_path / "dl"))
+    assert os.listdir(tmp_path / "dl") == []
+
+
+def test_download_falls_through_failing_mirrors_to_the_next(tmp_path, http_files):
+    base, files = http_files
+    md5 = serve(files, "/good/a.gz", b"right")
+    serve(files, "/bad/a.gz", b"wrong")
+    mirrors = ["http://127.0.0.1:9/nothing-listens-here/", base + "/missing/", base + "/bad/", base + "/good/"]
+    path = data.fetch("a.gz", mirrors, md5, str(tmp_path / "dl"))
     assert open(path, "rb").read() == b"right"
 
 
-def test_named_dataset_is_downloaded_when_found_nowhere(tmp_path, http_server, monkeypatch):
-    www, url = http_server
-    make_tiny_mnist(www, n=8)
-    md5s = {f: hashlib.md5((www / "mnist" / f).read_bytes()).hexdigest() for f in os.listdir(www / "mnist")}
-    monkeypatch.setitem(data.DATASETS, "mnist", {**data.DATASETS["mnist"], "mirrors": [url + "mnist/"], "md5": md5s})
+def test_named_dataset_is_downloaded_when_found_nowhere(tmp_path, http_files, monkeypatch):
+    base, files = http_files
+    make_tiny_mnist(tmp_path / "www", n=8)
+    md5s = {f: serve(files, "/mnist/" + f, (tmp_path / "www" / "mnist" / f).read_bytes())
+            for f in os.listdir(tmp_path / "www" / "mnist")}
+    monkeypatch.setitem(data.DATASETS, "mnist", {**data.DATASETS["mnist"], "mirrors": [base + "/mnist/"], "md5": md5s})
     monkeypatch.setattr(data, "SYSTEM_DATASET_DIR", str(tmp_path / "nowhere"))
     dataset = data.load_dataset("mnist", str(tmp_path / "data"))
     assert len(dataset.images) == 8
@@ -512,14 +538,13 @@ def test_conditional_gan_puts_the_bar_where_the_label_says():
 
 @pytest.mark.slow
 def test_fid_flag_prints_the_fid_and_caches_the_real_statistics(tmp_path, monkeypatch, capsys):
-    import fid
-
     data_dir = make_tiny_mnist(tmp_path / "data", n=16)
     # A random-weights Inception where torch.hub keeps pytorch-fid's file, so nothing is downloaded.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     os.makedirs(fid.default_cache_dir())
     torch.save(fid.FIDInception().state_dict(), os.path.join(fid.default_cache_dir(), os.path.basename(fid.WEIGHTS_URL)))
-    assert run(cgan, tmp_path, data_dir, "--epochs", "1", "--fid", "8") == 0
+    with pytest.warns(UserWarning, match="singular"):  # 8 and 16 images: the warning users get for too few
+        assert run(cgan, tmp_path, data_dir, "--epochs", "1", "--fid", "8") == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("FID: ")][0]
     assert float(line.split()[1]) > 0
     cached = np.load(os.path.join(data_dir, "mnist", "fid_stats_28px_16.npz"))
@@ -528,9 +553,456 @@ def test_fid_flag_prints_the_fid_and_caches_the_real_statistics(tmp_path, monkey
 
 def test_fid_flag_without_weights_offline_exits_2_saying_where_to_put_them(tmp_path, tiny_data_dir, monkeypatch,
                                                                             capsys):
-    import fid
-
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(fid, "WEIGHTS_URL", "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
     assert run(gan, tmp_path, tiny_data_dir, "--epochs", "1", "--fid", "8") == 2
     one_line_error(capsys, "--fid", fid.default_cache_dir())
+
+
+# ================================================================================================================
+# fid.py: pytorch-fid's network and numbers, the Fréchet distance, statistics files, the CLI, downloads.
+# The real Inception weights cannot be downloaded here, so the network is proven against pytorch-fid 0.3.0 with
+# deterministic made-up weights: the layout hash and the reference features below were produced by pytorch-fid
+# itself (shared/fixtures/fid_inception); the weights are rebuilt from the parameter names alone.
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# sha256 of the "name:dim,dim,..." lines of pytorch-fid's state dict, in order (566 entries, 94 of them
+# num_batches_tracked, 23,885,392 numbers in the others).
+LAYOUT_SHA256 = "304100f408d0209479bb2191667383662e8e629ea6c32ca9e94acc341dbfe2a8"
+LAYOUT_ENTRIES, LAYOUT_NUM_BATCHES_TRACKED, LAYOUT_NUMBERS = 566, 94, 23885392
+
+# pytorch-fid's features of reference_images() under reference_state_dict(): per block, per image, the sum and the
+# sum of squares of the pooled features and the first 16 of them.
+REFERENCE = {
+    64: {
+        "sum": [16.2710812, 16.7831274],
+        "sum_sq": [9.60007541, 10.4121328],
+        "first16": [
+            [0.0854066387, 0.563837886, 0.00884823035, 0.00804717839, 0.0549398139, 0.425383031, 0.115751334,
+             0.0698370039, 0.507493079, 0.000259902445, 0.497928172, 0.0797776058, 0.00271595782, 0.0616733618,
+             0.155943811, 0.552247584],
+            [0.070047453, 0.61538893, 0.00692964904, 0.012095225, 0.0649368018, 0.427962542, 0.0979718491,
+             0.0781103596, 0.547239602, 0.000261833047, 0.546586096, 0.0816215575, 0.00547541259, 0.0635799393,
+             0.161149189, 0.51139456],
+        ],
+    },
+    192: {
+        "sum": [45.8731326, 47.6519314],
+        "sum_sq": [27.5846081, 29.8521891],
+        "first16": [
+            [0.287195027, 0.0049082404, 0.550064147, 0.206063867, 0.0, 0.317079902, 0.0709348843, 0.4676148,
+             0.00117037422, 0.0, 0.443306297, 0.0, 0.00976717658, 0.0, 0.0, 0.00154171186],
+            [0.314644039, 0.00491998019, 0.521481931, 0.208532244, 0.0, 0.276123881, 0.0709629357, 0.50121963,
+             0.00270831073, 0.0, 0.443720609, 0.0, 0.00703569129, 0.0, 0.0, 0.00228958204],
+        ],
+    },
+    768: {
+        "sum": [145.092882, 148.527406],
+        "sum_sq": [74.9879499, 78.2450391],
+        "first16": [
+            [0.392262727, 0.0650010556, 0.103056863, 0.0, 0.267382979, 0.0386968069, 0.000117697658, 0.930991411,
+             0.138034239, 0.0181567427, 0.0115862256, 1.04988468, 0.00089881249, 0.0916618705, 0.0985528678,
+             0.50180006],
+            [0.411608636, 0.0729986504, 0.105965309, 0.0, 0.278480202, 0.0425821133, 0.000200481736, 0.963662744,
+             0.130809262, 0.0191187449, 0.012067656, 1.08375955, 0.000770603598, 0.087631315, 0.111410238,
+             0.496629238],
+        ],
+    },
+    2048: {
+        "sum": [446.82194, 455.360013],
+        "sum_sq": [262.810084, 272.351572],
+        "first16": [
+            [0.0589400306, 0.0, 0.661431313, 0.0, 0.7038396, 0.0481538177, 0.00104864128, 0.1055682, 0.0812246203,
+             0.72034514, 0.437803328, 0.0144527815, 0.00024886438, 0.02831324, 0.162599653, 0.0],
+            [0.0655887201, 0.0, 0.685743213, 0.0, 0.707719564, 0.0517692007, 0.000762860582, 0.123909488,
+             0.0862859339, 0.726339936, 0.442874819, 0.0205775108, 0.000124821338, 0.0302251037, 0.174042344, 0.0],
+        ],
+    },
+}
+
+
+@functools.lru_cache(maxsize=1)
+def reference_state_dict():
+    """The fixture's deterministic weights: a randn per entry seeded by the crc32 of its name, scaled by kind."""
+    state = {}
+    for name, tensor in fid.FIDInception().state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(0)
+            continue
+        shape = tuple(tensor.shape)
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        r = torch.randn(shape, generator=generator, dtype=torch.float64)
+        if name.endswith("running_var"):
+            value = 1 + 0.1 * r.abs()
+        elif name.endswith(("running_mean", "bn.bias")) or name == "fc.bias":
+            value = 0.1 * r
+        elif name.endswith("bn.weight"):
+            value = 1 + 0.1 * r
+        else:  # conv and fc weights, He-scaled
+            value = r * math.sqrt(2 / math.prod(shape[1:]))
+        state[name] = value.float()
+    return state
+
+
+@functools.lru_cache(maxsize=1)
+def reference_model():
+    return fid.load_inception(reference_state_dict(), device="cpu")
+
+
+def reference_images():
+    """x[b, c, i, j] = ((7b + 13c + 3i + 5j) mod 256) / 255 as uint8 images [2, 3, 32, 32]."""
+    b, c, i, j = torch.meshgrid(*(torch.arange(n) for n in (2, 3, 32, 32)), indexing="ij")
+    return ((7 * b + 13 * c + 3 * i + 5 * j) % 256).to(torch.uint8)
+
+
+def random_images(n, channels=3, size=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=generator)
+
+
+def save_pngs(folder, images, extension=".png"):
+    os.makedirs(folder, exist_ok=True)
+    for k, image in enumerate(images):
+        array = image.permute(1, 2, 0).numpy()
+        picture = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)  # mode L or RGB
+        picture.save(os.path.join(folder, f"{k:03d}{extension}"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "inception.pth"
+    torch.save(reference_state_dict(), path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network
+
+def test_layout_is_pytorch_fids():
+    layout = [(name, list(tensor.shape)) for name, tensor in fid.FIDInception().state_dict().items()]
+    canonical = "\n".join(f"{name}:{','.join(map(str, shape))}" for name, shape in layout)
+    assert len(layout) == LAYOUT_ENTRIES
+    assert sum(name.endswith("num_batches_tracked") for name, _ in layout) == LAYOUT_NUM_BATCHES_TRACKED
+    assert sum(math.prod(shape) for name, shape in layout if shape) == LAYOUT_NUMBERS
+    assert hashlib.sha256(canonical.encode()).hexdigest() == LAYOUT_SHA256
+
+
+def test_loads_pytorch_fid_state_dict_strictly_with_or_without_num_batches_tracked():
+    state = reference_state_dict()
+    without = {name: t for name, t in state.items() if not name.endswith("num_batches_tracked")}
+    model = fid.FIDInception()
+    for candidate in (state, without):
+        model.load_pytorch_fid_state_dict(candidate)
+    wrong = [
+        {name: t for name, t in without.items() if name != "Mixed_7c.branch_pool.conv.weight"},  # missing
+        {**without, "AuxLogits.fc.weight": torch.zeros(1008, 768)},  # torchvision's aux head: not pytorch-fid's
+        {**without, "fc.weight": torch.zeros(1000, 2048)},  # ImageNet-1000 classifier: another network
+        {"module." + name: t for name, t in without.items()},  # a DataParallel wrapper's names
+    ]
+    for candidate in wrong:
+        with pytest.raises(fid.FIDError, match="not pytorch-fid's Inception"):
+            model.load_pytorch_fid_state_dict(candidate)
+
+
+def test_reference_features_at_all_four_blocks():
+    model = reference_model()
+    for dims, expected in REFERENCE.items():
+        features = fid.inception_features(model, reference_images(), dims).double().numpy()
+        assert features.shape == (2, dims)
+        np.testing.assert_allclose(features.sum(1), expected["sum"], rtol=1e-5)
+        np.testing.assert_allclose((features ** 2).sum(1), expected["sum_sq"], rtol=1e-5)
+        np.testing.assert_allclose(features[:, :16], expected["first16"], rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_folding_keeps_the_features():
+    plain = fid.FIDInception()
+    plain.load_pytorch_fid_state_dict(reference_state_dict())
+    images = random_images(3, size=20)
+    for dims in (64, 192):
+        np.testing.assert_allclose(fid.inception_features(reference_model(), images, dims),
+                                   fid.inception_features(plain, images, dims), rtol=1e-5, atol=1e-6)
+
+
+def test_feature_function_puts_the_network_in_eval_mode():
+    model = fid.FIDInception()
+    model.load_pytorch_fid_state_dict(reference_state_dict())
+    images = random_images(4, size=16)
+    with torch.no_grad():  # what a caller who forgot .eval() would get from the raw module: batch statistics
+        train_mode = copy.deepcopy(model).train()(images.float() / 255, 64)  # (a copy: it updates running stats)
+    features = fid.inception_features(model.train(), images, 64)
+    assert not model.training
+    np.testing.assert_allclose(features, fid.inception_features(reference_model(), images, 64), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(features, train_mode, rtol=1e-2)
+
+
+def test_grayscale_is_three_identical_channels():
+    gray = random_images(3, channels=1, size=16)
+    np.testing.assert_array_equal(fid.inception_features(reference_model(), gray, 64),
+                                  fid.inception_features(reference_model(), gray.repeat(1, 3, 1, 1), 64))
+
+
+def test_tf32_is_off_for_cuda_features_and_restored_after():
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    owner, flag, off = ((conv, "fp32_precision", "ieee") if hasattr(conv, "fp32_precision")
+                        else (torch.backends.cudnn, "allow_tf32", False))
+    before = getattr(owner, flag)
+    with fid.no_tf32(torch.device("cuda")):
+        assert getattr(owner, flag) == off
+    assert getattr(owner, flag) == before
+
+
+@pytest.mark.filterwarnings("ignore:.*singular")  # a handful of images: the small-N warning is expected
+def test_generated_floats_score_like_their_pngs(tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    fake = torch.rand(6, 1, 14, 14, generator=generator) * 2.2 - 1.1  # a little outside [-1, 1]: clamped
+    in_memory = fid.compute_statistics(fake, dims=64, weights=reference_model())
+    as_saved = ((fake + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)  # torchvision save_image's rounding
+    on_disk = fid.statistics_of(save_pngs(tmp_path / "fake", as_saved), dims=64, weights=reference_model())
+    for ours, theirs in zip(in_memory, on_disk):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-12)
+
+
+def test_statistics_are_mean_and_unbiased_covariance():
+    images = random_images(7, size=10, seed=3)
+    features = fid.inception_features(reference_model(), images, 64).double().numpy()
+    with pytest.warns(UserWarning, match="singular"):  # 7 images < 64 dims
+        mu, sigma = fid.compute_statistics(images, dims=64, batch_size=3, weights=reference_model())
+    assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (64, 64)
+    np.testing.assert_allclose(mu, features.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-4, atol=1e-8)
+    with pytest.raises(fid.FIDError, match="at least 2"):
+        fid.compute_statistics(images[:1], dims=64, weights=reference_model())
+    with pytest.raises(fid.FIDError, match="C 1 or 3"):
+        fid.compute_statistics(images[:, :2], dims=64, weights=reference_model())
+
+
+@pytest.mark.filterwarnings("ignore:.*singular")  # a handful of images: the small-N warning is expected
+def test_cached_statistics_are_reused_and_readable_by_pytorch_fid(tmp_path):
+    cache, images = str(tmp_path / "mnist_stats.npz"), random_images(5, channels=1, size=10)
+    calls = []
+
+    def images_fn():
+        calls.append(1)
+        return images
+
+    first = fid.cached_statistics(cache, images_fn, dims=64, weights=reference_model())
+    second = fid.cached_statistics(cache, images_fn, dims=64, weights=reference_model())
+    assert len(calls) == 1
+    np.testing.assert_array_equal(first[1], second[1])
+    with np.load(cache) as f:  # what pytorch-fid reads
+        np.testing.assert_array_equal(f["mu"][:], first[0])
+    fid.cached_statistics(cache, images_fn, dims=192, weights=reference_model())  # other dims: recomputed
+    assert len(calls) == 2
+    assert os.listdir(tmp_path) == ["mnist_stats.npz"]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fréchet distance
+
+def random_statistics(d, n, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) / np.sqrt(d) + rng.standard_normal(d)
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def test_frechet_identical_statistics_give_zero():
+    mu, sigma = random_statistics(32, 200, seed=0)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+
+
+def test_frechet_closed_forms_diagonal_and_1d():
+    rng = np.random.default_rng(1)
+    mu1, mu2, a, b = rng.standard_normal(16), rng.standard_normal(16), rng.random(16) + 0.1, rng.random(16) + 0.1
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    a[:4] = 0  # singular: the eigh route
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    # 1-D Gaussians N(1, 2^2) and N(-0.5, 3^2): (1 + 0.5)^2 + (2 - 3)^2
+    assert fid.frechet_distance(1.0, 4.0, -0.5, 9.0) == pytest.approx(3.25, rel=1e-12)
+
+
+def test_frechet_invariant_to_rotation_and_argument_order():
+    mu1, sigma1 = random_statistics(24, 100, seed=2)
+    mu2, sigma2 = random_statistics(24, 100, seed=3)
+    q, _ = np.linalg.qr(np.random.default_rng(4).standard_normal((24, 24)))
+    value = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert fid.frechet_distance(q @ mu1, q @ sigma1 @ q.T, q @ mu2, q @ sigma2 @ q.T) == pytest.approx(value, rel=1e-9)
+    assert fid.frechet_distance(mu2, sigma2, mu1, sigma1) == pytest.approx(value, rel=1e-9)
+    tensors = [torch.from_numpy(t) for t in (mu1, sigma1, mu2, sigma2)]
+    assert fid.frechet_distance(*tensors) == pytest.approx(value, rel=1e-12)
+    assert isinstance(fid.frechet_distance(*tensors), float)
+
+
+def test_frechet_agrees_with_pytorch_fids_scipy_route():
+    linalg = pytest.importorskip("scipy.linalg")
+    mu1, sigma1 = random_statistics(64, 400, seed=5)
+    mu2, sigma2 = random_statistics(64, 400, seed=6)
+    covmean = linalg.sqrtm(sigma1.dot(sigma2)).real  # no disp=: removed in SciPy 1.18
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+    assert fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_singular_covariances_stay_finite():
+    mu1, sigma1 = random_statistics(50, 10, seed=7)  # 10 samples in 50 dims: rank 9
+    mu2, sigma2 = random_statistics(50, 12, seed=8)
+    value = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert math.isfinite(value) and value > 0
+    assert fid.frechet_distance(mu2, sigma2, mu1, sigma1) == pytest.approx(value, rel=1e-6)
+    assert fid.frechet_distance(mu1, np.zeros((50, 50)), mu2, np.zeros((50, 50))) == pytest.approx(
+        ((mu1 - mu2) ** 2).sum(), rel=1e-12)
+
+
+def test_frechet_refuses_mismatched_or_non_finite_statistics():
+    mu, sigma = random_statistics(8, 30, seed=9)
+    with pytest.raises(fid.FIDError, match="mismatched dimensions"):
+        fid.frechet_distance(mu, sigma, mu[:4], sigma[:4, :4])
+    with pytest.raises(fid.FIDError, match="NaN"):
+        fid.frechet_distance(mu * np.nan, sigma, mu, sigma)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line and statistics files
+
+def run_main(argv, capsys):
+    code = fid.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_reads_pytorch_fid_statistics(tmp_path, capsys):
+    files = []
+    for seed in (10, 11):
+        mu, sigma = random_statistics(16, 50, seed)
+        files.append(str(tmp_path / f"stats{seed}.npz"))
+        np.savez_compressed(files[-1], mu=mu, sigma=sigma)  # exactly what pytorch-fid --save-stats writes
+    code, out, err = run_main(files, capsys)
+    assert code == 0 and err == ""
+    expected = fid.frechet_distance(*random_statistics(16, 50, 10), *random_statistics(16, 50, 11))
+    assert out.startswith("FID: ") and float(out.split()[1]) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:.*singular")  # a handful of images: the small-N warning is expected
+def test_cli_save_stats_writes_pytorch_fid_format(tmp_path, capsys, weights_file):
+    samples = str(tmp_path / "samples.npz")  # as --generate writes it: uint8 [N, H, W, C]
+    np.savez(samples, images=random_images(4, channels=1, size=10).permute(0, 2, 3, 1).numpy())
+    out_file = str(tmp_path / "out.npz")
+    code, out, err = run_main(["--save-stats", samples, out_file, "--dims", "64", "--weights", weights_file], capsys)
+    assert code == 0
+    with np.load(out_file) as f:  # pytorch-fid's reader: f["mu"][:], f["sigma"][:]
+        mu, sigma = f["mu"][:], f["sigma"][:]
+    assert mu.shape == (64,) and sigma.shape == (64, 64) and mu.dtype == np.float64
+    np.testing.assert_allclose(mu, fid.statistics_of(samples, dims=64, weights=reference_model())[0], rtol=1e-6)
+    code, out, err = run_main([out_file, out_file], capsys)
+    assert code == 0 and float(out.split()[1]) == pytest.approx(0, abs=1e-9)
+
+
+def test_cli_two_folders_end_to_end(tmp_path, weights_file):
+    folder_a = save_pngs(tmp_path / "a", random_images(4, size=16, seed=1), extension=".PNG")  # upper case too
+    folder_b = save_pngs(tmp_path / "b", random_images(3, size=24, seed=2))
+    Image.fromarray(np.zeros((30, 20), np.uint8)).save(os.path.join(folder_b, "odd_size.bmp"))  # mixed sizes
+    (tmp_path / "b" / "notes.txt").write_text("not an image")  # ignored, like pytorch-fid
+    result = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), folder_a, folder_b, "--dims", "64",
+                             "--weights", weights_file, "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("FID: ") and float(result.stdout.split()[1]) > 0
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_dataset_name_goes_through_data_py(tmp_path, capsys, monkeypatch, weights_file):
+    class DataError(Exception):
+        pass
+
+    def load_dataset(name, data_dir, split):
+        if not os.path.isdir(data_dir):
+            raise DataError(f"{name} not found in {data_dir}")
+        return types.SimpleNamespace(images=random_images(9, channels=1, size=28))
+
+    monkeypatch.setitem(sys.modules, "data", types.SimpleNamespace(load_dataset=load_dataset, DataError=DataError))
+    code, out, err = run_main(["mnist", "mnist", "--dims", "64", "--weights", weights_file, "--num-samples", "5",
+                               "--data-dir", str(tmp_path)], capsys)
+    assert code == 0 and float(out.split()[1]) == pytest.approx(0, abs=1e-6)
+    assert "5 images" in err  # --num-samples took the first 5 of 9 (and the small-N warning says so)
+    code, out, err = run_main(["mnist", "mnist", "--data-dir", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and err.strip().endswith("nowhere") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["empty folder", "npz without keys", "mismatched dims", "one image", "missing file",
+                                  "missing weights", "corrupt image"])
+def test_cli_bad_input_exits_2_with_one_line(case, tmp_path, capsys, weights_file):
+    stats64, stats192 = str(tmp_path / "s64.npz"), str(tmp_path / "s192.npz")
+    np.savez(stats64, mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(stats192, mu=np.zeros(192), sigma=np.eye(192))
+    np.savez(str(tmp_path / "other.npz"), labels=np.zeros(3))
+    os.makedirs(tmp_path / "empty")
+    save_pngs(tmp_path / "one", random_images(1))
+    save_pngs(tmp_path / "two", random_images(2))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    (tmp_path / "bad" / "y.png").write_bytes(b"not a png")
+    argv, expected = {
+        "empty folder": ([str(tmp_path / "empty"), stats64], "no images in"),
+        "npz without keys": ([str(tmp_path / "other.npz"), stats64], "neither mu and sigma"),
+        "mismatched dims": ([stats64, stats192], "mismatched dimensions"),
+        "one image": ([str(tmp_path / "one"), stats64, "--dims", "64"], "need at least 2"),
+        "missing file": ([str(tmp_path / "nothing.npz"), stats64], "no such folder or file"),
+        "missing weights": ([str(tmp_path / "two"), stats64, "--dims", "64", "--weights", "nope.pth"], "nope.pth"),
+        "corrupt image": ([str(tmp_path / "bad"), stats64, "--dims", "64"], "not a readable image"),
+    }[case]
+    if "--weights" not in argv:
+        argv += ["--weights", weights_file]
+    code, out, err = run_main(argv, capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), str(tmp_path / "missing"), "mnist.npz"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_help_says_how_long_a_cpu_takes(capsys):
+    with pytest.raises(SystemExit):
+        fid.main(["--help"])
+    assert "images/s" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fid.py: weight download, against the local HTTP server of the data.py tests
+
+def test_download_keeps_a_file_whose_sha256_matches_its_name(http_files, tmp_path):
+    base, files = http_files
+    body = os.urandom(300_000)
+    name = f"weights-{hashlib.sha256(body).hexdigest()[:8]}.pth"
+    files["/" + name] = (body, len(body))
+    cache = str(tmp_path / "checkpoints")
+    path = fid.download_weights(f"{base}/{name}", cache_dir=cache)
+    assert path == os.path.join(cache, name) and open(path, "rb").read() == body
+    files.clear()  # downloaded once: the second call does not ask the server
+    assert fid.download_weights(f"{base}/{name}", cache_dir=cache) == path
+    assert os.listdir(cache) == [name]
+
+
+def test_download_refuses_a_wrong_hash_and_leaves_nothing(http_files, tmp_path):
+    base, files = http_files
+    files["/weights-00000000.pth"] = (b"tampered", 8)
+    cache = str(tmp_path / "checkpoints")
+    with pytest.raises(fid.FIDError, match="sha256"):
+        fid.download_weights(f"{base}/weights-00000000.pth", cache_dir=cache)
+    assert os.listdir(cache) == []
+
+
+def test_failed_or_partial_download_says_what_to_do_offline(http_files, tmp_path):
+    base, files = http_files
+    files["/cut-12345678.pth"] = (b"x" * 1000, 100_000)
+    cache = str(tmp_path / "checkpoints")
+    for url in (f"{base}/missing-12345678.pth", f"{base}/cut-12345678.pth"):
+        with pytest.raises(fid.FIDError) as error:
+            fid.load_inception(url=url, cache_dir=cache)
+        message = str(error.value)
+        assert cache in message and "--weights" in message and "\n" not in message
+        assert os.listdir(cache) == []
