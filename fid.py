@@ -298,9 +298,8 @@ def download_weights(url=WEIGHTS_URL, cache_dir=None, timeout=60):
 
 @contextlib.contextmanager
 def one_thread():
-    # For work that is many small steps (loading and folding 94 convs, LAPACK's eigensolvers that synchronise once
-    # per column), threads cost more than they give, and on a shared CPU a descheduled thread stalls the others:
-    # on a loaded 2-core machine, folding took 2.9 s on 2 threads and 0.03 s on 1; a 2048-d eigvalsh 7.5 s vs 0.7 s.
+    # Loading and folding 94 convs is many tiny steps: threads cost more than they give, and on a shared CPU a
+    # descheduled thread stalls the others (on a loaded 2-core machine folding took 2.9 s on 2 threads, 0.03 s on 1).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -520,12 +519,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
     factor, info = torch.linalg.cholesky_ex(sigma1)  # fast, and fine whenever S1 is positive definite
     if info != 0:  # singular (e.g. fewer images than dims): L = V sqrt(max(eigenvalues, 0)) from eigh
-        with one_thread():
-            eigenvalues, eigenvectors = torch.linalg.eigh(sigma1)
+        eigenvalues, eigenvectors = torch.linalg.eigh(sigma1)
         factor = eigenvectors * eigenvalues.clamp(min=0).sqrt()
     inner = factor.T @ sigma2 @ factor
-    with one_thread():
-        eigenvalues = torch.linalg.eigvalsh((inner + inner.T) / 2)
+    eigenvalues = torch.linalg.eigvalsh((inner + inner.T) / 2)
     trace_covmean = eigenvalues.clamp(min=0).sqrt().sum()
     distance = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_covmean
     return max(float(distance), 0.0)  # a distance; anything below 0 is rounding (e.g. identical statistics)
