@@ -4,7 +4,7 @@ FID compares the mean and covariance of Inception-v3 features of two image sets 
 Every step that moves the number follows pytorch-fid 0.3.0: the TF-ported Inception with its FID-specific pooling,
 the same weights file, bilinear resize to 299x299, inputs scaled to [-1, 1], float64 statistics, unbiased covariance.
 
-    python fid.py --save-stats mnist mnist.npz --num-samples 10000   # once, ~20 min on a CPU; pytorch-fid's format
+    python fid.py --save-stats mnist mnist.npz --num-samples 10000   # once, ~7 min on a 2-core CPU; pytorch-fid's format
     python fid.py runs/dcgan/samples.npz mnist.npz                   # samples from --generate vs MNIST
     python fid.py real_images/ fake_images/                          # two folders of images
 
@@ -616,8 +616,8 @@ def parse_args(argv):
                     "of images, a .npz with mu/sigma (pytorch-fid statistics) or with images (uint8 [N, H, W, C], as "
                     "written by --generate), or a dataset name (mnist, fashion-mnist).",
         epilog="Speed: every image is resized to 299x299, so the cost per image does not depend on its size. A 2-core "
-               "CPU does about 6-15 images/s depending on load (10,000 images: 10-30 minutes); a GPU does hundreds "
-               "per second. Save the real images' statistics once with --save-stats. Fewer images than --dims give "
+               "CPU does about 25 images/s when idle (10,000 images: about 7 minutes; several times slower when other "
+               "work shares the cores); a GPU does hundreds per second. Save the real images' statistics once with --save-stats. Fewer images than --dims give "
                "a biased FID; use 10,000 or more for numbers comparable to published ones.")
     parser.add_argument("a", metavar="A", help="first input")
     parser.add_argument("b", metavar="B", help="second input; with --save-stats, the .npz to write")
