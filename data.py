@@ -109,6 +109,8 @@ def load_dataset(name, data_dir="data", split="train", image_size=None, channels
         if image_size is None:
             raise DataError(f"an image folder needs an image size ({name})")
         return load_folder(name, image_size, channels)
+    elif os.sep in name or os.path.exists(name):
+        raise DataError(f"no folder of images at {name}")
     else:
         raise DataError(f"unknown dataset '{name}': use mnist, fashion-mnist or a folder of images")
     if channels == 3:

@@ -125,6 +125,8 @@ def test_data_dir_is_searched_before_the_system_folder(tmp_path, monkeypatch):
 def test_unknown_dataset_is_an_error():
     with pytest.raises(data.DataError, match="unknown dataset 'cifar'"):
         data.load_dataset("cifar")
+    with pytest.raises(data.DataError, match="no folder of images at /no/such/folder"):
+        data.load_dataset("/no/such/folder")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -821,8 +823,7 @@ def test_amp_run_gives_finite_losses(script, tiny_mnist, tmp_path):
 def test_bad_usage_exits_2_with_one_line(script, bad, tiny_mnist, tmp_path, capsys):
     argv = ["--data-dir", tiny_mnist, "--out", tmp_path / "empty", "--epochs", 1, *TINY, *bad]
     assert run_script(script, argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"{script.__name__}.py: error: ")
+    assert one_line_error(capsys).startswith(f"{script.__name__}.py: error: ")
 
 
 @pytest.mark.parametrize("script", CONV_SCRIPTS)
