@@ -1,6 +1,6 @@
 """Tests for the GAN scripts, data.py and fid.py: offline, CPU only, tiny data made here.
 
-    python -m pytest test_gans.py            # everything (a few minutes on 2 cores)
+    python -m pytest test_gans.py            # everything (about a minute on 2 cores)
     python -m pytest test_gans.py -m "not slow"
 """
 import copy
