@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -246,9 +245,10 @@ class FIDInception(nn.Module):
     def prepare_for_inference(self):
         """Fold each BatchNorm into its conv and go channels-last (NHWC, oneDNN's native layout): ~2.5x faster on a
         CPU, same features to ~1e-6 relative. Call after loading weights: the folded model has another layout."""
-        for module in self.modules():
-            if isinstance(module, BasicConv2d) and isinstance(module.bn, nn.BatchNorm2d):
-                module.fold_batchnorm()
+        with one_thread():
+            for module in self.modules():
+                if isinstance(module, BasicConv2d) and isinstance(module.bn, nn.BatchNorm2d):
+                    module.fold_batchnorm()
         self.channels_last = True
         return self.to(memory_format=torch.channels_last).eval()
 
@@ -331,8 +331,7 @@ def load_inception(weights=None, device=None, url=WEIGHTS_URL, cache_dir=None):
     with one_thread():
         model = FIDInception()
         model.load_pytorch_fid_state_dict(state, source)
-        model.prepare_for_inference()
-    return to_device(model, device)
+    return to_device(model.prepare_for_inference(), device)
 
 
 def to_device(model, device=None):
@@ -475,26 +474,6 @@ def save_statistics(path, mu, sigma, **info):
     finally:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
-
-
-def benchmark_features(num_images=100, image_size=28, channels=1, batch_size=50, dims=2048, device="cpu",
-                       optimized=True):
-    """Images per second of feature extraction with random weights (for bench.py). optimized=False times the plain
-    network (BatchNorm unfolded, contiguous layout, no_grad): what pytorch-fid runs."""
-    model = FIDInception().to(device).eval()
-    images = torch.randint(0, 256, (num_images, channels, image_size, image_size), dtype=torch.uint8)
-    if optimized:
-        model.prepare_for_inference()
-        run = lambda batch: batch_features(model, batch, dims)  # noqa: E731
-    else:
-        def run(batch):
-            with torch.no_grad():
-                return model(batch.to(device).float() / 255, dims)
-    run(images[:2])  # warm-up: oneDNN picks its kernels on the first call
-    start = time.perf_counter()
-    for batch in image_batches(images, batch_size):
-        run(batch)
-    return num_images / (time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -575,14 +575,8 @@ TINY = ["--width", "4", "--latent-dim", "8", "--batch-size", "16", "--log-every"
 
 @pytest.fixture
 def tiny_mnist(tmp_path):
-    """tmp_path/mnist/ with 80 random 28x28 training images in 10 classes, as raw IDX files."""
-    folder = tmp_path / "mnist"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 80), ("t10k", 10)):
-        write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8))
-        write_idx(folder / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
-    return tmp_path
+    """tmp_path/mnist/ with 80 training images in all 10 classes, as gzipped IDX files."""
+    return make_tiny_mnist(tmp_path, n=80, num_classes=10)
 
 
 @pytest.fixture
