@@ -61,9 +61,7 @@ def build_run(name, device, options):
         torch.backends.cudnn.benchmark = True
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G, D = G.to(device), D.to(device)
-    betas = (0.0, 0.9) if name == "wgan_gp" else (0.5, 0.999)  # each script's choice, copied from its train()
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas)
+    opt_g, opt_d = module.make_optimizers(args, G, D)  # the script's own, so a change there is measured here
     # wgan_gp compiles G only: its critic is differentiated twice by the gradient penalty.
     G_fast, D_fast = (torch.compile(G), D if name == "wgan_gp" else torch.compile(D)) if args.compile else (G, D)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
@@ -137,7 +135,7 @@ def num_images(real):
 
 def training_loop(run, batches):
     """The body of the script's epoch loop, minus the progress line: same functions, same order."""
-    totals = torch.zeros(len(run.module.METRICS), device=run.device)
+    totals = 0  # becomes the on-device sum of the step's metrics, as in the script
     for step, (real, labels) in enumerate(script_inputs(run, batches), 1):
         totals += run.step(real, labels)
         run.module.update_average(run.G_average, run.G, step, run.args.average_decay)

@@ -20,10 +20,13 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+
+SCRIPT = os.path.basename(__file__)
 
 
 class Generator(nn.Module):
@@ -69,7 +72,7 @@ class Discriminator(nn.Module):
 # The GAN itself: two losses and the alternating update
 
 def d_loss(real_logits, fake_logits):
-    """Binary cross-entropy: real images are labelled 1, generated ones 0."""
+    """Binary cross-entropy: real images are labelled 1, generated ones 0 (non-saturating and minimax GANs)."""
     return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
             + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
 
@@ -80,33 +83,97 @@ def g_loss(fake_logits):
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
-def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler):
+def g_loss_minimax(fake_logits):
+    """Goodfellow et al.'s minimax form: G minimises log(1 - D(G(z))) = -softplus(logit). Its gradient with respect
+    to the logit is -sigmoid(logit): almost nothing when D rejects a fake with confidence (the saturation)."""
+    return -F.softplus(fake_logits.float()).mean()
+
+
+def d_loss_lsgan(real_outputs, fake_outputs):
+    """Least squares (Mao et al. 2017, a=0, b=1): D pulls its raw output to 1 on reals and 0 on fakes."""
+    return 0.5 * ((real_outputs.float() - 1) ** 2).mean() + 0.5 * (fake_outputs.float() ** 2).mean()
+
+
+def g_loss_lsgan(fake_outputs):
+    """Least squares, c=1: G pulls D's output on its fakes to the value D gives reals."""
+    return 0.5 * ((fake_outputs.float() - 1) ** 2).mean()
+
+
+def d_loss_hinge(real_outputs, fake_outputs):
+    """Hinge (Lim & Ye 2017): only samples inside the margin, D(x) < 1 or D(G(z)) > -1, push D."""
+    return F.relu(1 - real_outputs.float()).mean() + F.relu(1 + fake_outputs.float()).mean()
+
+
+def g_loss_hinge(fake_outputs):
+    """Hinge GAN's generator raises D's raw output on its fakes, without a margin."""
+    return -fake_outputs.float().mean()
+
+
+# --loss: D's loss, G's loss, and the raw output above which D calls an image real: the logit 0 for the BCE pair and
+# the hinge, halfway between the targets 0 and 1 for least squares.
+LOSSES = {
+    "non-saturating": (d_loss, g_loss, 0.0),
+    "minimax": (d_loss, g_loss_minimax, 0.0),
+    "lsgan": (d_loss_lsgan, g_loss_lsgan, 0.5),
+    "hinge": (d_loss_hinge, g_loss_hinge, 0.0),
+}
+LOGIT_LOSSES = ("non-saturating", "minimax")  # D's output is a logit: the log shows sigmoid(D), a probability
+
+
+def metric_names(loss):
+    """metrics.csv's per-step columns: D's mean output on reals and fakes is a probability only for the BCE pair."""
+    outputs = ["d_real", "d_fake"] if loss in LOGIT_LOSSES else ["d_real_output", "d_fake_output"]
+    return ["d_loss", "g_loss", *outputs]
+
+
+def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, loss="non-saturating"):
     """One D update, then one G update against the D just improved. The fakes are made for the real batch's
     labels, so D sees the same classes in both halves and can only tell them apart by the images."""
+    d_loss_fn, g_loss_fn, _ = LOSSES[loss]
     z = torch.randn(len(real), latent_dim, device=real.device)
     with autocast(real.device, scaler):
         fake = G(z, labels)
         # Discriminator: fake is detached so this loss does not reach into G.
         real_logits, fake_logits = D(real, labels), D(fake.detach(), labels)
-        loss_d = d_loss(real_logits, fake_logits)
+        loss_d = d_loss_fn(real_logits, fake_logits)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d).backward()
+    average_gradients(D)
     scaler.step(opt_d)
 
     # Generator: the same fake batch, scored again by the updated D. D's weights are frozen meanwhile, so the
     # backward pass computes only what G needs (gradients flow through D to the image, not into D's weights).
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        loss_g = g_loss(D(fake, labels))
+        loss_g = g_loss_fn(D(fake, labels))
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
+    average_gradients(G)
     scaler.step(opt_g)
     scaler.update()
     D.requires_grad_(True)
 
+    real_out, fake_out = real_logits.detach().float(), fake_logits.detach().float()
+    if loss in LOGIT_LOSSES:
+        real_out, fake_out = torch.sigmoid(real_out), torch.sigmoid(fake_out)
     # Returned as tensors on the device: reading them (.item()) would force a sync every step.
-    return torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(real_logits.detach()).mean(),
-                        torch.sigmoid(fake_logits.detach()).mean()]).float()
+    return torch.stack([loss_d.detach().float(), loss_g.detach().float(), real_out.mean(), fake_out.mean()])
+
+
+def average_gradients(model):
+    """Under torchrun: replace every gradient by its mean over the processes, so that all replicas take the same step.
+
+    This is what DistributedDataParallel does, done by hand (as StyleGAN2-ADA does) because a GAN step does not fit
+    DDP's one-forward-one-backward pattern: D runs forward on reals and on fakes before one backward, G's backward
+    passes through a frozen D, and WGAN-GP differentiates the critic twice. One flat all-reduce per update."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(mean.view_as(grad))
 
 
 def autocast(device, scaler):
@@ -127,20 +194,49 @@ def update_average(G_average, G, step, decay):
         average.copy_(current)
 
 
-METRICS = ["d_loss", "g_loss", "d_real", "d_fake"]  # d_real = mean D(x), d_fake = mean D(G(z)) before the D step
+@torch.no_grad()
+def d_accuracy(D, G, real_sets, latent_dim, num_classes, threshold, n=1000):
+    """How often D is right, in eval mode: the share of each set of real images it calls real (output > threshold),
+    and of n fresh fakes from the raw generator (not its average, which D never saw) that it calls fake. A training
+    share that pulls away from the held-out share means D is memorising the training images (Karras et al. 2020).
+    real_sets: name -> (uint8 images, labels) on the device, or None where there is no such set."""
+    D.eval(), G.eval()
+    device = next(D.parameters()).device
+    accuracy = {}
+    for name, images_and_labels in real_sets.items():
+        if images_and_labels is None:
+            accuracy[name] = ""  # a folder has no held-out split
+            continue
+        images, labels = images_and_labels
+        logits = torch.cat([D(data.to_float(chunk), classes)
+                            for chunk, classes in zip(images[:n].split(250), labels[:n].split(250))])
+        accuracy[name] = f"{(logits > threshold).float().mean().item():.4f}"
+    labels = torch.randint(max(num_classes, 1), (n,), device=device)
+    fake_logits = torch.cat([D(G(torch.randn(len(classes), latent_dim, device=device), classes),
+                               classes) for classes in labels.split(250)])
+    accuracy["d_acc_fake"] = f"{(fake_logits <= threshold).float().mean().item():.4f}"
+    D.train(), G.train()
+    return accuracy
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running it: training, sampling, checkpoints
 
 class UsageError(Exception):
-    """Bad flags or a missing checkpoint: reported as one line, exit status 2."""
+    """Bad flags, an unusable output folder or checkpoint: reported as one line, exit status 2."""
 
 
 def build_models(args, image_shape, num_classes):
     G = Generator(args.latent_dim, num_classes, image_shape)
     D = Discriminator(image_shape, num_classes)
     return G, D
+
+
+def make_optimizers(args, G, D):
+    """Adam with beta1 = 0.5 (DCGAN's setting): the default 0.9 makes the two players' momentum overshoot."""
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    return opt_g, opt_d
 
 
 @torch.no_grad()
@@ -154,14 +250,75 @@ def generate_images(G, labels, latent_dim, device, seed, batch_size=500):
     return torch.cat(images)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): one process per GPU, the same weights everywhere, a share of each batch each
+
+def setup_distributed(args):
+    """Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK): join the process group, NCCL on CUDA with one GPU
+    per process, gloo on the CPU. Returns (rank, world_size); (0, 1) without torchrun, where nothing changes."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
+    if args.device.startswith("cuda"):
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible")
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world_size
+
+
+def load_data(args, rank, split="train"):
+    """The dataset, read by every process. Rank 0 goes first (it may download) and passes on its error, if any, so
+    that the others stop with the same one line instead of waiting. The test split is optional: None if absent."""
+    dataset, error = None, None
+    if rank == 0:
+        try:
+            dataset = data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size,
+                                        download=split == "train")
+        except data.DataError as e:
+            error = str(e)
+    if dist.is_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        if split == "test":
+            return None
+        raise data.DataError(error)
+    if dataset is None:
+        dataset = data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size)
+    return dataset
+
+
+def replicas_agree(*models):
+    """True when every process holds the same weights: a float64 checksum per process, compared in one all-reduce."""
+    checksum = sum(p.detach().double().sum() for model in models for p in model.parameters())
+    extremes = torch.stack([checksum, -checksum])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return bool(extremes[0] == -extremes[1])  # max == min
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: checkpoints, metrics, the output folder
+
 def save_checkpoint(path, state):
     tmp = path + ".tmp"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a crash or Ctrl-C mid-save leaves the previous checkpoint intact
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so not even a power cut leaves a torn checkpoint
+        os.replace(tmp, path)  # atomic: a crash, kill -9 or Ctrl-C mid-save leaves the previous checkpoint intact
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+MODEL_SETTINGS = ("image_size", "latent_dim", "loss")  # what the weights were made for
 
 
 def load_checkpoint(out):
@@ -169,9 +326,51 @@ def load_checkpoint(out):
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}: train first (or pass the run's --out)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: torch raises several types, all mean "not a checkpoint of ours"
         raise UsageError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or "generator" not in checkpoint or "args" not in checkpoint:
+        raise UsageError(f"{path} is not a checkpoint written by a training script")
+    written_by = checkpoint.get("script", SCRIPT)  # checkpoints from before the field existed were our own
+    if written_by != SCRIPT:
+        saved = checkpoint["args"]
+        settings = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in MODEL_SETTINGS if k in saved)
+        raise UsageError(f"{path} was written by {written_by} with {settings}; this is {SCRIPT}")
+    checkpoint["path"] = path
+    return checkpoint
+
+
+def restore(module, state, checkpoint, what):
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:  # wrong shapes or names: the file is not this model's
+        raise UsageError(f"{checkpoint['path']}: the {what} does not fit this model ({str(e).splitlines()[0][:120]})"
+                         ) from None
+
+
+def resume_settings(args, checkpoint):
+    """The run's own settings win over the defaults; a flag given with another value is refused, not ignored."""
+    defaults = vars(parse_args([]))
+    for key in (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay"):
+        saved = checkpoint["args"].get(key, defaults[key])
+        if getattr(args, key) not in (saved, defaults[key]):
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: {checkpoint['path']} was written "
+                             f"with --{key.replace('_', '-')} {saved}, which --resume keeps")
+        setattr(args, key, saved)
+    if args.epochs <= checkpoint["epoch"]:
+        raise UsageError(f"--epochs {args.epochs}: {checkpoint['path']} is already at epoch {checkpoint['epoch']}; "
+                         f"--epochs counts the total")
+
+
+def prepare_out(out):
+    """Create the run's folder and check that it takes files, before any data is loaded or time spent."""
+    try:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        with open(os.path.join(out, ".write_test"), "wb") as f:
+            f.write(b"ok")
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 def write_metrics(path, rows):
@@ -190,27 +389,31 @@ def read_metrics(path, up_to_epoch):
         return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
 
 
-def train(args):
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+def train(args, rank=0, world_size=1):
     device = torch.device(args.device)
-    dataset = data.load_dataset(args.dataset, args.data_dir)
     checkpoint = load_checkpoint(args.out) if args.resume else None
     if checkpoint:
-        for key in ("latent_dim", "batch_size", "lr", "seed"):  # the run's own settings win over the command line
-            setattr(args, key, checkpoint["args"][key])
+        resume_settings(args, checkpoint)
+    args.image_size = args.image_size or default_size(args)
+    if rank == 0:
+        prepare_out(args.out)
+    dataset = load_data(args, rank)
+    held_out = load_data(args, rank, split="test") if args.dataset in data.DATASETS else None
     torch.manual_seed(args.seed)
-    G, D = build_models(args, dataset.image_shape, dataset.num_classes)
+    G, D = build_models(args, dataset.image_shape, dataset.num_classes)  # the same initial weights in every process
+    if args.sync_bn:  # BatchNorm statistics over the global batch instead of each process's share
+        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     G, D = G.to(device), D.to(device)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
-    # beta1 = 0.5 (DCGAN's setting): the default 0.9 makes the two players' momentum overshoot each other.
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_g, opt_d = make_optimizers(args, G, D)
     start_epoch = 0
     if checkpoint:
-        G.load_state_dict(checkpoint["generator"])
-        G_average.load_state_dict(checkpoint["generator_average"])
-        D.load_state_dict(checkpoint["discriminator"])
-        opt_g.load_state_dict(checkpoint["opt_g"])
-        opt_d.load_state_dict(checkpoint["opt_d"])
+        for module, key in ((G, "generator"), (G_average, "generator_average"), (D, "discriminator"),
+                            (opt_g, "opt_g"), (opt_d, "opt_d")):
+            restore(module, checkpoint[key], checkpoint, key.replace("_", " "))
         start_epoch = checkpoint["epoch"]
         torch.set_rng_state(checkpoint["rng"])
     # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
@@ -218,57 +421,93 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     scaler.amp = args.amp
 
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.csv")
-    history = read_metrics(metrics_path, start_epoch)
+    history = read_metrics(metrics_path, start_epoch) if rank == 0 else []
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
+    num_classes = dataset.num_classes
+    names = metric_names(args.loss)
     # The grid: one row per class, the same noise down each column, so a column shows one style in every class.
     columns = 10
     grid_noise = torch.randn(columns, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    grid_noise = grid_noise.repeat(dataset.num_classes, 1).to(device)
-    grid_labels = torch.arange(dataset.num_classes).repeat_interleave(columns).to(device)
-    print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} steps per epoch, "
-          f"device {device}, epochs {start_epoch + 1}..{args.epochs}")
+    grid_noise = grid_noise.repeat(num_classes, 1).to(device)
+    grid_classes = torch.arange(num_classes).repeat_interleave(columns).to(device)
+    real_sets = {"d_acc_real_train": (batches.images, batches.labels),  # D's accuracy on up to 1,000 of each
+                 "d_acc_real_test": (held_out.images.to(device), held_out.labels.to(device)) if held_out else None}
+    if rank == 0:
+        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} steps per "
+              f"epoch, device {device}" + (f" x {world_size} processes" if world_size > 1 else "") +
+              f", epochs {start_epoch + 1}..{args.epochs}")
 
     for epoch in range(start_epoch + 1, args.epochs + 1):
+        if rank > 0:  # every process draws its own noise, from a stream fixed by (seed, rank, epoch) for --resume
+            torch.manual_seed(hash((args.seed, rank, epoch)))
         started, seen = time.time(), 0
-        totals = torch.zeros(len(METRICS), device=device)
+        totals = torch.zeros(len(names), device=device)
         for i, (real, labels) in enumerate(batches.epoch(epoch), 1):
-            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler)
-            update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             seen += len(real)
+            if world_size > 1:  # this process's share: disjoint slices of the same global batch
+                real, labels = real.tensor_split(world_size)[rank], labels.tensor_split(world_size)[rank]
+            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler, args.loss)
+            update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
-                means = (totals / i).tolist()  # the only sync with the device, every log_every steps
+                means = totals / i
+                if world_size > 1:
+                    dist.all_reduce(means)
+                    means /= world_size
+                means = means.tolist()  # the only sync with the device, every log_every steps
                 if not all(map(math.isfinite, means)):
                     raise FloatingPointError(f"loss became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch} step {i}")
                 elapsed = time.time() - started
                 steps_left = len(batches) - i + (args.epochs - epoch) * len(batches)
-                print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} "
-                      f"g_loss {means[1]:.3f} | D(x) {means[2]:.2f} D(G(z)) {means[3]:.2f} | "
-                      f"{seen / elapsed:.0f} img/s | {steps_left * elapsed / i / 60:.1f} min left ",
-                      end="\r" if sys.stdout.isatty() else "\n", flush=True)
+                if rank == 0:
+                    outputs = "D(x) {:.2f} D(G(z)) {:.2f}" if args.loss in LOGIT_LOSSES else "D out {:.2f} / {:.2f}"
+                    print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} "
+                          f"g_loss {means[1]:.3f} | {outputs.format(*means[2:])} | {seen / elapsed:.0f} img/s | "
+                          f"{steps_left * elapsed / i / 60:.1f} min left ",
+                          end="\r" if sys.stdout.isatty() else "\n", flush=True)
+        if world_size > 1 and not replicas_agree(G, D):
+            raise FloatingPointError(f"the processes' weights differ at the end of epoch {epoch}")
+        if rank > 0:
+            continue
         if sys.stdout.isatty():
             print()
-
         seconds = time.time() - started
-        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(METRICS, means)},
+        accuracy = d_accuracy(D, G, real_sets, args.latent_dim, num_classes, LOSSES[args.loss][2])
+        print(f"epoch {epoch}: D calls real {accuracy['d_acc_real_train']} of training images, "
+              f"{accuracy['d_acc_real_test'] or '-'} of held-out ones; calls fake {accuracy['d_acc_fake']} of fakes")
+        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
                         "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
-        write_metrics(metrics_path, history)
+        save_epoch(args, epoch, history, G_average, grid_noise, grid_classes, {
+            "script": SCRIPT, "generator": G.state_dict(), "generator_average": G_average.state_dict(),
+            "discriminator": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "epoch": epoch, "args": vars(args), "image_shape": list(dataset.image_shape),
+            "classes": dataset.classes, "rng": torch.get_rng_state()})
+
+    if args.fid and rank == 0:
+        report_fid(G_average, args, dataset, device)
+
+
+def save_epoch(args, epoch, history, G_average, grid_noise, grid_classes, checkpoint):
+    """Everything an epoch leaves on disk, checkpoint last. A full disk or a vanished folder is one line (exit 2);
+    the checkpoint of the previous epoch stays intact, since the new one replaces it only once it is whole."""
+    try:
+        write_metrics(os.path.join(args.out, "metrics.csv"), history)
         data.plot_curves({k: [float(row[k]) for row in history] for k in ("d_loss", "g_loss")},
                          os.path.join(args.out, "losses.png"))
         with torch.no_grad():
-            data.save_grid(G_average.eval()(grid_noise, grid_labels),
-                           os.path.join(args.out, "samples", f"epoch_{epoch:03d}.png"), nrow=columns)
-        frames = sorted(os.listdir(os.path.join(args.out, "samples")))
+            data.save_grid(G_average.eval()(grid_noise, grid_classes),
+                           os.path.join(args.out, "samples", f"epoch_{epoch:03d}.png"), nrow=10)
+        frames = sorted(f for f in os.listdir(os.path.join(args.out, "samples")) if f.endswith(".png"))
         data.save_gif([os.path.join(args.out, "samples", f) for f in frames], os.path.join(args.out, "progress.gif"))
-        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
-            "generator": G.state_dict(), "generator_average": G_average.state_dict(), "discriminator": D.state_dict(),
-            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch,
-            "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
-            "rng": torch.get_rng_state()})
+        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), checkpoint)
+    except OSError as e:
+        raise UsageError(f"cannot write epoch {epoch}'s files into {args.out} ({e.strerror or e}); "
+                         f"checkpoint.pt still holds epoch {epoch - 1}") from None
 
-    if args.fid:
-        report_fid(G_average, args, dataset, device)
+
+def default_size(args):
+    """The named datasets' own 28x28; 32x32 for a folder (an MLP's input grows with the square of the side)."""
+    return 28 if args.dataset in data.DATASETS else 32
 
 
 def report_fid(G, args, dataset, device):
@@ -289,36 +528,58 @@ def report_fid(G, args, dataset, device):
 
 
 def generate(args):
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UsageError("--generate runs in one process: start it with python, not torchrun")
     checkpoint = load_checkpoint(args.out)
     saved = argparse.Namespace(**checkpoint["args"])
     num_classes = len(checkpoint["classes"])
     if args.label is not None and not 0 <= args.label < num_classes:
         raise UsageError(f"--label {args.label} is not a class of this model (0..{num_classes - 1})")
     G, _ = build_models(saved, checkpoint["image_shape"], num_classes)
-    G.load_state_dict(checkpoint["generator_average"])
-    if args.label is None:
-        labels = torch.arange(args.generate) % num_classes
-    else:
-        labels = torch.full((args.generate,), args.label)
+    restore(G, checkpoint["generator_average"], checkpoint, "generator")
+    labels = torch.full((args.generate,), args.label) if args.label is not None else torch.arange(args.generate)
+    labels = labels % num_classes  # without --label: classes in turn
     images = generate_images(G.to(args.device), labels, saved.latent_dim, args.device, seed=args.seed)
     path = os.path.join(args.out, "samples.npz")
     tmp = path + ".tmp.npz"
-    np.savez(tmp, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
-    os.replace(tmp, path)
-    data.save_grid(images[:100], os.path.join(args.out, "samples.png"), nrow=10)
+    arrays = {"images": images.permute(0, 2, 3, 1).numpy(), "labels": labels.numpy()}
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        data.save_grid(images[:100], os.path.join(args.out, "samples.png"), nrow=10)
+    except OSError as e:
+        raise UsageError(f"cannot write the samples into {args.out} ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"wrote {len(images)} images to {path} and a grid to {os.path.join(args.out, 'samples.png')}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=int, default=20, help="total passes over the training set (default 20)")
     # Small batches and a learning rate above DCGAN's 2e-4: more, larger steps for these small MLPs; the moving
     # average of G absorbs the extra noise. Measured best of bs 32/64 x lr 2e-4/5e-4 on MNIST in 20 epochs.
-    p.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step, over all processes (default 32)")
     p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of G and D (default 5e-4)")
     p.add_argument("--latent-dim", type=int, default=64, help="size of the noise vector z (default 64)")
+    p.add_argument("--image-size", type=int, help="side of the square images; the MLPs take C*S*S inputs "
+                                                  "(default 28 for mnist/fashion-mnist, 32 for a folder)")
+    p.add_argument("--loss", default="non-saturating", choices=list(LOSSES), metavar="LOSS", help=(
+        "the GAN loss (default non-saturating). non-saturating: G minimises -log D(G(z)); "
+        "minimax: G minimises log(1 - D(G(z))), Goodfellow et al.'s original; "
+        "lsgan: least squares on D's raw output (Mao et al.); "
+        "hinge: D minimises relu(1 - D(x)) + relu(1 + D(G(z))), G maximises D(G(z)) (Lim & Ye)"))
     p.add_argument("--average-decay", type=float, default=0.999,
                    help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
     p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
@@ -327,31 +588,72 @@ def parse_args(argv):
     p.add_argument("--out", default=os.path.join("runs", "cgan"), help="the run's folder (default runs/cgan)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--generate", type=int, metavar="N", help="no training: write N images to OUT/samples.npz")
-    p.add_argument("--label", type=int, metavar="K", help="with --generate: all images of class K (default: cycle)")
+    p.add_argument("--label", type=int, metavar="K", help="with --generate: only class K (default: all in turn)")
     p.add_argument("--fid", type=int, metavar="N", help="after training, FID of N generated vs the real images")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
     p.add_argument("--amp", action="store_true", help="mixed precision: float16 + loss scaling on CUDA, bfloat16 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D (pays off on GPUs)")
-    return p.parse_args(argv)
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the "
+                                                          "global batch (default: each process's own share)")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Every number, the device and the flag combinations, before anything is loaded: one line naming the flag."""
+    for name, least in (("epochs", 1), ("batch_size", 1), ("latent_dim", 1), ("image_size", 1), ("log_every", 1),
+                        ("generate", 1), ("fid", 2)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr {args.lr}: must be a positive number")
+    if not 0 <= args.average_decay < 1:
+        raise UsageError(f"--average-decay {args.average_decay}: must be in [0, 1)")
+    if args.label is not None and args.generate is None:
+        raise UsageError(f"--label {args.label}: only with --generate N")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this torch {torch.__version__} sees no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    if args.sync_bn and (device.type != "cuda" or int(os.environ.get("WORLD_SIZE", 1)) == 1):
+        raise UsageError("--sync-bn: needs CUDA and torchrun (PyTorch's SyncBatchNorm has no CPU version)")
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 reports, so one error is one line
+    args = None
     try:
+        args = parse_args(argv)
         if args.generate is not None:
             generate(args)
         else:
-            train(args)
+            rank, world_size = setup_distributed(args)
+            train(args, rank, world_size)
     except (data.DataError, UsageError) as e:
-        print(f"cgan.py: error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
-        print(f"\ncgan.py: training diverged: {e}; the last good checkpoint is kept in {args.out}", file=sys.stderr)
+        if rank == 0:
+            print(f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}",
+                  file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",
-              file=sys.stderr)
+        if rank == 0:
+            print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",
+                  file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -147,7 +147,7 @@ def find_idx_folder(name, data_dir, split, download):
     if not download:
         raise DataError(f"{name} not found in {local} or {SYSTEM_DATASET_DIR}/{name}")
     info = DATASETS[name]
-    for stem in IDX_FILES[split]:
+    for stem in IDX_FILES["train"] + IDX_FILES["test"]:  # both splits: the test split is small and gives held-out data
         if idx_path(local, stem) is None:
             fetch(stem + ".gz", info["mirrors"], info["md5"][stem + ".gz"], local)
     return local

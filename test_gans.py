@@ -207,8 +207,8 @@ def test_named_dataset_is_downloaded_when_found_nowhere(tmp_path, http_files, mo
     monkeypatch.setattr(data, "SYSTEM_DATASET_DIR", str(tmp_path / "nowhere"))
     dataset = data.load_dataset("mnist", str(tmp_path / "data"))
     assert len(dataset.images) == 8
-    assert sorted(os.listdir(tmp_path / "data" / "mnist")) == ["train-images-idx3-ubyte.gz",
-                                                              "train-labels-idx1-ubyte.gz"]
+    assert sorted(os.listdir(tmp_path / "data" / "mnist")) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                                                              "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,7 +371,7 @@ def test_train_step_updates_d_then_g_each_touching_only_its_own_weights(module):
     assert all(g is not None and g.abs().sum() > 0 for g in at_g_step["G"][1])
     assert all(torch.equal(a, b) for a, b in zip(at_d_step["D"][1], at_g_step["D"][1]))
     assert changed("G") and changed("D")
-    assert metrics.shape == (len(module.METRICS),) and torch.isfinite(metrics).all()
+    assert metrics.shape == (len(module.metric_names("non-saturating")),) and torch.isfinite(metrics).all()
     assert all(p.requires_grad for p in D.parameters())
 
 
@@ -486,8 +486,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
                                                                              capsys):
     assert run(gan, tmp_path, tiny_data_dir, "--epochs", "1") == 0
     good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    real_d_loss = gan.d_loss
-    monkeypatch.setattr(gan, "d_loss", lambda r, f: real_d_loss(r, f) * float("nan"))
+    real_d_loss, real_g_loss, threshold = gan.LOSSES["non-saturating"]
+    monkeypatch.setitem(gan.LOSSES, "non-saturating", (lambda r, f: real_d_loss(r, f) * float("nan"), real_g_loss,
+                                                       threshold))
     assert run(gan, tmp_path, tiny_data_dir, "--epochs", "3", "--resume") == 1
     assert "diverged" in capsys.readouterr().err
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
@@ -589,6 +590,21 @@ def rgb_folder(tmp_path):
             pixels = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "faces" / name / f"{i}.png")
     return tmp_path / "faces"
+
+
+def break_generator_loss(monkeypatch, script):
+    """Make G's loss NaN from now on (through the loss table where the script has --loss)."""
+    nan_loss = lambda scores: scores.mean() * float("nan")  # noqa: E731
+    if hasattr(script, "LOSSES"):
+        d_loss, _, threshold = script.LOSSES["non-saturating"]
+        monkeypatch.setitem(script.LOSSES, "non-saturating", (d_loss, nan_loss, threshold))
+    else:
+        monkeypatch.setattr(script, "g_loss", nan_loss)
+
+
+def default_metrics(script):
+    """The per-step columns of metrics.csv with the script's default loss."""
+    return script.metric_names("non-saturating") if hasattr(script, "metric_names") else script.METRICS
 
 
 def run_script(script, argv):
@@ -750,7 +766,7 @@ def assert_run_outputs(out, epochs, metric_names):
 def test_run_on_a_named_dataset_writes_every_output(script, tiny_mnist, tmp_path):
     out = tmp_path / "run"
     assert run_script(script, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 2, *TINY]) == 0
-    _, checkpoint = assert_run_outputs(out, 2, script.METRICS)
+    _, checkpoint = assert_run_outputs(out, 2, default_metrics(script))
     assert Image.open(out / "samples" / "epoch_002.png").size == (2 + 10 * 34, 2 + 10 * 34)  # 10x10 of 32x32
     assert checkpoint["args"]["image_size"] == 32
 
@@ -759,7 +775,7 @@ def test_run_on_a_named_dataset_writes_every_output(script, tiny_mnist, tmp_path
 def test_conditional_run_on_an_rgb_folder_at_64px(script, rgb_folder, tmp_path):
     out = tmp_path / "run"
     assert run_script(script, ["--dataset", rgb_folder, "--out", out, "--epochs", 1, "--conditional", *TINY]) == 0
-    _, checkpoint = assert_run_outputs(out, 1, script.METRICS)
+    _, checkpoint = assert_run_outputs(out, 1, default_metrics(script))
     assert checkpoint["classes"] == ["with_mask", "without_mask"]
     grid = Image.open(out / "samples" / "epoch_001.png")
     assert grid.mode == "RGB" and grid.size == (2 + 10 * 66, 2 + 2 * 66)  # one row per class, 64x64 images
@@ -778,7 +794,7 @@ def test_resume_continues_from_the_saved_epoch(script, tiny_mnist, tmp_path, cap
     capsys.readouterr()
     assert run_script(script, common + ["--epochs", 3, "--resume"]) == 0
     assert "epochs 2..3" in capsys.readouterr().out
-    rows, checkpoint = assert_run_outputs(out, 3, script.METRICS)
+    rows, checkpoint = assert_run_outputs(out, 3, default_metrics(script))
     assert checkpoint["epoch"] == 3
     assert not torch.equal(first["generator"]["net.0.weight"], checkpoint["generator"]["net.0.weight"])
 
@@ -807,7 +823,7 @@ def test_generate_writes_samples_npz_and_png(script, tiny_mnist, tmp_path):
 def test_amp_run_gives_finite_losses(script, tiny_mnist, tmp_path):
     out = tmp_path / "run"
     assert run_script(script, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, "--amp", *TINY]) == 0
-    assert_run_outputs(out, 1, script.METRICS)
+    assert_run_outputs(out, 1, default_metrics(script))
 
 
 @pytest.mark.parametrize("script", CONV_SCRIPTS)
@@ -833,7 +849,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(script, tiny_
     out = tmp_path / "run"
     common = ["--data-dir", tiny_mnist, "--out", out, *TINY]
     assert run_script(script, common + ["--epochs", 1]) == 0
-    monkeypatch.setattr(script, "g_loss", lambda scores: scores.mean() * float("nan"))
+    break_generator_loss(monkeypatch, script)
     assert run_script(script, common + ["--epochs", 3, "--resume"]) == 1
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
 

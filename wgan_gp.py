@@ -17,9 +17,12 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 import data
+
+SCRIPT = os.path.basename(__file__)
 
 
 class Generator(nn.Module):
@@ -117,10 +120,19 @@ def g_loss(fake_scores):
     return -fake_scores.mean()
 
 
-def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_weight, scaler):
+def clip_weights(D, clip_value):
+    """WGAN as first published (Arjovsky et al. 2017): keep the critic Lipschitz by clamping every weight to
+    [-c, c] after each update. Crude, as the WGAN-GP paper shows: the critic drifts toward the clip limits."""
+    with torch.no_grad():
+        for p in D.parameters():
+            p.clamp_(-clip_value, clip_value)
+
+
+def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_weight, scaler, clip_value=None):
     """n_critic critic updates, one per real batch given, then one generator update (Algorithm 1 of the paper).
 
-    label_batches holds None per batch for unconditional models."""
+    label_batches holds None per batch for unconditional models. clip_value: weight clipping instead of the
+    gradient penalty (--lipschitz clip)."""
     totals = torch.zeros(3, device=real_batches[0].device)
     for real, labels in zip(real_batches, label_batches):
         with autocast(real.device, scaler):
@@ -128,12 +140,15 @@ def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_w
             with torch.no_grad():
                 fake = G(torch.randn(len(real), latent_dim, device=real.device), labels)
             real_scores, fake_scores = D(real, labels), D(fake, labels)
-            penalty = gradient_penalty(D, real, fake, labels)
+            penalty = gradient_penalty(D, real, fake, labels) if clip_value is None else torch.zeros((), device=real.device)
             loss_d = critic_loss(real_scores, fake_scores) + gp_weight * penalty
         opt_d.zero_grad(set_to_none=True)
         scaler.scale(loss_d).backward()
+        average_gradients(D)
         scaler.step(opt_d)
         scaler.update()
+        if clip_value is not None:
+            clip_weights(D, clip_value)
         totals += torch.stack([loss_d.detach(), (real_scores.mean() - fake_scores.mean()).detach(),
                                penalty.detach()]).float()
 
@@ -144,6 +159,7 @@ def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_w
         loss_g = g_loss(D(G(torch.randn(len(real), latent_dim, device=real.device), labels), labels))
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
+    average_gradients(G)
     scaler.step(opt_g)
     scaler.update()
     D.requires_grad_(True)
@@ -151,6 +167,23 @@ def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_w
     # Returned as tensors on the device: reading them (.item()) would force a sync every step.
     means = totals / len(real_batches)
     return torch.stack([means[0], loss_g.detach().float(), means[1], means[2]])
+
+
+def average_gradients(model):
+    """Under torchrun: replace every gradient by its mean over the processes, so that all replicas take the same step.
+
+    This is what DistributedDataParallel does, done by hand (as StyleGAN2-ADA does) because a GAN step does not fit
+    DDP's one-forward-one-backward pattern: the critic runs forward on reals, fakes and the points between them
+    before one backward, the penalty differentiates the critic twice (DDP does not support that), and G's backward
+    passes through a frozen critic. One flat all-reduce per update."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(mean.view_as(grad))
 
 
 def autocast(device, scaler):
@@ -174,11 +207,36 @@ def update_average(G_average, G, step, decay):
 METRICS = ["d_loss", "g_loss", "wasserstein", "gradient_penalty"]  # wasserstein = E[D(real)] - E[D(fake)]
 
 
+@torch.no_grad()
+def critic_scores(D, G, real_sets, latent_dim, num_classes, n=1000):
+    """The critic's mean score, in eval mode, on each set of real images and on n fresh fakes from the raw generator.
+    A critic has no real/fake threshold, so the scores themselves are the figures: a training-set score that pulls
+    away from the held-out one means the critic is memorising the training images (Karras et al. 2020).
+    real_sets: name -> (uint8 images, labels) on the device, or None where there is no such set."""
+    D.eval(), G.eval()
+    device = next(D.parameters()).device
+    scores = {}
+    for name, images_and_labels in real_sets.items():
+        if images_and_labels is None:
+            scores[name] = ""  # a folder has no held-out split
+            continue
+        images, labels = images_and_labels
+        values = torch.cat([D(data.to_float(chunk), classes if num_classes else None)
+                            for chunk, classes in zip(images[:n].split(250), labels[:n].split(250))])
+        scores[name] = f"{values.mean().item():.4f}"
+    labels = torch.randint(max(num_classes, 1), (n,), device=device)
+    fake_scores = torch.cat([D(G(torch.randn(len(classes), latent_dim, device=device), classes if num_classes else None),
+                               classes if num_classes else None) for classes in labels.split(250)])
+    scores["critic_fake"] = f"{fake_scores.mean().item():.4f}"
+    D.train(), G.train()
+    return scores
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Running it: training, sampling, checkpoints
 
 class UsageError(Exception):
-    """Bad flags or a missing checkpoint: reported as one line, exit status 2."""
+    """Bad flags, an unusable output folder or checkpoint: reported as one line, exit status 2."""
 
 
 def build_models(args, image_shape, num_classes):
@@ -189,6 +247,16 @@ def build_models(args, image_shape, num_classes):
     G.apply(init_weights)
     D.apply(init_weights)
     return G, D
+
+
+def make_optimizers(args, G, D):
+    """WGAN-GP: Adam with the paper's betas (0, 0.9), no momentum, which the critic's fast-moving target does not
+    tolerate well. Weight clipping: RMSprop, as Arjovsky et al. found momentum-based optimizers unstable with it."""
+    if args.lipschitz == "clip":
+        return torch.optim.RMSprop(G.parameters(), lr=args.lr), torch.optim.RMSprop(D.parameters(), lr=args.lr)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.9))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.9))
+    return opt_g, opt_d
 
 
 def grid_labels(num_classes, columns, device):
@@ -209,14 +277,75 @@ def generate_images(G, labels, latent_dim, device, seed, batch_size=500):
     return torch.cat(images)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): one process per GPU, the same weights everywhere, a share of each batch each
+
+def setup_distributed(args):
+    """Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK): join the process group, NCCL on CUDA with one GPU
+    per process, gloo on the CPU. Returns (rank, world_size); (0, 1) without torchrun, where nothing changes."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
+    if args.device.startswith("cuda"):
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible")
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world_size
+
+
+def load_data(args, rank, split="train"):
+    """The dataset, read by every process. Rank 0 goes first (it may download) and passes on its error, if any, so
+    that the others stop with the same one line instead of waiting. The test split is optional: None if absent."""
+    dataset, error = None, None
+    if rank == 0:
+        try:
+            dataset = data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size,
+                                        download=split == "train")
+        except data.DataError as e:
+            error = str(e)
+    if dist.is_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        if split == "test":
+            return None
+        raise data.DataError(error)
+    if dataset is None:
+        dataset = data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size)
+    return dataset
+
+
+def replicas_agree(*models):
+    """True when every process holds the same weights: a float64 checksum per process, compared in one all-reduce."""
+    checksum = sum(p.detach().double().sum() for model in models for p in model.parameters())
+    extremes = torch.stack([checksum, -checksum])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return bool(extremes[0] == -extremes[1])  # max == min
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: checkpoints, metrics, the output folder
+
 def save_checkpoint(path, state):
     tmp = path + ".tmp"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a crash or Ctrl-C mid-save leaves the previous checkpoint intact
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so not even a power cut leaves a torn checkpoint
+        os.replace(tmp, path)  # atomic: a crash, kill -9 or Ctrl-C mid-save leaves the previous checkpoint intact
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+MODEL_SETTINGS = ("image_size", "width", "latent_dim", "conditional", "lipschitz")  # what the weights were made for
 
 
 def load_checkpoint(out):
@@ -224,9 +353,51 @@ def load_checkpoint(out):
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}: train first (or pass the run's --out)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: torch raises several types, all mean "not a checkpoint of ours"
         raise UsageError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or "generator" not in checkpoint or "args" not in checkpoint:
+        raise UsageError(f"{path} is not a checkpoint written by a training script")
+    written_by = checkpoint.get("script", SCRIPT)  # checkpoints from before the field existed were our own
+    if written_by != SCRIPT:
+        saved = checkpoint["args"]
+        settings = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in MODEL_SETTINGS if k in saved)
+        raise UsageError(f"{path} was written by {written_by} with {settings}; this is {SCRIPT}")
+    checkpoint["path"] = path
+    return checkpoint
+
+
+def restore(module, state, checkpoint, what):
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:  # wrong shapes or names: the file is not this model's
+        raise UsageError(f"{checkpoint['path']}: the {what} does not fit this model ({str(e).splitlines()[0][:120]})"
+                         ) from None
+
+
+def resume_settings(args, checkpoint):
+    """The run's own settings win over the defaults; a flag given with another value is refused, not ignored."""
+    defaults = vars(parse_args([]))
+    for key in (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "n_critic", "gp_weight", "clip_value"):
+        saved = checkpoint["args"].get(key, defaults[key])
+        if getattr(args, key) not in (saved, defaults[key]):
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: {checkpoint['path']} was written "
+                             f"with --{key.replace('_', '-')} {saved}, which --resume keeps")
+        setattr(args, key, saved)
+    if args.epochs <= checkpoint["epoch"]:
+        raise UsageError(f"--epochs {args.epochs}: {checkpoint['path']} is already at epoch {checkpoint['epoch']}; "
+                         f"--epochs counts the total")
+
+
+def prepare_out(out):
+    """Create the run's folder and check that it takes files, before any data is loaded or time spent."""
+    try:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        with open(os.path.join(out, ".write_test"), "wb") as f:
+            f.write(b"ok")
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 def write_metrics(path, rows):
@@ -245,34 +416,34 @@ def read_metrics(path, up_to_epoch):
         return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
 
 
-def train(args):
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+def train(args, rank=0, world_size=1):
     device = torch.device(args.device)
     checkpoint = load_checkpoint(args.out) if args.resume else None
     if checkpoint:
-        for key in ("latent_dim", "batch_size", "lr", "seed", "image_size", "width", "conditional", "n_critic",
-                    "gp_weight"):
-            setattr(args, key, checkpoint["args"][key])  # the run's own settings win over the command line
+        resume_settings(args, checkpoint)
     args.image_size = args.image_size or default_size(args)
-    if args.image_size < 32 or args.image_size & (args.image_size - 1):  # checked before a folder is decoded
-        raise UsageError(f"--image-size {args.image_size}: must be a power of two, at least 32")
-    dataset = data.load_dataset(args.dataset, args.data_dir, image_size=args.image_size)
+    if rank == 0:
+        prepare_out(args.out)
+    dataset = load_data(args, rank)
+    held_out = load_data(args, rank, split="test") if args.dataset in data.DATASETS else None
     torch.manual_seed(args.seed)
-    G, D = build_models(args, dataset.image_shape, dataset.num_classes)
+    G, D = build_models(args, dataset.image_shape, dataset.num_classes)  # the same initial weights in every process
+    if args.sync_bn:  # BatchNorm statistics over the global batch instead of each process's share
+        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     if device.type == "cuda":  # speed only, never on the CPU: cuDNN autotuning and NHWC for the tensor cores
         torch.backends.cudnn.benchmark = True
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G, D = G.to(device), D.to(device)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
-    # The paper's betas (0, 0.9): no momentum, which the critic's fast-moving target does not tolerate well.
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.9))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.9))
+    opt_g, opt_d = make_optimizers(args, G, D)
     start_epoch = 0
     if checkpoint:
-        G.load_state_dict(checkpoint["generator"])
-        G_average.load_state_dict(checkpoint["generator_average"])
-        D.load_state_dict(checkpoint["discriminator"])
-        opt_g.load_state_dict(checkpoint["opt_g"])
-        opt_d.load_state_dict(checkpoint["opt_d"])
+        for module, key in ((G, "generator"), (G_average, "generator_average"), (D, "discriminator"),
+                            (opt_g, "opt_g"), (opt_d, "opt_d")):
+            restore(module, checkpoint[key], checkpoint, key.replace("_", " "))
         start_epoch = checkpoint["epoch"]
         torch.set_rng_state(checkpoint["rng"])
     # --compile: the compiled module shares its parameters with G, which is what gets saved. The critic stays eager:
@@ -281,64 +452,95 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     scaler.amp = args.amp
 
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.csv")
-    history = read_metrics(metrics_path, start_epoch)
+    history = read_metrics(metrics_path, start_epoch) if rank == 0 else []
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
     num_classes = dataset.num_classes if args.conditional else 0
+    names = METRICS
+    clip_value = args.clip_value if args.lipschitz == "clip" else None
+    steps = -(-len(batches) // args.n_critic)  # generator steps per epoch; the last may follow fewer critic steps
     columns = 10 if num_classes else 100
     grid_classes = grid_labels(num_classes, columns, device)
     # The same noise in every column: in a conditional grid each column is one z drawn as every class.
     grid_noise = torch.randn(columns, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     grid_noise = grid_noise.repeat(max(num_classes, 1), 1).to(device)
-    steps = -(-len(batches) // args.n_critic)  # generator steps per epoch; the last may follow fewer critic steps
-    print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} critic and "
-          f"{steps} generator steps per epoch, device {device}, epochs {start_epoch + 1}..{args.epochs}")
+    real_sets = {"critic_real_train": (batches.images, batches.labels),  # the critic's mean score on 1,000 of each
+                 "critic_real_test": (held_out.images.to(device), held_out.labels.to(device)) if held_out else None}
+    if rank == 0:
+        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} critic and "
+              f"{steps} generator steps per epoch, device {device}" + (f" x {world_size} processes" if world_size > 1 else "") +
+              f", epochs {start_epoch + 1}..{args.epochs}")
 
     for epoch in range(start_epoch + 1, args.epochs + 1):
+        if rank > 0:  # every process draws its own noise, from a stream fixed by (seed, rank, epoch) for --resume
+            torch.manual_seed(hash((args.seed, rank, epoch)))
         started, seen = time.time(), 0
-        totals = torch.zeros(len(METRICS), device=device)
+        totals = torch.zeros(len(names), device=device)
         for i, group in enumerate(critic_groups(batches.epoch(epoch), args.n_critic), 1):
+            seen += sum(len(real) for real, _ in group)
+            if world_size > 1:  # this process's share: disjoint slices of the same global batches
+                group = [(real.tensor_split(world_size)[rank], labels.tensor_split(world_size)[rank])
+                         for real, labels in group]
             if device.type == "cuda":
                 group = [(real.contiguous(memory_format=torch.channels_last), labels) for real, labels in group]
             real_batches = [real for real, _ in group]
             label_batches = [labels if num_classes else None for _, labels in group]
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real_batches, label_batches, args.latent_dim,
-                                 args.gp_weight, scaler)
+                                 args.gp_weight, scaler, clip_value)
             update_average(G_average, G, (epoch - 1) * steps + i, args.average_decay)
-            seen += sum(len(real) for real in real_batches)
             if i % args.log_every == 0 or i == steps:
-                means = (totals / i).tolist()  # the only sync with the device, every log_every steps
+                means = totals / i
+                if world_size > 1:
+                    dist.all_reduce(means)
+                    means /= world_size
+                means = means.tolist()  # the only sync with the device, every log_every steps
                 if not all(map(math.isfinite, means)):
                     raise FloatingPointError(f"loss became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch} step {i}")
                 elapsed = time.time() - started
                 steps_left = steps - i + (args.epochs - epoch) * steps
-                print(f"epoch {epoch}/{args.epochs} step {i}/{steps} | d_loss {means[0]:.3f} "
-                      f"g_loss {means[1]:.3f} | wasserstein {means[2]:.3f} penalty {means[3]:.3f} | "
-                      f"{seen / elapsed:.0f} img/s | {steps_left * elapsed / i / 60:.1f} min left ",
-                      end="\r" if sys.stdout.isatty() else "\n", flush=True)
+                if rank == 0:
+                    print(f"epoch {epoch}/{args.epochs} step {i}/{steps} | d_loss {means[0]:.3f} "
+                          f"g_loss {means[1]:.3f} | wasserstein {means[2]:.3f} penalty {means[3]:.3f} | "
+                          f"{seen / elapsed:.0f} img/s | {steps_left * elapsed / i / 60:.1f} min left ",
+                          end="\r" if sys.stdout.isatty() else "\n", flush=True)
+        if world_size > 1 and not replicas_agree(G, D):
+            raise FloatingPointError(f"the processes' weights differ at the end of epoch {epoch}")
+        if rank > 0:
+            continue
         if sys.stdout.isatty():
             print()
-
         seconds = time.time() - started
-        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(METRICS, means)},
+        scores = critic_scores(D, G, real_sets, args.latent_dim, num_classes)
+        print(f"epoch {epoch}: mean critic score {scores['critic_real_train']} on training images, "
+              f"{scores['critic_real_test'] or '-'} on held-out ones, {scores['critic_fake']} on fakes")
+        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **scores,
                         "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
-        write_metrics(metrics_path, history)
+        save_epoch(args, epoch, history, G_average, grid_noise, grid_classes, {
+            "script": SCRIPT, "generator": G.state_dict(), "generator_average": G_average.state_dict(),
+            "discriminator": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "epoch": epoch, "args": vars(args), "image_shape": list(dataset.image_shape),
+            "classes": dataset.classes, "rng": torch.get_rng_state()})
+
+    if args.fid and rank == 0:
+        report_fid(G_average, args, dataset, device)
+
+
+def save_epoch(args, epoch, history, G_average, grid_noise, grid_classes, checkpoint):
+    """Everything an epoch leaves on disk, checkpoint last. A full disk or a vanished folder is one line (exit 2);
+    the checkpoint of the previous epoch stays intact, since the new one replaces it only once it is whole."""
+    try:
+        write_metrics(os.path.join(args.out, "metrics.csv"), history)
         data.plot_curves({k: [float(row[k]) for row in history] for k in ("d_loss", "g_loss", "wasserstein")},
                          os.path.join(args.out, "losses.png"))
         with torch.no_grad():
             data.save_grid(G_average.eval()(grid_noise, grid_classes),
                            os.path.join(args.out, "samples", f"epoch_{epoch:03d}.png"), nrow=10)
-        frames = sorted(os.listdir(os.path.join(args.out, "samples")))
+        frames = sorted(f for f in os.listdir(os.path.join(args.out, "samples")) if f.endswith(".png"))
         data.save_gif([os.path.join(args.out, "samples", f) for f in frames], os.path.join(args.out, "progress.gif"))
-        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
-            "generator": G.state_dict(), "generator_average": G_average.state_dict(), "discriminator": D.state_dict(),
-            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch,
-            "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
-            "rng": torch.get_rng_state()})
-
-    if args.fid:
-        report_fid(G_average, args, dataset, device)
+        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), checkpoint)
+    except OSError as e:
+        raise UsageError(f"cannot write epoch {epoch}'s files into {args.out} ({e.strerror or e}); "
+                         f"checkpoint.pt still holds epoch {epoch - 1}") from None
 
 
 def critic_groups(batches, n_critic):
@@ -376,11 +578,13 @@ def report_fid(G, args, dataset, device):
 
 
 def generate(args):
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UsageError("--generate runs in one process: start it with python, not torchrun")
     checkpoint = load_checkpoint(args.out)
     saved = argparse.Namespace(**checkpoint["args"])
     classes = checkpoint["classes"]
     G, _ = build_models(saved, checkpoint["image_shape"], len(classes))
-    G.load_state_dict(checkpoint["generator_average"])
+    restore(G, checkpoint["generator_average"], checkpoint, "generator")
     if args.label is not None and not (saved.conditional and 0 <= args.label < len(classes)):
         raise UsageError(f"--label {args.label}: the model is " + (
             f"conditional on classes 0..{len(classes) - 1}" if saved.conditional else "not conditional"))
@@ -392,26 +596,45 @@ def generate(args):
     arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
     if saved.conditional:
         arrays["labels"] = labels.numpy()
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    data.save_grid(images[:100], os.path.join(args.out, "samples.png"), nrow=10)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        data.save_grid(images[:100], os.path.join(args.out, "samples.png"), nrow=10)
+    except OSError as e:
+        raise UsageError(f"cannot write the samples into {args.out} ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"wrote {len(images)} images to {path} and a grid to {os.path.join(args.out, 'samples.png')}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=int, default=20, help="total passes over the training set (default 20)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per critic step (default 8: each generator "
-                                                             "step takes n_critic batches, so small batches give "
-                                                             "more generator steps per epoch)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per critic step, over all processes (default 8: "
+                                                             "each generator step takes n_critic batches, so small "
+                                                             "batches give more generator steps per epoch)")
     # 2e-4 rather than the paper's 1e-4: the paper ran 200k generator steps, 20 epochs of MNIST here are 2,500, and at
     # 1e-4 a quarter of the digits were still malformed after them (2e-4 gave the cleanest grid of the rates tried).
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and the critic (default 2e-4)")
+    p.add_argument("--lr", type=float, help="learning rate of G and the critic (default 2e-4 for Adam with gp, "
+                                            "5e-5 for RMSprop with clip, the papers' choices)")
+    p.add_argument("--lipschitz", default="gp", choices=["gp", "clip"], help=(
+        "how the critic is kept 1-Lipschitz (default gp). gp: gradient penalty, Adam (Gulrajani et al. 2017); "
+        "clip: every critic weight clamped to [-c, c] after each step, RMSprop, no penalty (Arjovsky et al. 2017)"))
     p.add_argument("--n-critic", type=int, default=5, help="critic steps per generator step (default 5)")
     p.add_argument("--gp-weight", type=float, default=10.0, help="lambda, weight of the gradient penalty "
                                                                  "(default 10)")
+    p.add_argument("--clip-value", type=float, default=0.01, help="c of --lipschitz clip (default 0.01)")
     p.add_argument("--latent-dim", type=int, default=64, help="size of the noise vector z (default 64)")
     p.add_argument("--image-size", type=int, help="side of the square images, a power of two >= 32 "
                                                   "(default 32 for mnist/fashion-mnist, 64 for a folder)")
@@ -431,26 +654,75 @@ def parse_args(argv):
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
     p.add_argument("--amp", action="store_true", help="mixed precision: float16 + loss scaling on CUDA, bfloat16 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile G (pays off on GPUs)")
-    return p.parse_args(argv)
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the "
+                                                          "global batch (default: each process's own share)")
+    args = p.parse_args(argv)
+    check_args(args)
+    if args.lr is None:
+        args.lr = 5e-5 if args.lipschitz == "clip" else 2e-4
+    return args
+
+
+def check_args(args):
+    """Every number, the device and the flag combinations, before anything is loaded: one line naming the flag."""
+    for name, least in (("epochs", 1), ("batch_size", 1), ("latent_dim", 1), ("width", 1), ("log_every", 1),
+                        ("n_critic", 1), ("generate", 1), ("fid", 2)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr {args.lr}: must be a positive number")
+    if not (math.isfinite(args.gp_weight) and args.gp_weight >= 0):
+        raise UsageError(f"--gp-weight {args.gp_weight}: must be a number >= 0")
+    if not (math.isfinite(args.clip_value) and args.clip_value > 0):
+        raise UsageError(f"--clip-value {args.clip_value}: must be a positive number")
+    if not 0 <= args.average_decay < 1:
+        raise UsageError(f"--average-decay {args.average_decay}: must be in [0, 1)")
+    if args.image_size is not None and (args.image_size < 32 or args.image_size & (args.image_size - 1)):
+        raise UsageError(f"--image-size {args.image_size}: must be a power of two, at least 32")
+    if args.label is not None and args.generate is None:
+        raise UsageError(f"--label {args.label}: only with --generate N")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this torch {torch.__version__} sees no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    if args.sync_bn and (device.type != "cuda" or int(os.environ.get("WORLD_SIZE", 1)) == 1):
+        raise UsageError("--sync-bn: needs CUDA and torchrun (PyTorch's SyncBatchNorm has no CPU version)")
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 reports, so one error is one line
+    args = None
     try:
+        args = parse_args(argv)
         if args.generate is not None:
             generate(args)
         else:
-            train(args)
+            rank, world_size = setup_distributed(args)
+            train(args, rank, world_size)
     except (data.DataError, UsageError) as e:
-        print(f"wgan_gp.py: error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
-        print(f"\nwgan_gp.py: training diverged: {e}; the last good checkpoint is kept in {args.out}", file=sys.stderr)
+        if rank == 0:
+            print(f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}",
+                  file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",
-              file=sys.stderr)
+        if rank == 0:
+            print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",
+                  file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
