@@ -319,8 +319,13 @@ def markdown(header, rows):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like the training scripts (no usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: fewer steps, 256-d FID, Inception batch of 2")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -330,6 +335,16 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice, shown in the header)")
     p.add_argument("--variants", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS), help="default: all four")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: must be at least 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch {torch.__version__} sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: only cpu and cuda are supported")
     # Full: 24 timed steps per loop, in 6 rounds of 4: short turns, so a neighbour's burst of load hits all loops.
     args.warmup, args.rounds, args.steps = (2, 1, 3) if args.quick else (5, 6, 4)
     return args

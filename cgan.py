@@ -328,7 +328,7 @@ def load_checkpoint(out):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file: torch raises several types, all mean "not a checkpoint of ours"
-        raise UsageError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"cannot load {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     if not isinstance(checkpoint, dict) or "generator" not in checkpoint or "args" not in checkpoint:
         raise UsageError(f"{path} is not a checkpoint written by a training script")
     written_by = checkpoint.get("script", SCRIPT)  # checkpoints from before the field existed were our own
@@ -607,6 +607,8 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < least:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed {args.seed}: must be in 0..{2 ** 32 - 1}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise UsageError(f"--lr {args.lr}: must be a positive number")
     if not 0 <= args.average_decay < 1:
@@ -646,6 +648,11 @@ def main(argv=None):
             print(f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}",
                   file=sys.stderr)
         return 1
+    except torch.cuda.OutOfMemoryError:
+        if rank == 0:
+            print(f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size"
+                  + (" or --width" if hasattr(args, "width") else ""), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if rank == 0:
             print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",

@@ -108,7 +108,10 @@ def load_dataset(name, data_dir="data", split="train", image_size=None, channels
     elif os.path.isdir(name):
         if image_size is None:
             raise DataError(f"an image folder needs an image size ({name})")
-        return load_folder(name, image_size, channels)
+        try:
+            return load_folder(name, image_size, channels)
+        except OSError as e:  # a folder we may not list; unreadable files are caught per image
+            raise DataError(f"cannot read {e.filename or name}: {e.strerror or e}") from None
     elif os.sep in name or os.path.exists(name):
         raise DataError(f"no folder of images at {name}")
     else:
@@ -180,7 +183,10 @@ def fetch(filename, mirrors, md5, folder, timeout=30):
 
     The bytes go to a temporary file beside the target and are renamed only once the MD5 matches, so a failed,
     partial or wrong download never leaves a file behind."""
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create {folder} to download {filename} into: {e.strerror or e}") from None
     target = os.path.join(folder, filename)
     failures = []
     for mirror in mirrors:

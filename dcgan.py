@@ -230,10 +230,11 @@ def d_accuracy(D, G, real_sets, latent_dim, num_classes, threshold, n=1000):
         logits = torch.cat([D(data.to_float(chunk), classes if num_classes else None)
                             for chunk, classes in zip(images[:n].split(250), labels[:n].split(250))])
         accuracy[name] = f"{(logits > threshold).float().mean().item():.4f}"
-    labels = torch.randint(max(num_classes, 1), (n,), device=device)
-    fake_logits = torch.cat([D(G(torch.randn(len(classes), latent_dim, device=device), classes if num_classes else None),
-                               classes if num_classes else None) for classes in labels.split(250)])
-    accuracy["d_acc_fake"] = f"{(fake_logits <= threshold).float().mean().item():.4f}"
+    fake_logits = []
+    for chunk in torch.randint(max(num_classes, 1), (n,), device=device).split(250):
+        classes = chunk if num_classes else None
+        fake_logits.append(D(G(torch.randn(len(chunk), latent_dim, device=device), classes), classes))
+    accuracy["d_acc_fake"] = f"{(torch.cat(fake_logits) <= threshold).float().mean().item():.4f}"
     D.train(), G.train()
     return accuracy
 
@@ -358,7 +359,7 @@ def load_checkpoint(out):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file: torch raises several types, all mean "not a checkpoint of ours"
-        raise UsageError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"cannot load {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     if not isinstance(checkpoint, dict) or "generator" not in checkpoint or "args" not in checkpoint:
         raise UsageError(f"{path} is not a checkpoint written by a training script")
     written_by = checkpoint.get("script", SCRIPT)  # checkpoints from before the field existed were dcgan.py's own
@@ -648,6 +649,8 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < least:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed {args.seed}: must be in 0..{2 ** 32 - 1}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise UsageError(f"--lr {args.lr}: must be a positive number")
     if not 0 <= args.average_decay < 1:
@@ -689,6 +692,11 @@ def main(argv=None):
             print(f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}",
                   file=sys.stderr)
         return 1
+    except torch.cuda.OutOfMemoryError:
+        if rank == 0:
+            print(f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size"
+                  + (" or --width" if hasattr(args, "width") else ""), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if rank == 0:
             print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",

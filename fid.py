@@ -589,8 +589,29 @@ def statistics_of(source, dims=2048, batch_size=50, device=None, weights=None, n
     return images_statistics(images, as_model(weights, device), dims, batch_size)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def check_device(device):
+    """--device as given, refused in one line when torch cannot use it (None: CUDA if available, else the CPU)."""
+    if device is None:
+        return device
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise FIDError(f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise FIDError(f"--device {device}: this torch {torch.__version__} sees no CUDA GPU")
+    if parsed.type not in ("cpu", "cuda"):
+        raise FIDError(f"--device {device}: only cpu and cuda are supported")
+    return device
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        prog="fid.py",
         description="FID between two image sets, equal to pytorch-fid's on the same images. Each input is a folder "
                     "of images, a .npz with mu/sigma (pytorch-fid statistics) or with images (uint8 [N, H, W, C], as "
                     "written by --generate), or a dataset name (mnist, fashion-mnist).",
@@ -616,6 +637,7 @@ def main(argv=None):
     try:
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, *_, **__: print(f"fid.py: warning: {message}", file=sys.stderr)
+            check_device(args.device)
             if args.num_samples is not None and args.num_samples < 2:
                 raise FIDError(f"--num-samples must be at least 2, got {args.num_samples}")
             sources = [args.a] if args.save_stats else [args.a, args.b]

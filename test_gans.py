@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import types
 import zlib
 
@@ -1358,3 +1359,459 @@ def test_bench_quick_prints_every_row(capsys):
     assert "frechet_distance vs scipy sqrtm" in out and "relative difference of the two values" in out
     assert "Inception features: img/s" in out
     assert "nan" not in out.lower()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every training script: the GAN losses, D's accuracy, flag checks, faults, and several processes (torchrun)
+
+TRAINING_SCRIPTS = [gan, cgan, dcgan, wgan_gp]
+LOSS_SCRIPTS = [gan, cgan, dcgan]  # the scripts with --loss
+MLP_TINY = ["--batch-size", "16", "--latent-dim", "8", "--log-every", "1"]
+
+
+def tiny_flags(script):
+    """The smallest models and batches each script accepts, for runs that test plumbing, not quality."""
+    return MLP_TINY if script in (gan, cgan) else TINY
+
+
+def exit_code(script, argv):
+    """main()'s exit status, also where argparse itself exits (an unknown choice, a non-number)."""
+    try:
+        return script.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("script", LOSS_SCRIPTS)
+def test_each_loss_value_and_gradient_match_hand_computed(script):
+    real = torch.tensor([2.0, -1.0], requires_grad=True)
+    fake = torch.tensor([0.5, -3.0], requires_grad=True)
+    sig = torch.sigmoid
+    cases = {  # loss: (D's loss, dD/dreal, dD/dfake, G's loss, dG/dfake), written out from the papers' formulas
+        "non-saturating": (-(torch.log(sig(real)).mean() + torch.log(1 - sig(fake)).mean()),
+                           -(1 - sig(real)) / 2, sig(fake) / 2, -torch.log(sig(fake)).mean(), -(1 - sig(fake)) / 2),
+        "minimax": (-(torch.log(sig(real)).mean() + torch.log(1 - sig(fake)).mean()),
+                    -(1 - sig(real)) / 2, sig(fake) / 2, torch.log(1 - sig(fake)).mean(), -sig(fake) / 2),
+        "lsgan": (0.5 * ((real - 1) ** 2).mean() + 0.5 * (fake ** 2).mean(), (real - 1) / 2, fake / 2,
+                  0.5 * ((fake - 1) ** 2).mean(), (fake - 1) / 2),
+        "hinge": (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean(), torch.tensor([0.0, -0.5]),
+                  torch.tensor([0.5, 0.0]), -fake.mean(), torch.tensor([-0.5, -0.5])),
+    }
+    assert set(script.LOSSES) == set(cases)
+    for name, (d_value, d_real_grad, d_fake_grad, g_value, g_fake_grad) in cases.items():
+        d_loss, g_loss, _ = script.LOSSES[name]
+        loss = d_loss(real, fake)
+        torch.testing.assert_close(loss, d_value.detach(), msg=name)
+        grads = torch.autograd.grad(loss, (real, fake))
+        torch.testing.assert_close(grads[0], d_real_grad.detach(), msg=name)
+        torch.testing.assert_close(grads[1], d_fake_grad.detach(), msg=name)
+        loss = g_loss(fake)
+        torch.testing.assert_close(loss, g_value.detach(), msg=name)
+        torch.testing.assert_close(torch.autograd.grad(loss, fake)[0], g_fake_grad.detach(), msg=name)
+
+
+@pytest.mark.parametrize("script", LOSS_SCRIPTS)
+def test_minimax_generator_gradient_saturates_when_d_rejects_the_fake(script):
+    """The property that separates the two: at logit -10 (D is sure the image is fake) the minimax loss's gradient
+    is sigmoid(-10) = 4.5e-5, the non-saturating one's about -1."""
+    gradient = {}
+    for name in ("minimax", "non-saturating"):
+        logit = torch.tensor([-10.0], requires_grad=True)
+        (gradient[name],) = torch.autograd.grad(script.LOSSES[name][1](logit), logit)
+    assert gradient["minimax"].item() == pytest.approx(-4.54e-5, rel=1e-2)
+    assert gradient["non-saturating"].item() == pytest.approx(-1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("script", LOSS_SCRIPTS)
+def test_losses_stay_finite_in_bfloat16_at_extreme_logits(script):
+    logits = torch.tensor([-80.0, 0.0, 80.0], dtype=torch.bfloat16)
+    for name, (d_loss, g_loss, _) in script.LOSSES.items():
+        assert torch.isfinite(d_loss(logits, logits)) and torch.isfinite(g_loss(logits)), name
+
+
+@pytest.mark.parametrize("loss", ["lsgan", "hinge", "minimax"])
+@pytest.mark.parametrize("script", LOSS_SCRIPTS)
+def test_each_loss_trains_and_writes_every_output_with_raw_output_columns(script, loss, tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert run_script(script, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, "--loss", loss,
+                               *tiny_flags(script)]) == 0
+    rows, checkpoint = assert_run_outputs(out, 1, script.metric_names(loss))
+    raw = loss in ("lsgan", "hinge")  # D's output is not a logit: reported as is, and named so
+    assert ("d_real_output" in rows[0]) == raw and ("d_real" in rows[0]) == (not raw)
+    assert checkpoint["args"]["loss"] == loss
+
+
+def test_resume_and_generate_use_the_runs_own_loss(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_mnist, "--out", out, *TINY]
+    assert run_script(dcgan, common + ["--epochs", 1, "--loss", "hinge"]) == 0
+    assert run_script(dcgan, common + ["--epochs", 2, "--resume"]) == 0  # no --loss: the checkpoint's
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["args"]["loss"] == "hinge"
+    with open(out / "metrics.csv", newline="") as f:
+        assert all("d_real_output" in row for row in csv.DictReader(f))
+    capsys.readouterr()
+    assert run_script(dcgan, common + ["--epochs", 3, "--resume", "--loss", "lsgan"]) == 2
+    one_line_error(capsys, "--loss lsgan", "hinge")
+
+
+def test_wgan_weight_clipping_keeps_every_critic_weight_within_c_and_uses_rmsprop(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, "--lipschitz", "clip", "--clip-value", 0.02,
+             "--n-critic", 2, *TINY]
+    assert run_script(wgan_gp, flags) == 0
+    rows, checkpoint = assert_run_outputs(out, 1, wgan_gp.METRICS)
+    assert all(w.abs().max() <= 0.02 for w in checkpoint["discriminator"].values() if w.is_floating_point())
+    assert checkpoint["args"]["lr"] == 5e-5  # the paper's rate when --lr is not given
+    assert "square_avg" in checkpoint["opt_d"]["state"][0]  # RMSprop's state, not Adam's exp_avg
+    assert float(rows[0]["gradient_penalty"]) == 0.0
+    args = wgan_gp.parse_args(["--lipschitz", "clip", "--lr", "1e-4"])
+    assert args.lr == 1e-4 and wgan_gp.parse_args([]).lr == 2e-4
+
+
+def test_clip_step_clamps_after_each_critic_update():
+    torch.manual_seed(0)
+    G, D = models(wgan_gp, 32, 1)
+    opt_g, opt_d = torch.optim.RMSprop(G.parameters(), lr=0.5), torch.optim.RMSprop(D.parameters(), lr=0.5)
+    real = [torch.rand(4, 1, 32, 32) * 2 - 1]
+    wgan_gp.train_step(G, D, opt_g, opt_d, real, [None], 16, 10.0, no_scaler(), clip_value=0.01)
+    assert max(p.abs().max().item() for p in D.parameters()) <= 0.01
+    assert max(p.abs().max().item() for p in D.parameters()) > 0.009  # a large step hit the limit
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_metrics_hold_ds_accuracy_on_training_held_out_and_fake_images(script, tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_script(script, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 2, *tiny_flags(script)]) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = (["critic_real_train", "critic_real_test", "critic_fake"] if script is wgan_gp
+             else ["d_acc_real_train", "d_acc_real_test", "d_acc_fake"])
+    for row in rows:
+        values = [float(row[name]) for name in names]
+        assert script is wgan_gp or all(0 <= v <= 1 for v in values)
+    assert "epoch 2: " in capsys.readouterr().out
+
+
+def test_accuracy_counts_what_d_calls_real_and_fake():
+    D = lambda images, labels=None: images.flatten(1).mean(1)  # noqa: E731  "real" = bright
+    D.eval = D.train = lambda: None
+    G = lambda z, labels=None: -torch.ones(len(z), 1, 4, 4)  # noqa: E731  every fake dark: D calls all fake
+    G.eval = G.train = lambda: None
+    D.parameters = lambda: iter([torch.zeros(1)])
+    bright, dark = torch.full((6, 1, 4, 4), 255, dtype=torch.uint8), torch.zeros(4, 1, 4, 4, dtype=torch.uint8)
+    sets = {"d_acc_real_train": (torch.cat([bright, dark]), torch.zeros(10, dtype=torch.int64)),
+            "d_acc_real_test": None}
+    accuracy = dcgan.d_accuracy(D, G, sets, latent_dim=3, num_classes=0, threshold=0.0, n=1000)
+    assert accuracy == {"d_acc_real_train": "0.6000", "d_acc_real_test": "", "d_acc_fake": "1.0000"}
+
+
+def test_held_out_columns_are_empty_for_a_folder(rgb_folder, tmp_path):
+    out = tmp_path / "run"
+    assert run_script(dcgan, ["--dataset", rgb_folder, "--out", out, "--epochs", 1, *TINY]) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert row["d_acc_real_test"] == "" and row["d_acc_real_train"] != ""
+
+
+@pytest.mark.parametrize("script", [gan, cgan])
+def test_mlp_scripts_train_on_an_rgb_folder_at_the_image_size_given(script, rgb_folder, tmp_path):
+    out = tmp_path / "run"
+    assert run_script(script, ["--dataset", rgb_folder, "--out", out, "--epochs", 1, "--image-size", 20,
+                               *MLP_TINY]) == 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["image_shape"] == [3, 20, 20] and checkpoint["classes"] == ["with_mask", "without_mask"]
+    assert run_script(script, ["--out", out, "--generate", 4]) == 0
+    samples = np.load(out / "samples.npz")
+    assert samples["images"].shape == (4, 20, 20, 3)
+    assert ("labels" in samples) == (script is cgan)
+
+
+def test_mlp_default_image_size_is_28_for_mnist_and_32_for_a_folder(rgb_folder):
+    assert gan.default_size(gan.parse_args([])) == 28
+    assert cgan.default_size(cgan.parse_args(["--dataset", str(rgb_folder)])) == 32
+
+
+BAD_NUMBERS = [["--epochs", 0], ["--epochs", -1], ["--batch-size", 0], ["--lr", 0], ["--lr", -1e-4], ["--lr", "nan"],
+               ["--latent-dim", 0], ["--log-every", 0], ["--generate", 0], ["--fid", 1], ["--average-decay", 1],
+               ["--average-decay", -0.1], ["--seed", -1], ["--device", "tpu"], ["--device", "nonsense"]]
+SCRIPT_BAD_NUMBERS = {gan: [["--image-size", 0]], cgan: [["--image-size", 0], ["--label", 3]],
+                      dcgan: [["--width", 0], ["--image-size", 48], ["--label", 3]],
+                      wgan_gp: [["--width", 0], ["--n-critic", 0], ["--gp-weight", -1], ["--clip-value", 0],
+                                ["--clip-value", -0.01]]}
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_every_bad_number_exits_2_with_one_line_before_any_data_is_loaded(script, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the flags were checked"))
+    for bad in BAD_NUMBERS + SCRIPT_BAD_NUMBERS[script]:
+        assert exit_code(script, ["--out", tmp_path / "run", *bad]) == 2, bad
+        err = one_line_error(capsys, bad[0])
+        assert err.startswith(f"{script.__name__}.py: error: "), err
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+@pytest.mark.parametrize("bad", [["--epochs", "ten"], ["--loss", "wasserstein"], ["--lipschitz", "both"],
+                                 ["--no-such-flag"]])
+def test_argparse_errors_are_one_line_too(script, bad, capsys):
+    assert exit_code(script, bad) == 2
+    one_line_error(capsys, f"{script.__name__}.py: error:")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only case")
+@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, bench])
+def test_asking_for_a_gpu_that_is_not_there_exits_2_naming_device(script, capsys):
+    assert exit_code(script, ["--device", "cuda"]) == 2
+    one_line_error(capsys, "--device cuda", "CUDA")
+
+
+def test_fid_asking_for_a_gpu_that_is_not_there_exits_2(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("tests the CPU-only case")
+    assert exit_code(fid, ["--device", "cuda", str(tmp_path), str(tmp_path)]) == 2
+    one_line_error(capsys, "--device cuda")
+
+
+def test_bench_bad_flags_exit_2_with_one_line(capsys):
+    for bad in (["--threads", "0"], ["--variants", "nope"], ["--device", "nonsense"]):
+        assert exit_code(bench, bad) == 2, bad
+        one_line_error(capsys, "bench.py: error:")
+
+
+def test_sync_bn_on_the_cpu_is_a_clear_error(capsys):
+    assert exit_code(dcgan, ["--sync-bn", "--device", "cpu"]) == 2
+    one_line_error(capsys, "--sync-bn", "CUDA")
+
+
+def test_label_without_generate_is_refused(capsys):
+    assert exit_code(cgan, ["--label", "3"]) == 2
+    one_line_error(capsys, "--label 3", "--generate")
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_resuming_another_scripts_checkpoint_exits_2_naming_both(script, tiny_mnist, tmp_path, capsys):
+    other = dcgan if script is not dcgan else wgan_gp
+    out = tmp_path / "run"
+    assert run_script(other, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *TINY]) == 0
+    capsys.readouterr()
+    assert run_script(script, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 2, "--resume",
+                               *tiny_flags(script)]) == 2
+    one_line_error(capsys, f"was written by {other.__name__}.py with --image-size 32", f"this is {script.__name__}.py")
+    assert run_script(script, ["--out", out, "--generate", 4]) == 2
+    one_line_error(capsys, f"was written by {other.__name__}.py")
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_exits_2(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_script(dcgan, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *TINY]) == 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["generator_average"]["net.0.weight"] = torch.zeros(3, 3)
+    torch.save(checkpoint, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert run_script(dcgan, ["--out", out, "--generate", 4]) == 2
+    one_line_error(capsys, "checkpoint.pt", "does not fit")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "a list"])
+def test_corrupt_or_foreign_checkpoint_exits_2_naming_it(content, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "checkpoint.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save([1, 2, 3], path)
+    assert run_script(dcgan, ["--out", tmp_path / "run", "--generate", 4]) == 2
+    one_line_error(capsys, str(path))
+
+
+def test_resume_with_epochs_already_done_is_refused(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_script(gan, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 2, *MLP_TINY]) == 0
+    capsys.readouterr()
+    assert run_script(gan, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 2, "--resume", *MLP_TINY]) == 2
+    one_line_error(capsys, "--epochs 2", "already at epoch 2")
+
+
+def test_an_output_folder_that_cannot_be_created_exits_2_before_loading(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("in the way")
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded before --out was checked"))
+    assert run_script(dcgan, ["--out", tmp_path / "file" / "run", "--epochs", 1]) == 2
+    one_line_error(capsys, "--out", "cannot write")
+
+
+def no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "grid"])
+def test_full_disk_while_saving_exits_2_and_keeps_the_previous_checkpoint(what, tiny_mnist, tmp_path, capsys,
+                                                                         monkeypatch):
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_mnist, "--out", out, *TINY]
+    assert run_script(dcgan, common + ["--epochs", 1]) == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(*((torch, "save") if what == "checkpoint" else (data, "save_grid")), no_space)
+    capsys.readouterr()
+    assert run_script(dcgan, common + ["--epochs", 2, "--resume"]) == 2
+    one_line_error(capsys, "No space left on device", "epoch 1")
+    assert (out / "checkpoint.pt").read_bytes() == good
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_full_disk_while_writing_samples_exits_2(tiny_mnist, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run_script(gan, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *MLP_TINY]) == 0
+    monkeypatch.setattr(np, "savez", no_space)
+    capsys.readouterr()
+    assert run_script(gan, ["--out", out, "--generate", 4]) == 2
+    one_line_error(capsys, "No space left on device")
+
+
+def child_run(tiny_mnist, out, epochs, before=""):
+    """A training run in a child process that we can kill -9; `before` is Python run first inside the child."""
+    argv = ["--data-dir", str(tiny_mnist), "--out", str(out), "--epochs", str(epochs), *map(str, TINY)]
+    code = f"import sys, dcgan\n{before}\nsys.exit(dcgan.main({argv!r}))"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_resumable(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    # The child dies by SIGKILL in the middle of writing epoch 2's checkpoint, half the bytes written.
+    die_mid_write = """
+import os, signal, torch
+real_save, saves = torch.save, []
+def save_then_die(obj, f, *args, **kwargs):
+    saves.append(1)
+    if len(saves) == 2:
+        f.write(b"half a checkpoint"); f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save_then_die
+"""
+    child = child_run(tiny_mnist, out, 5, die_mid_write)
+    assert child.wait(timeout=120) == -9
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert run_script(dcgan, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 2, "--resume", *TINY]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_kill_9_at_any_moment_leaves_a_resumable_checkpoint_of_a_finished_epoch(tiny_mnist, tmp_path):
+    import random
+    out = tmp_path / "run"
+    child = child_run(tiny_mnist, out, 200)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 1.0))  # then somewhere in a later epoch: training, or writing files
+    child.kill()
+    child.wait(timeout=30)
+    epoch = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert epoch >= 1
+    assert run_script(dcgan, ["--data-dir", tiny_mnist, "--out", out, "--epochs", epoch + 1, "--resume", *TINY]) == 0
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, nproc=2, timeout=150, extra=()):
+    """`torchrun` (python -m torch.distributed.run) on 127.0.0.1, gloo, one thread per process, with a timeout so a
+    hung process group cannot stall the suite. Returns the CompletedProcess."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *extra]
+    if not extra:
+        command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": here}
+    return subprocess.run(command + [str(a) for a in args], cwd=here, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+GRADIENT_WORKER = """
+import sys, torch, torch.distributed as dist
+import gan, cgan, dcgan, wgan_gp
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+y = torch.randn(8, 1, generator=torch.Generator().manual_seed(2))
+for script in (gan, cgan, dcgan, wgan_gp):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+    whole = torch.autograd.grad(((model(x) - y) ** 2).mean(), list(model.parameters()))  # one process, whole batch
+    ((model(x.tensor_split(world)[rank]) - y.tensor_split(world)[rank]) ** 2).mean().backward()  # this half
+    script.average_gradients(model)
+    for p, g in zip(model.parameters(), whole):
+        torch.testing.assert_close(p.grad, g)
+    assert script.replicas_agree(model)
+    with torch.no_grad():
+        model[0].weight[0, 0] += rank * 1e-6  # one replica drifts
+    assert not script.replicas_agree(model)
+print("ok", rank)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_averaging_halves_of_a_batch_get_the_whole_batch_gradient(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(GRADIENT_WORKER)
+    result = torchrun([worker])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok 0" in result.stdout and "ok 1" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_torchrun_two_processes_write_every_output_once_and_resume(script, tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data-dir", tiny_mnist, "--out", out, "--device", "cpu", *tiny_flags(script)]
+    result = torchrun([f"{script.__name__}.py", *flags, "--epochs", 1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout and result.stdout.count("epoch 1: ") == 1  # only rank 0 reports
+    result = torchrun([f"{script.__name__}.py", *flags, "--epochs", 2, "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epochs 2..2" in result.stdout
+    metric_names = [] if script is wgan_gp else script.metric_names("non-saturating")
+    assert_run_outputs(out, 2, metric_names)  # one row per epoch, one grid per epoch: written once
+    assert run_script(script, ["--out", out, "--generate", 4]) == 0  # afterwards, in one process
+
+
+@pytest.mark.slow
+def test_two_torchrun_launches_on_loopback_act_as_two_nodes(tiny_mnist, tmp_path):
+    port = free_port()
+    runs = []
+    for node in range(2):
+        here = os.path.dirname(os.path.abspath(__file__))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "gan-test",
+                   "--local_addr", "127.0.0.1",
+                   "dcgan.py", "--data-dir", str(tiny_mnist), "--out", str(tmp_path / f"node{node}"), "--epochs", "2",
+                   "--device", "cpu", *map(str, TINY)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": here}
+        runs.append(subprocess.Popen(command, cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True))
+    outputs = [run.communicate(timeout=150) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    written = [node for node in range(2) if (tmp_path / f"node{node}" / "checkpoint.pt").exists()]
+    assert len(written) == 1  # only the global rank 0 writes, whichever node it landed on
+    assert torch.load(tmp_path / f"node{written[0]}" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_a_batch_that_does_not_split_over_the_processes_exits_2(script, tiny_mnist, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it; refused before joining a group
+    assert run_script(script, ["--data-dir", tiny_mnist, "--out", tmp_path / "run", "--epochs", 1,
+                               *tiny_flags(script), "--batch-size", 15]) == 2
+    one_line_error(capsys, "--batch-size 15", "2 processes")
+
+
+def test_running_out_of_gpu_memory_is_one_line_naming_what_to_lower(tiny_mnist, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(dcgan, "train_step", out_of_memory)
+    assert run_script(dcgan, ["--data-dir", tiny_mnist, "--out", tmp_path / "run", "--epochs", 1, *TINY]) == 2
+    one_line_error(capsys, "out of GPU memory", "--batch-size")

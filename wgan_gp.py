@@ -140,7 +140,8 @@ def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_w
             with torch.no_grad():
                 fake = G(torch.randn(len(real), latent_dim, device=real.device), labels)
             real_scores, fake_scores = D(real, labels), D(fake, labels)
-            penalty = gradient_penalty(D, real, fake, labels) if clip_value is None else torch.zeros((), device=real.device)
+            penalty = (gradient_penalty(D, real, fake, labels) if clip_value is None
+                       else torch.zeros((), device=real.device))  # weight clipping instead
             loss_d = critic_loss(real_scores, fake_scores) + gp_weight * penalty
         opt_d.zero_grad(set_to_none=True)
         scaler.scale(loss_d).backward()
@@ -224,10 +225,11 @@ def critic_scores(D, G, real_sets, latent_dim, num_classes, n=1000):
         values = torch.cat([D(data.to_float(chunk), classes if num_classes else None)
                             for chunk, classes in zip(images[:n].split(250), labels[:n].split(250))])
         scores[name] = f"{values.mean().item():.4f}"
-    labels = torch.randint(max(num_classes, 1), (n,), device=device)
-    fake_scores = torch.cat([D(G(torch.randn(len(classes), latent_dim, device=device), classes if num_classes else None),
-                               classes if num_classes else None) for classes in labels.split(250)])
-    scores["critic_fake"] = f"{fake_scores.mean().item():.4f}"
+    fake_scores = []
+    for chunk in torch.randint(max(num_classes, 1), (n,), device=device).split(250):
+        classes = chunk if num_classes else None
+        fake_scores.append(D(G(torch.randn(len(chunk), latent_dim, device=device), classes), classes))
+    scores["critic_fake"] = f"{torch.cat(fake_scores).mean().item():.4f}"
     D.train(), G.train()
     return scores
 
@@ -355,7 +357,7 @@ def load_checkpoint(out):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file: torch raises several types, all mean "not a checkpoint of ours"
-        raise UsageError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"cannot load {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     if not isinstance(checkpoint, dict) or "generator" not in checkpoint or "args" not in checkpoint:
         raise UsageError(f"{path} is not a checkpoint written by a training script")
     written_by = checkpoint.get("script", SCRIPT)  # checkpoints from before the field existed were our own
@@ -467,9 +469,9 @@ def train(args, rank=0, world_size=1):
     real_sets = {"critic_real_train": (batches.images, batches.labels),  # the critic's mean score on 1,000 of each
                  "critic_real_test": (held_out.images.to(device), held_out.labels.to(device)) if held_out else None}
     if rank == 0:
+        processes = f" x {world_size} processes" if world_size > 1 else ""
         print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} critic and "
-              f"{steps} generator steps per epoch, device {device}" + (f" x {world_size} processes" if world_size > 1 else "") +
-              f", epochs {start_epoch + 1}..{args.epochs}")
+              f"{steps} generator steps per epoch, device {device}{processes}, epochs {start_epoch + 1}..{args.epochs}")
 
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if rank > 0:  # every process draws its own noise, from a stream fixed by (seed, rank, epoch) for --resume
@@ -670,6 +672,8 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < least:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed {args.seed}: must be in 0..{2 ** 32 - 1}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UsageError(f"--lr {args.lr}: must be a positive number")
     if not (math.isfinite(args.gp_weight) and args.gp_weight >= 0):
@@ -715,6 +719,11 @@ def main(argv=None):
             print(f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}",
                   file=sys.stderr)
         return 1
+    except torch.cuda.OutOfMemoryError:
+        if rank == 0:
+            print(f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size"
+                  + (" or --width" if hasattr(args, "width") else ""), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if rank == 0:
             print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",
