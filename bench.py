@@ -265,6 +265,70 @@ def measure_inception(options):
 # ----------------------------------------------------------------------------------------------------------------
 # The table
 
+def step_rates(run, rank, world_size, steps):
+    """Images/s of `steps` training steps, each on this process's share of a global batch, and the share of the time
+    spent in average_gradients (the all-reduce; 0 in one process)."""
+    in_allreduce = [0.0]
+    average_gradients = run.module.average_gradients
+
+    def timed_average(model):
+        started = time.perf_counter()
+        average_gradients(model)
+        in_allreduce[0] += time.perf_counter() - started
+
+    run.module.average_gradients = timed_average  # what the script's train_step calls
+    batches = device_batches(run)
+    started, images = time.perf_counter(), 0
+    for i in range(2 + steps):
+        if i == 2:  # after two warm-up steps
+            in_allreduce[0], started, images = 0.0, time.perf_counter(), 0
+        real, labels = next(batches)
+        images += len(real)  # the global batch: what the run's img/s counts
+        share = real.tensor_split(world_size)[rank], labels.tensor_split(world_size)[rank]
+        run.step(*(x.contiguous() for x in share))
+    seconds = time.perf_counter() - started
+    run.module.average_gradients = average_gradients
+    return images / seconds, in_allreduce[0] / seconds
+
+
+def process_worker(rank, world_size, port, options, results):
+    """One process of a torchrun-like group on the CPU: gloo on 127.0.0.1, one thread."""
+    torch.set_num_threads(options.threads_per_process)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    rate, allreduce = step_rates(build_run(options.variant, torch.device("cpu"), options), rank, world_size,
+                                 options.process_steps)
+    results.put((rank, rate, allreduce))
+    torch.distributed.destroy_process_group()
+
+
+def measure_processes(options):
+    """The variant's training on the CPU two ways with the same cores and the same global batch: one process with
+    all the threads, or `--processes N` processes of one thread each (what torchrun --nproc_per_node N does), with
+    the share of the step the processes spend averaging gradients."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    with context.Pool(1, maxtasksperchild=1) as pool:  # one process, options.processes threads
+        single = pool.apply(one_process_rate, (options,))
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = [context.Process(target=process_worker, args=(rank, options.processes, port, options, results))
+               for rank in range(options.processes)]
+    for worker in workers:
+        worker.start()
+    shares = sorted(results.get(timeout=600) for _ in workers)
+    for worker in workers:
+        worker.join()
+    return single, shares[0][1], max(allreduce for _, _, allreduce in shares)
+
+
+def one_process_rate(options):
+    torch.set_num_threads(options.processes)
+    return step_rates(build_run(options.variant, torch.device("cpu"), options), 0, 1, options.process_steps)[0]
+
+
 def machine_line(options):
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
@@ -334,9 +398,15 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="the scripts' --compile: torch.compile G and D")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice, shown in the header)")
     p.add_argument("--variants", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS), help="default: all four")
+    p.add_argument("--processes", type=int, metavar="N", help="instead of the table: --variant's img/s on the CPU as "
+                   "one process with N threads vs N gloo processes of one thread (torchrun's way), and the share "
+                   "of a step spent in the gradient all-reduce")
+    p.add_argument("--variant", default="dcgan", choices=list(SCRIPTS), help="with --processes (default dcgan)")
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads}: must be at least 1")
+    if args.processes is not None and args.processes < 2:
+        p.error(f"--processes {args.processes}: must be at least 2")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -347,6 +417,7 @@ def parse_args(argv):
         p.error(f"--device {args.device}: only cpu and cuda are supported")
     # Full: 24 timed steps per loop, in 6 rounds of 4: short turns, so a neighbour's burst of load hits all loops.
     args.warmup, args.rounds, args.steps = (2, 1, 3) if args.quick else (5, 6, 4)
+    args.process_steps, args.threads_per_process = (3 if args.quick else 30), 1
     return args
 
 
@@ -355,6 +426,19 @@ def main(argv=None):
     if options.threads:
         torch.set_num_threads(options.threads)
     started = time.perf_counter()
+    if options.processes:
+        single, several, allreduce = measure_processes(options)
+        batch = SCRIPTS[options.variant].parse_args([]).batch_size
+        print(machine_line(options))
+        print()
+        print(markdown(("figure", "value"), [
+            (f"{options.variant}: img/s, 1 process x {options.processes} threads", f"{single:.0f}"),
+            (f"{options.variant}: img/s, {options.processes} gloo processes x 1 thread (torchrun)", f"{several:.0f}"),
+            ("share of a step in the gradient all-reduce (slowest process)", f"{allreduce:.1%}"),
+        ]))
+        print(f"\nGlobal batch {batch}, {options.process_steps} timed steps each, CPU. bench.py took "
+              f"{time.perf_counter() - started:.0f} s")
+        return 0
     # A fresh process per variant ("spawn": nothing inherited) so each peak memory figure is that variant's own.
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         results = pool.map(functools.partial(measure_training, options=options), options.variants, chunksize=1)
