@@ -1370,7 +1370,7 @@ def test_bench_processes_compares_one_process_with_gloo_processes(capsys):
     assert bench.main(["--quick", "--processes", "2", "--variant", "gan", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for figure in ("gan: img/s, 1 process x 2 threads", "gan: img/s, 2 gloo processes x 1 thread (torchrun)",
-                   "share of a step in the gradient all-reduce"):
+                   "share of a step in the gradient all-reduce (slowest process)"):
         assert f"| {figure} |" in out
     share = float(out.split("gradient all-reduce (slowest process) | ")[1].split("%")[0])
     assert 0 < share < 100
