@@ -62,18 +62,22 @@ def build_run(name, device, options):
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G, D = G.to(device), D.to(device)
     opt_g, opt_d = module.make_optimizers(args, G, D)  # the script's own, so a change there is measured here
-    # wgan_gp compiles G only: its critic is differentiated twice by the gradient penalty.
-    G_fast, D_fast = (torch.compile(G), D if name == "wgan_gp" else torch.compile(D)) if args.compile else (G, D)
+    # wgan_gp compiles G only: its critic is differentiated twice by the gradient penalty (so is D by R1).
+    eager_d = name == "wgan_gp" or getattr(args, "r1_gamma", 0)
+    G_fast, D_fast = (torch.compile(G), D if eager_d else torch.compile(D)) if args.compile else (G, D)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     scaler.amp = args.amp
 
     def step(real, labels):  # the script's train_step call, with its own argument list
         if name == "gan":
-            return module.train_step(G_fast, D_fast, opt_g, opt_d, real, args.latent_dim, scaler)
+            return module.train_step(G_fast, D_fast, opt_g, opt_d, real, args.latent_dim, scaler, args.loss)
         if name == "wgan_gp":
             return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, args.gp_weight,
                                      scaler)
-        return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler)
+        if name == "dcgan":
+            return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler, args.loss,
+                                     args.r1_gamma)
+        return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler, args.loss)
 
     return argparse.Namespace(name=name, module=module, args=args, device=device, dataset=dataset, G=G,
                               G_average=copy.deepcopy(G).requires_grad_(False), step=step,

@@ -146,8 +146,18 @@ def metric_names(loss):
     return ["d_loss", "g_loss", *outputs]
 
 
-def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, loss="non-saturating"):
-    """One D update, then one G update against the D just improved. labels is None for unconditional models."""
+def r1_penalty(D, real, labels=None):
+    """R1 (Mescheder et al. 2018): E[||grad_x D(x)||^2] on real images. Penalising D's slope at the data keeps it from
+    sharpening without bound around the training images, which is how D runs away from G; it leaves the loss's
+    optimum where it was (a zero-centred penalty, unlike WGAN-GP's). create_graph: D's update follows its gradient."""
+    real = real.detach().requires_grad_(True)
+    (grads,) = torch.autograd.grad(D(real, labels).float().sum(), real, create_graph=True)
+    return grads.float().flatten(1).pow(2).sum(1).mean()
+
+
+def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, loss="non-saturating", r1_gamma=0.0):
+    """One D update, then one G update against the D just improved. labels is None for unconditional models.
+    r1_gamma > 0 adds gamma/2 times the R1 penalty to D's loss."""
     d_loss_fn, g_loss_fn, _ = LOSSES[loss]
     z = torch.randn(len(real), latent_dim, device=real.device)
     with autocast(real.device, scaler):
@@ -155,6 +165,8 @@ def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, loss="non-s
         # Discriminator: fake is detached so this loss does not reach into G.
         real_logits, fake_logits = D(real, labels), D(fake.detach(), labels)
         loss_d = d_loss_fn(real_logits, fake_logits)
+        if r1_gamma:
+            loss_d = loss_d + r1_gamma / 2 * r1_penalty(D, real, labels)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d).backward()
     average_gradients(D)
@@ -382,7 +394,7 @@ def restore(module, state, checkpoint, what):
 def resume_settings(args, checkpoint):
     """The run's own settings win over the defaults; a flag given with another value is refused, not ignored."""
     defaults = vars(parse_args([]))
-    for key in (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay"):
+    for key in (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "r1_gamma"):
         saved = checkpoint["args"].get(key, defaults[key])
         if getattr(args, key) not in (saved, defaults[key]):
             raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: {checkpoint['path']} was written "
@@ -450,8 +462,9 @@ def train(args, rank=0, world_size=1):
             restore(module, checkpoint[key], checkpoint, key.replace("_", " "))
         start_epoch = checkpoint["epoch"]
         torch.set_rng_state(checkpoint["rng"])
-    # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
-    G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+    # --compile: the compiled modules share their parameters with G and D, which are what gets saved. With R1, D stays
+    # eager: the penalty differentiates through it twice, which torch.compile does not support.
+    G_fast, D_fast = (torch.compile(G), D if args.r1_gamma else torch.compile(D)) if args.compile else (G, D)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     scaler.amp = args.amp
 
@@ -484,7 +497,7 @@ def train(args, rank=0, world_size=1):
             if device.type == "cuda":
                 real = real.contiguous(memory_format=torch.channels_last)
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels if num_classes else None,
-                                 args.latent_dim, scaler, args.loss)
+                                 args.latent_dim, scaler, args.loss, args.r1_gamma)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = totals / i
@@ -622,6 +635,8 @@ def parse_args(argv):
         "minimax: G minimises log(1 - D(G(z))), Goodfellow et al.'s original; "
         "lsgan: least squares on D's raw output (Mao et al.); "
         "hinge: D minimises relu(1 - D(x)) + relu(1 + D(G(z))), G maximises D(G(z)) (Lim & Ye)"))
+    p.add_argument("--r1-gamma", type=float, default=0.0, help="weight of the R1 penalty on D's gradient at real "
+                                                               "images, gamma/2 * E||grad D(x)||^2 (default 0: off)")
     p.add_argument("--average-decay", type=float, default=0.999,
                    help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
     p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
@@ -653,6 +668,8 @@ def check_args(args):
         raise UsageError(f"--seed {args.seed}: must be in 0..{2 ** 32 - 1}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise UsageError(f"--lr {args.lr}: must be a positive number")
+    if not (math.isfinite(args.r1_gamma) and args.r1_gamma >= 0):
+        raise UsageError(f"--r1-gamma {args.r1_gamma}: must be a number >= 0")
     if not 0 <= args.average_decay < 1:
         raise UsageError(f"--average-decay {args.average_decay}: must be in [0, 1)")
     if args.image_size is not None and (args.image_size < 32 or args.image_size & (args.image_size - 1)):

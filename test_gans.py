@@ -1551,7 +1551,7 @@ BAD_NUMBERS = [["--epochs", 0], ["--epochs", -1], ["--batch-size", 0], ["--lr", 
                ["--latent-dim", 0], ["--log-every", 0], ["--generate", 0], ["--fid", 1], ["--average-decay", 1],
                ["--average-decay", -0.1], ["--seed", -1], ["--device", "tpu"], ["--device", "nonsense"]]
 SCRIPT_BAD_NUMBERS = {gan: [["--image-size", 0]], cgan: [["--image-size", 0], ["--label", 3]],
-                      dcgan: [["--width", 0], ["--image-size", 48], ["--label", 3]],
+                      dcgan: [["--width", 0], ["--image-size", 48], ["--label", 3], ["--r1-gamma", -1]],
                       wgan_gp: [["--width", 0], ["--n-critic", 0], ["--gp-weight", -1], ["--clip-value", 0],
                                 ["--clip-value", -0.01]]}
 
@@ -1848,3 +1848,20 @@ def test_every_test_the_readmes_fault_table_names_exists():
     assert len(named) > 20
     defined = {name for name in globals() if name.startswith("test_")}
     assert named <= defined, named - defined
+
+
+def test_r1_penalty_is_the_squared_gradient_norm_at_the_real_images():
+    weight = torch.randn(1, 2 * 3 * 3)
+    D = lambda images, labels=None: (images.flatten(1) * weight).sum(1) ** 2  # noqa: E731  grad = 2 (w.x) w
+    real = torch.randn(4, 2, 3, 3)
+    expected = ((2 * (real.flatten(1) * weight).sum(1, keepdim=True) * weight) ** 2).sum(1).mean()
+    torch.testing.assert_close(dcgan.r1_penalty(D, real), expected)
+
+
+def test_r1_run_trains_and_resumes_with_its_gamma(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_mnist, "--out", out, *TINY]
+    assert run_script(dcgan, common + ["--epochs", 1, "--r1-gamma", 1]) == 0
+    assert run_script(dcgan, common + ["--epochs", 2, "--resume"]) == 0
+    _, checkpoint = assert_run_outputs(out, 2, dcgan.metric_names("non-saturating"))
+    assert checkpoint["args"]["r1_gamma"] == 1
