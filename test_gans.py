@@ -9,9 +9,12 @@ import functools
 import gzip
 import hashlib
 import http.server
+import itertools
+import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -25,12 +28,16 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import acgan
 import bench
+import began
 import cgan
 import data
 import dcgan
 import fid
 import gan
+import infogan
+import score
 import wgan_gp
 
 # The test models are tiny: a second thread buys nothing, and on a busy machine two threads wait on each other
@@ -1565,7 +1572,7 @@ def test_every_bad_number_exits_2_with_one_line_before_any_data_is_loaded(script
         assert err.startswith(f"{script.__name__}.py: error: "), err
 
 
-@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, began])
 @pytest.mark.parametrize("bad", [["--epochs", "ten"], ["--loss", "wasserstein"], ["--lipschitz", "both"],
                                  ["--no-such-flag"]])
 def test_argparse_errors_are_one_line_too(script, bad, capsys):
@@ -1574,7 +1581,7 @@ def test_argparse_errors_are_one_line_too(script, bad, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only case")
-@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, bench])
+@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, began, bench])
 def test_asking_for_a_gpu_that_is_not_there_exits_2_naming_device(script, capsys):
     assert exit_code(script, ["--device", "cuda"]) == 2
     one_line_error(capsys, "--device cuda", "CUDA")
@@ -1865,3 +1872,1206 @@ def test_r1_run_trains_and_resumes_with_its_gamma(tiny_mnist, tmp_path, capsys):
     assert run_script(dcgan, common + ["--epochs", 2, "--resume"]) == 0
     _, checkpoint = assert_run_outputs(out, 2, dcgan.metric_names("non-saturating"))
     assert checkpoint["args"]["r1_gamma"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# score.py: the outside classifier's scores, on tiny bar data with 10 classes (trained once per module)
+BAR_CLASSES = 10
+
+
+@pytest.fixture(scope="module")
+def bars(tmp_path_factory):
+    """A tiny 10-class bar dataset and its classifier, trained with a small budget and cached in the data folder."""
+    root = tmp_path_factory.mktemp("score")
+    data_dir = make_tiny_mnist(root / "data", n=200, num_classes=BAR_CLASSES)
+    with pytest.MonkeyPatch.context() as patch:  # kept for the module: the cache key depends on the budget
+        patch.setattr(score, "TRAIN_IMAGES", 3000)  # 15 epochs of 200 images: a few seconds
+        patch.setattr(score, "MIN_EPOCHS", 1)
+        model, reference, path = score.load_classifier("mnist", data_dir, log=lambda message: None)
+        yield {"root": root, "data_dir": data_dir, "model": model, "reference": reference, "path": path}
+
+
+def bar_samples(path, labels, seed=1, save_labels=None):
+    """An npz as --generate writes it: fresh bar images (other noise than the real data) of the given classes."""
+    images = bar_images(np.asarray(labels), num_classes=BAR_CLASSES, seed=seed)[..., None]
+    arrays = {"images": images} if save_labels is None else {"images": images, "labels": np.asarray(save_labels)}
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def run_score(bars, *argv):
+    return score.main([*map(str, argv), "--dataset", "mnist", "--data-dir", bars["data_dir"]])
+
+
+def test_score_classifier_learns_the_bars_and_is_cached_beside_the_data(bars):
+    assert bars["reference"]["test_accuracy"] == 1.0
+    assert bars["path"].startswith(str(bars["root"])) and bars["path"].endswith("classifier_mnist.pt")
+    model, reference, path = score.load_classifier("mnist", bars["data_dir"], log=pytest.fail)  # no retraining
+    assert path == bars["path"] and reference["test_accuracy"] == 1.0
+
+
+def test_score_real_images_score_near_zero_and_are_as_diverse_as_real(bars, tmp_path, capsys):
+    labels = np.arange(400) % BAR_CLASSES
+    samples = bar_samples(tmp_path / "real.npz", labels, save_labels=labels)
+    assert run_score(bars, samples, "--json") == 0
+    result = json.loads(capsys.readouterr().out)["samples"][samples]
+    collapsed = score.score_samples(bars["model"], bars["reference"], torch.from_numpy(
+        bar_images(np.zeros(400, int), num_classes=BAR_CLASSES, seed=1)[:1]).expand(400, 1, 28, 28), None)
+    assert result["fid"] < 0.02 * collapsed["fid"]
+    assert result["label_accuracy"] == 1.0 and result["classes_covered"] == BAR_CLASSES
+    assert 0.8 < result["diversity"] < 1.2 and abs(result["rarest_share"] - 0.1) < 1e-6
+
+
+def test_score_a_collapsed_set_has_no_diversity_and_covers_one_class(bars, tmp_path, capsys):
+    image = bar_images(np.array([3]), num_classes=BAR_CLASSES)[..., None]
+    samples = tmp_path / "collapsed.npz"
+    np.savez(samples, images=np.repeat(image, 300, axis=0), labels=np.full(300, 3))
+    assert run_score(bars, samples) == 0
+    report = capsys.readouterr().out
+    assert "covered               1/10" in report and "diversity 0.00 of real" in report
+    result = score.score_samples(bars["model"], bars["reference"], *score.load_samples(str(samples)))
+    assert result["diversity"] < 0.01 and result["classes_covered"] == 1 and result["rarest_share"] == 0
+
+
+def test_score_codes_recover_a_permuted_mapping(bars, tmp_path, capsys):
+    permutation = np.random.default_rng(0).permutation(BAR_CLASSES)  # code c draws class permutation[c]
+    codes = np.arange(500) % BAR_CLASSES
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    bar_samples(run_folder / "samples.npz", permutation[codes], save_labels=codes)
+    assert run_score(bars, run_folder, "--codes", "--json") == 0
+    result = json.loads(capsys.readouterr().out)["samples"][str(run_folder)]
+    assert result["code_to_class"] == {str(c): int(permutation[c]) for c in range(BAR_CLASSES)}
+    assert result["code_agreement"] == 1.0 and "label_accuracy" not in result
+
+
+def test_score_best_assignment_is_exact():
+    rng = np.random.default_rng(0)
+    for num_codes, num_classes in [(5, 5), (4, 6), (6, 4)]:
+        counts = rng.integers(0, 20, size=(num_codes, num_classes))
+        assignment, matches = score.best_assignment(counts)
+        taken = [k for k in assignment if k >= 0]
+        assert len(taken) == len(set(taken)) == min(num_codes, num_classes)
+        assert matches == sum(counts[c, k] for c, k in enumerate(assignment) if k >= 0)
+        best = max(sum(counts[c, k] for c, k in zip(codes, classes))
+                   for codes in itertools.permutations(range(num_codes), min(num_codes, num_classes))
+                   for classes in itertools.permutations(range(num_classes), min(num_codes, num_classes)))
+        assert matches == best
+
+
+def test_score_resizes_32px_colour_samples(bars, tmp_path):
+    labels = np.arange(200) % BAR_CLASSES
+    images = torch.from_numpy(bar_images(labels, size=28, num_classes=BAR_CLASSES, seed=1)).unsqueeze(1)
+    big = torch.nn.functional.interpolate(images.float(), size=(32, 32), mode="bilinear", antialias=True)
+    rgb = big.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
+    result = score.score_samples(bars["model"], bars["reference"], rgb, torch.from_numpy(labels))
+    assert result["size"] == [3, 32, 32] and result["label_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("case, names", [
+    ("missing", ["no samples at", "missing.npz"]),
+    ("no-images", ["no 'images' array", "no-images.npz"]),
+    ("float-images", ["expected uint8", "float-images.npz"]),
+    ("not-an-npz", ["cannot read", "not-an-npz.npz"]),
+    ("bad-labels", ["labels 0..12 are not classes 0..9", "--codes"]),
+    ("codes-without-labels", ["--codes", "no labels"]),
+])
+def test_score_bad_input_is_one_line_and_exit_2(bars, tmp_path, capsys, case, names):
+    path = tmp_path / f"{case}.npz"
+    extra = []
+    if case == "no-images":
+        np.savez(path, labels=np.zeros(4, np.int64))
+    elif case == "float-images":
+        np.savez(path, images=np.zeros((4, 28, 28, 1), np.float32))
+    elif case == "not-an-npz":
+        path.write_text("hello")
+    elif case == "bad-labels":
+        bar_samples(path, np.arange(20) % BAR_CLASSES, save_labels=np.arange(20) % 13)
+    elif case == "codes-without-labels":
+        bar_samples(path, np.arange(20) % BAR_CLASSES)
+        extra = ["--codes"]
+    assert run_score(bars, path, *extra) == 2
+    one_line_error(capsys, "score.py: error:", *names)
+
+
+def test_score_bad_flags_are_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        score.main(["x.npz", "--dataset", "cifar"])
+    assert exit_info.value.code == 2
+    one_line_error(capsys, "score.py: error:", "--dataset")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infogan.py: the latent codes, Q, the information term, and the run contract on tiny offline data
+INFO_TINY = [*TINY, "--width", "4"]  # latent 8, batch 16, width 4; 10 categories and 2 continuous codes (defaults)
+
+
+def info_models(image_size=28, channels=1, width=4, categories=10, continuous=2, latent_dim=8):
+    G = infogan.Generator(latent_dim, categories, continuous, image_size, channels, width)
+    D = infogan.Discriminator(categories, continuous, image_size, channels, width)
+    G.apply(infogan.init_weights)
+    D.apply(infogan.init_weights)
+    return G, D
+
+
+def info_run(data_dir, out, *flags):
+    return run_script(infogan, ["--data-dir", data_dir, "--out", out, *INFO_TINY, *flags])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+@pytest.mark.parametrize("image_size", [28, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_infogan_output_shapes_follow_image_size_channels_and_codes(image_size, channels):
+    G, D = info_models(image_size, channels, categories=7, continuous=3)
+    z, code_cat, code_cont = infogan.sample_latent(5, G, "cpu")
+    assert z.shape == (5, 8) and code_cat.shape == (5,) and code_cont.shape == (5, 3)
+    assert code_cat.dtype == torch.int64 and 0 <= code_cat.min() and code_cat.max() < 7
+    assert code_cont.abs().max() <= 1
+    fake = G(z, code_cat, code_cont)
+    assert fake.shape == (5, channels, image_size, image_size) and fake.abs().max() <= 1
+    assert D(fake).shape == (5,)
+    logits, (code_logits, code_means) = D(fake, recognise=True)
+    assert logits.shape == (5,) and code_logits.shape == (5, 7) and code_means.shape == (5, 3)
+    torch.testing.assert_close(logits, D(fake))  # the same logit either way
+
+
+def test_infogan_has_the_papers_mnist_architecture_at_width_64():
+    G, D = info_models(width=64, latent_dim=62)
+    layers = lambda net, kind: [m for m in net.modules() if isinstance(m, kind)]  # noqa: E731
+    assert [(m.in_features, m.out_features) for m in layers(G, nn.Linear)] == [(62 + 10 + 2, 1024), (1024, 128 * 49)]
+    assert [(m.in_channels, m.out_channels, m.stride) for m in layers(G, nn.ConvTranspose2d)] == [
+        (128, 64, (2, 2)), (64, 1, (2, 2))]
+    assert isinstance(G.net[-1], nn.Tanh) and isinstance(G.net[-2], nn.ConvTranspose2d)  # no BN on the output
+    assert [(m.in_channels, m.out_channels, m.stride) for m in layers(D, nn.Conv2d)] == [
+        (1, 64, (2, 2)), (64, 128, (2, 2))]
+    assert isinstance(D.body[1], nn.LeakyReLU) and D.body[1].negative_slope == 0.1  # no BN after the first layer
+    assert [(m.in_features, m.out_features) for m in layers(D.body, nn.Linear)] == [(128 * 49, 1024)]
+    assert D.logit.in_features == 1024 and D.logit.out_features == 1
+    assert [(m.in_features, m.out_features) for m in layers(D.q, nn.Linear)] == [(1024, 128), (128, 10 + 2)]
+    assert len(layers(D, nn.BatchNorm2d)) == 1 and len(layers(D, nn.BatchNorm1d)) == 2  # body fc and Q's fc
+
+
+def test_infogan_adds_one_stride_2_layer_per_doubling_beyond_32():
+    def convs(module):
+        return sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in module.modules())
+
+    (G28, D28), (G32, D32), (G64, D64) = info_models(28), info_models(32), info_models(64)
+    assert convs(G28) == convs(G32) == 2 and convs(D28) == convs(D32) == 2
+    assert convs(G64) == 3 and convs(D64) == 3
+
+
+def test_infogan_generator_output_depends_on_every_code():
+    torch.manual_seed(0)
+    G = infogan.Generator(8, 10, 2, 28, 1, 4).eval()  # PyTorch's default init: larger weights than DCGAN's
+    z = torch.randn(1, 8).repeat(10, 1)
+    fake = G(z, torch.arange(10), torch.zeros(10, 2))
+    assert all((fake[0] - fake[k]).abs().max() > 1e-4 for k in range(1, 10))
+    sweep = G(z[:3], torch.zeros(3, dtype=torch.int64), torch.tensor([[-2.0, 0.0], [0.0, 0.0], [0.0, 2.0]]))
+    assert (sweep[0] - sweep[1]).abs().max() > 1e-4 and (sweep[1] - sweep[2]).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses and the information term
+
+def test_infogan_gan_losses_match_hand_computed_values():
+    real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    sig = torch.sigmoid
+    expected_d = -(torch.log(sig(real)).mean() + torch.log(1 - sig(fake)).mean())
+    torch.testing.assert_close(infogan.d_loss(real, fake), expected_d)
+    torch.testing.assert_close(infogan.g_loss(fake), -torch.log(sig(fake)).mean())  # non-saturating
+
+
+def test_infogan_information_terms_match_hand_computed_values_and_gradients():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]], requires_grad=True)
+    codes = torch.tensor([0, 2])
+    expected_cat = (-math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-1))) + math.log(3)) / 2
+    assert infogan.categorical_nll(logits, codes).item() == pytest.approx(expected_cat, rel=1e-6)
+
+    # A unit-variance Gaussian NLL per code, summed over the codes: 0.5 * (log 2 pi + (c - mean)^2).
+    means = torch.tensor([[0.5, -1.0], [0.0, 0.2]], requires_grad=True)
+    values = torch.tensor([[1.0, -1.0], [-1.0, 0.8]])
+    log_2pi = math.log(2 * math.pi)
+    per_sample = [0.5 * (log_2pi + 0.25) + 0.5 * log_2pi, 0.5 * (log_2pi + 1.0) + 0.5 * (log_2pi + 0.36)]
+    nll = infogan.continuous_nll(means, values)
+    assert nll.item() == pytest.approx(sum(per_sample) / 2, rel=1e-6)
+    (grad_means,) = torch.autograd.grad(nll, means)  # (mean - c) / batch: a plain squared error's
+    torch.testing.assert_close(grad_means, torch.tensor([[-0.5, 0.0], [1.0, -0.6]]) / 2)
+
+    q = (logits, means)
+    total, cat, cont = infogan.information_loss(q, codes, values, lambda_cat=1.0, lambda_cont=0.1)
+    assert cat.item() == pytest.approx(expected_cat, rel=1e-6) and cont.item() == pytest.approx(nll.item())
+    assert total.item() == pytest.approx(expected_cat + 0.1 * nll.item(), rel=1e-6)
+    total, _, _ = infogan.information_loss(q, codes, values, lambda_cat=0.0, lambda_cont=2.0)
+    assert total.item() == pytest.approx(2 * nll.item(), rel=1e-6)
+
+
+def test_information_term_reaches_g_q_and_the_shared_body_but_not_the_real_fake_head():
+    torch.manual_seed(0)
+    G, D = info_models()
+    z, code_cat, code_cont = infogan.sample_latent(16, G, "cpu")
+    _, q = D(G(z, code_cat, code_cont), recognise=True)
+    info, _, _ = infogan.information_loss(q, code_cat, code_cont, 1.0, 0.1)
+    groups = {"G": list(G.parameters()), "Q": list(D.q.parameters()), "body": list(D.body.parameters()),
+              "logit": list(D.logit.parameters())}
+    grads = dict(zip(groups, [torch.autograd.grad(info, params, retain_graph=True, allow_unused=True)
+                              for params in groups.values()]))
+    for name in ("G", "Q", "body"):
+        assert all(g is not None and g.abs().sum() > 0 for g in grads[name]), name
+    assert all(g is None for g in grads["logit"])  # the real/fake logit is not part of Q
+
+
+def test_infogan_train_step_reads_codes_from_fakes_only_and_updates_d_then_g():
+    torch.manual_seed(0)
+    G, D = info_models()
+    args = infogan.parse_args(["--lr", "1e-3"])
+    opt_g, opt_d = infogan.make_optimizers(args, G, D)
+    log, changed = watch_steps(G, D, opt_g, opt_d)
+    real = torch.rand(16, 1, 28, 28) * 2 - 1
+    calls = []
+    forward = D.forward
+
+    def recording_forward(images, recognise=False):
+        calls.append((images is real, recognise))
+        return forward(images, recognise)
+
+    D.forward = recording_forward
+    metrics = infogan.train_step(G, D, opt_g, opt_d, real, no_scaler())
+    assert calls == [(True, False), (False, True), (False, True)]  # real: the logit only; fakes: logit and Q
+    assert [name for name, _ in log] == ["D", "G"]
+    (_, at_d_step), (_, at_g_step) = log
+    assert all(g is None for g in at_d_step["G"][1])  # D's step: the fakes were detached
+    assert all(g is not None for g in at_d_step["D"][1])  # Q's layers too: the information term trains them
+    assert not at_g_step["G"][0] and at_g_step["D"][0]
+    assert all(g is not None and g.abs().sum() > 0 for g in at_g_step["G"][1])
+    assert all(torch.equal(a, b) for a, b in zip(at_d_step["D"][1], at_g_step["D"][1]))  # G's step left D alone
+    assert changed("G") and changed("D") and all(p.requires_grad for p in D.parameters())
+    assert metrics.shape == (len(infogan.METRICS),) and torch.isfinite(metrics).all()
+
+
+def test_information_weights_change_q_and_g_but_not_ds_real_fake_gradient():
+    def step_gradients(lambda_cat, lambda_cont):
+        torch.manual_seed(0)
+        G, D = info_models()
+        opt_g, opt_d = infogan.make_optimizers(infogan.parse_args([]), G, D)
+        log, _ = watch_steps(G, D, opt_g, opt_d)
+        real = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        infogan.train_step(G, D, opt_g, opt_d, real, no_scaler(), lambda_cat, lambda_cont)
+        names = [name for name, _ in D.named_parameters()]
+        at_d = dict(zip(names, log[0][1]["D"][1]))
+        return at_d, log[1][1]["G"][1]
+
+    with_info, without_info = step_gradients(1.0, 0.1), step_gradients(0.0, 0.0)
+    for name, grad in with_info[0].items():
+        if name.startswith("logit."):  # D's real/fake head: the same gradient whatever the information weights
+            torch.testing.assert_close(grad, without_info[0][name])
+        if name.startswith("q."):  # Q's layers learn from the information term alone
+            assert without_info[0][name].abs().max() == 0 and grad.abs().max() > 0, name
+    assert any(not torch.allclose(a, b) for a, b in zip(with_info[1], without_info[1]))  # and G is pushed by it
+
+
+def test_make_optimizers_gives_q_gs_learning_rate_and_d_its_own():
+    G, D = info_models()
+    opt_g, opt_d = infogan.make_optimizers(infogan.parse_args(["--lr", "3e-4", "--lr-g", "2e-3"]), G, D)
+    assert opt_g.param_groups[0]["lr"] == 2e-3 and opt_g.param_groups[0]["betas"] == (0.5, 0.999)
+    body_and_logit, q = opt_d.param_groups
+    assert body_and_logit["lr"] == 3e-4 and q["lr"] == 2e-3
+    assert {id(p) for p in q["params"]} == {id(p) for p in D.q.parameters()}
+    assert len(body_and_logit["params"]) + len(q["params"]) == len(list(D.parameters()))
+
+
+def test_sweep_grid_changes_only_one_continuous_code_along_each_row():
+    G, _ = info_models(continuous=3)
+    z, code_cat, code_cont = infogan.sweep_latents(G, 1, columns=5, seed=0, device="cpu")
+    assert len(z) == 10 * 5 and (z == z[0]).all()  # the same z everywhere
+    assert code_cat.tolist() == [k for k in range(10) for _ in range(5)]  # one row per categorical value
+    torch.testing.assert_close(code_cont[:, 1], torch.linspace(-2, 2, 5).repeat(10))
+    assert (code_cont[:, [0, 2]] == 0).all()
+    z, code_cat, code_cont = infogan.grid_latents(G, 10, seed=0, device="cpu")
+    assert code_cat.tolist() == [k for k in range(10) for _ in range(10)]
+    assert torch.equal(z[:10], z[10:20]) and torch.equal(code_cont[:10], code_cont[90:])  # a column: one style
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs
+
+def test_infogan_run_writes_every_output_with_code_grids_and_d_accuracy(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert info_run(tiny_mnist, out, "--epochs", 2) == 0
+    rows, checkpoint = assert_run_outputs(out, 2, infogan.METRICS + ["d_acc_real_train", "d_acc_real_test",
+                                                                     "d_acc_fake"])
+    assert all(0 <= float(row[k]) <= 1 for row in rows for k in ("d_acc_real_train", "d_acc_real_test",
+                                                                 "d_acc_fake", "code_acc"))
+    assert checkpoint["script"] == "infogan.py" and checkpoint["args"]["image_size"] == 28
+    assert Image.open(out / "samples" / "epoch_002.png").size == (2 + 10 * 30, 2 + 10 * 30)  # a row per code value
+    for code in (1, 2):  # one sweep per continuous code: rows = code values, columns = -2..2
+        assert Image.open(out / f"continuous_{code}.png").size == (2 + 10 * 30, 2 + 10 * 30)
+    assert not (out / "continuous_3.png").exists()
+    printed = capsys.readouterr().out
+    assert "labels unused" in printed and "epoch 2: D calls real" in printed
+
+
+def test_infogan_never_reads_the_labels(tmp_path):
+    """The same seed on the same images with every label replaced gives the same weights: unsupervised."""
+    original = make_tiny_mnist(tmp_path / "a", n=80, num_classes=10)
+    relabelled = tmp_path / "b"
+    shutil.copytree(original, relabelled)
+    for split in ("train", "t10k"):
+        write_idx(relabelled / "mnist" / f"{split}-labels-idx1-ubyte.gz", (7 * np.arange(80) + 3) % 10)
+    labels = [data.load_dataset("mnist", folder).labels for folder in (original, relabelled)]
+    assert not torch.equal(*labels)
+    weights = []
+    for data_dir, name in ((original, "a"), (relabelled, "b")):
+        assert info_run(data_dir, tmp_path / f"run_{name}", "--epochs", 1) == 0
+        checkpoint = torch.load(tmp_path / f"run_{name}" / "checkpoint.pt", weights_only=True)
+        weights.append({**checkpoint["generator"], **{f"D.{k}": v for k, v in checkpoint["discriminator"].items()}})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_infogan_resume_continues_exactly(tiny_mnist, tmp_path, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert info_run(tiny_mnist, straight, "--epochs", 2) == 0
+    assert info_run(tiny_mnist, resumed, "--epochs", 1) == 0
+    capsys.readouterr()
+    assert info_run(tiny_mnist, resumed, "--epochs", 2, "--resume") == 0
+    assert "epochs 2..2" in capsys.readouterr().out
+    a, b = (torch.load(out / "checkpoint.pt", weights_only=True) for out in (straight, resumed))
+    for key in ("generator", "generator_average", "discriminator"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert_run_outputs(resumed, 2, infogan.METRICS)
+
+
+def test_infogan_resume_refuses_other_code_settings(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert info_run(tiny_mnist, out, "--epochs", 1) == 0
+    capsys.readouterr()
+    assert info_run(tiny_mnist, out, "--epochs", 2, "--resume", "--categories", 5) == 2
+    one_line_error(capsys, "--categories 5", "--categories 10")
+
+
+def test_infogan_generate_labels_are_the_categorical_codes(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert info_run(tiny_mnist, out, "--epochs", 1, "--categories", 4) == 0
+    assert run_script(infogan, ["--out", out, "--generate", 25]) == 0
+    samples = np.load(out / "samples.npz")
+    assert samples["images"].shape == (25, 28, 28, 1) and samples["images"].dtype == np.uint8
+    assert samples["labels"].dtype == np.int64 and list(samples["labels"][:6]) == [0, 1, 2, 3, 0, 1]
+    assert Image.open(out / "samples.png").size == (2 + 10 * 30, 2 + 3 * 30)
+    assert run_script(infogan, ["--out", out, "--generate", 6, "--label", 3]) == 0
+    three = np.load(out / "samples.npz")
+    assert (three["labels"] == 3).all()
+    capsys.readouterr()
+    assert run_script(infogan, ["--out", out, "--generate", 6, "--label", 4]) == 2  # codes 0..3
+    one_line_error(capsys, "--label 4", "0..3")
+
+
+def test_infogan_generate_draws_the_code_asked_for():
+    """With --label K every image is drawn with categorical code K: compare against G itself."""
+    torch.manual_seed(0)
+    G, _ = info_models()
+    images = infogan.generate_images(G, torch.full((4,), 6), "cpu", seed=3)
+    noise = torch.Generator().manual_seed(3)
+    z, _, code_cont = infogan.sample_latent(4, G, "cpu", generator=noise)
+    with torch.no_grad():
+        expected = data.to_uint8(G.eval()(z, torch.full((4,), 6), code_cont))
+    assert torch.equal(images, expected)
+
+
+def test_infogan_on_an_rgb_folder_at_32_and_64px(rgb_folder, tmp_path):
+    for size in (32, 64):
+        out = tmp_path / f"run{size}"
+        assert run_script(infogan, ["--dataset", rgb_folder, "--out", out, "--epochs", 1, *INFO_TINY,
+                                    "--image-size", size, "--categories", 2, "--continuous", 1]) == 0
+        rows, checkpoint = assert_run_outputs(out, 1, infogan.METRICS)
+        assert rows[0]["d_acc_real_test"] == ""  # a folder has no held-out split
+        assert checkpoint["image_shape"] == [3, size, size]
+        assert Image.open(out / "samples" / "epoch_001.png").size == (2 + 10 * (size + 2), 2 + 2 * (size + 2))
+        assert (out / "continuous_1.png").exists() and not (out / "continuous_2.png").exists()
+
+
+def test_infogan_without_continuous_codes(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert info_run(tiny_mnist, out, "--epochs", 1, "--continuous", 0) == 0
+    rows, _ = assert_run_outputs(out, 1, infogan.METRICS)
+    assert float(rows[0]["info_cont"]) == 0 and not (out / "continuous_1.png").exists()
+
+
+def test_infogan_amp_run_gives_finite_losses(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert info_run(tiny_mnist, out, "--epochs", 1, "--amp") == 0
+    assert_run_outputs(out, 1, infogan.METRICS)
+
+
+INFOGAN_BAD = [["--width", 0], ["--categories", 0], ["--continuous", -1], ["--lambda-cat", -1],
+               ["--lambda-cont", "nan"], ["--lr-g", 0], ["--image-size", 30], ["--image-size", 48],
+               ["--image-size", 16], ["--label", 3], ["--generate", 4, "--label", -1]]
+
+
+def test_infogan_every_bad_number_exits_2_with_one_line_before_any_data_is_loaded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the flags were checked"))
+    for bad in BAD_NUMBERS + INFOGAN_BAD:
+        assert exit_code(infogan, ["--out", tmp_path / "run", *bad]) == 2, bad
+        err = one_line_error(capsys, str(bad[-2]))
+        assert err.startswith("infogan.py: error: "), err
+
+
+@pytest.mark.parametrize("bad", [["--epochs", "ten"], ["--categories", "many"], ["--loss", "hinge"],
+                                 ["--conditional"]])
+def test_infogan_argparse_errors_are_one_line_too(bad, capsys):
+    assert exit_code(infogan, bad) == 2
+    one_line_error(capsys, "infogan.py: error:")
+
+
+@pytest.mark.parametrize("bad", [["--dataset", "nonexistent"], ["--generate", 5]])
+def test_infogan_bad_input_exits_2_with_one_line(bad, tiny_mnist, tmp_path, capsys):
+    assert run_script(infogan, ["--data-dir", tiny_mnist, "--out", tmp_path / "empty", *INFO_TINY, *bad]) == 2
+    assert one_line_error(capsys).startswith("infogan.py: error: ")
+
+
+def test_infogan_refuses_another_scripts_checkpoint(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_script(dcgan, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *TINY]) == 0
+    capsys.readouterr()
+    assert info_run(tiny_mnist, out, "--epochs", 2, "--resume") == 2
+    one_line_error(capsys, "was written by dcgan.py with --image-size 32", "this is infogan.py")
+    assert run_script(infogan, ["--out", out, "--generate", 4]) == 2
+    one_line_error(capsys, "was written by dcgan.py")
+
+
+def test_infogan_checkpoint_that_does_not_fit_exits_2(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert info_run(tiny_mnist, out, "--epochs", 1) == 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["generator_average"]["net.0.weight"] = torch.zeros(3, 3)
+    torch.save(checkpoint, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert run_script(infogan, ["--out", out, "--generate", 4]) == 2
+    one_line_error(capsys, "checkpoint.pt", "does not fit")
+
+
+def test_infogan_too_few_images_per_step_for_batchnorm_exits_2(tmp_path, capsys):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "only.png")
+    assert run_script(infogan, ["--dataset", folder, "--out", tmp_path / "run", *INFO_TINY, "--image-size", 32]) == 2
+    one_line_error(capsys, "BatchNorm", "at least 2 images")
+
+
+def test_infogan_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert info_run(tiny_mnist, out, "--epochs", 1) == 0
+    monkeypatch.setattr(infogan, "g_loss", lambda logits: logits.float().mean() * float("nan"))
+    assert info_run(tiny_mnist, out, "--epochs", 3, "--resume") == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_infogan_ctrl_c_exits_130_with_the_last_epoch_saved(tiny_mnist, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real_step = infogan.train_step
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) > 5:  # during epoch 2 (80 images in batches of 16: 5 steps per epoch)
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(infogan, "train_step", interrupted_step)
+    assert info_run(tiny_mnist, out, "--epochs", 3) == 130
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_infogan_fid_flag_scores_images_of_every_code(tiny_mnist, tmp_path, monkeypatch, capsys):
+    import fid
+
+    scored = []
+
+    def fake_statistics(images, **kwargs):
+        scored.append(images)
+        return np.zeros(3), np.eye(3)
+
+    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
+    monkeypatch.setattr(fid, "compute_statistics", fake_statistics)
+    monkeypatch.setattr(fid, "cached_statistics", lambda cache_file, images_fn, **kwargs: (np.ones(3), np.eye(3)))
+    assert info_run(tiny_mnist, tmp_path / "run", "--epochs", 1, "--fid", 30) == 0
+    assert "FID: 3 (" in capsys.readouterr().out
+    assert scored[0].shape == (30, 1, 28, 28) and scored[0].dtype == torch.uint8
+
+
+@pytest.mark.slow
+def test_infogan_torchrun_two_processes_write_every_output_once_and_resume(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data-dir", tiny_mnist, "--out", out, "--device", "cpu", *INFO_TINY]
+    result = torchrun(["infogan.py", *flags, "--epochs", 1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout and result.stdout.count("epoch 1: ") == 1
+    result = torchrun(["infogan.py", *flags, "--epochs", 2, "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_run_outputs(out, 2, infogan.METRICS)
+    assert run_script(infogan, ["--out", out, "--generate", 4]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# began.py: the autoencoder D, the k_t control and M_global by hand, and the run contract on tiny offline data
+BEGAN_RECON = ["d_recon_real_train", "d_recon_real_test", "d_recon_fake"]
+
+
+@pytest.fixture
+def began_mnist(tmp_path):
+    """tmp_path/mnist/ with 80 training images in all 10 classes, as gzipped IDX files."""
+    return make_tiny_mnist(tmp_path, n=80, num_classes=10)
+
+
+def began_models(image_size=32, channels=1, width=4, latent_dim=8, convs=1):
+    return (began.Generator(latent_dim, image_size, channels, width, convs),
+            began.Discriminator(image_size, channels, width, latent_dim, convs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The variant's formulas, against numbers worked out by hand
+
+def test_began_k_update_is_the_papers_clipped_proportional_control():
+    t = torch.tensor
+    # k + lambda_k (gamma L(x) - L(G(z))) = 0.5 + 0.001 * (0.5 * 0.2 - 0.15) = 0.5 - 0.00005
+    assert began.update_k(t(0.5), t(0.2), t(0.15), 0.5, 0.001).item() == pytest.approx(0.49995, abs=1e-7)
+    # fakes reconstructed too well (L(G(z)) = 0.02 < gamma L(x) = 0.1): k grows, by 0.001 * 0.08
+    assert began.update_k(t(0.1), t(0.2), t(0.02), 0.5, 0.001).item() == pytest.approx(0.10008, abs=1e-7)
+    # gamma 0.3 moves the set point: 0.3 * 0.2 - 0.02 = 0.04
+    assert began.update_k(t(0.1), t(0.2), t(0.02), 0.3, 0.001).item() == pytest.approx(0.10004, abs=1e-7)
+    # clipped to [0, 1] at both ends
+    assert began.update_k(t(0.0), t(0.2), t(0.9), 0.5, 0.001).item() == 0.0
+    assert began.update_k(t(0.99995), t(1.0), t(0.0), 0.5, 0.001).item() == 1.0
+    assert began.update_k(t(0.3), t(0.2), t(0.9), 0.5, 0.0).item() == pytest.approx(0.3)  # lambda_k 0: frozen
+
+
+def test_began_convergence_measure_is_l_real_plus_the_absolute_imbalance():
+    t = torch.tensor
+    # 0.2 + |0.5 * 0.2 - 0.15| = 0.25, and the same from the other side: 0.2 + |0.1 - 0.05| = 0.25
+    assert began.convergence_measure(t(0.2), t(0.15), 0.5).item() == pytest.approx(0.25)
+    assert began.convergence_measure(t(0.2), t(0.05), 0.5).item() == pytest.approx(0.25)
+    assert began.convergence_measure(t(0.2), t(0.1), 0.5).item() == pytest.approx(0.2)  # in balance: just L(x)
+    assert began.convergence_measure(t(0.4), t(0.1), 0.7).item() == pytest.approx(0.4 + 0.18)
+
+
+def test_began_losses_are_l1_reconstruction_with_k_weighted_fakes():
+    images = torch.tensor([[[[0.5, -1.0], [0.0, 1.0]]], [[[0.2, 0.2], [0.2, 0.2]]]])
+    halving = lambda x: x / 2  # noqa: E731  a "D" whose reconstruction is half its input: L = mean |x| / 2
+    torch.testing.assert_close(began.reconstruction_loss(halving, images), torch.tensor([2.5 / 8, 0.1]))
+    l_real = torch.tensor(0.3, requires_grad=True)
+    l_fake = torch.tensor(0.2, requires_grad=True)
+    loss = began.d_loss(l_real, l_fake, torch.tensor(0.25))
+    assert loss.item() == pytest.approx(0.3 - 0.25 * 0.2)
+    assert [g.item() for g in torch.autograd.grad(loss, (l_real, l_fake))] == [1.0, -0.25]
+    assert began.g_loss(l_fake) is l_fake
+
+
+def test_began_d_is_an_autoencoder_and_g_has_its_decoders_shape():
+    for image_size in (32, 64):
+        for channels in (1, 3):
+            G, D = began_models(image_size, channels, convs=2)
+            fake = G(began.sample_z(5, 8, "cpu"))
+            assert fake.shape == (5, channels, image_size, image_size) and fake.abs().max() <= 1
+            assert D(fake).shape == fake.shape  # D reconstructs, it does not classify
+            shapes = lambda module: [p.shape for p in module.parameters()]  # noqa: E731
+            assert shapes(G.decoder) == shapes(D.decoder)  # the same architecture, weights of their own
+    G, D = began_models()
+    modules = [*G.modules(), *D.modules()]
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.ConvTranspose2d, nn.LeakyReLU, nn.ReLU)) for m in modules)
+    assert any(isinstance(m, nn.ELU) for m in modules)
+    assert all(m.mode == "nearest" for m in modules if isinstance(m, nn.Upsample))
+    z = began.sample_z(1000, 8, "cpu")
+    assert z.min() >= -1 and z.max() <= 1 and z.abs().mean() > 0.4  # uniform on [-1, 1], not normal
+
+
+def test_began_one_more_block_per_doubling_and_width_and_convs_scale_it():
+    def convs(module):
+        return sum(isinstance(m, nn.Conv2d) for m in module.modules())
+
+    (G32, D32), (G64, D64) = began_models(32), began_models(64)
+    # G: one more resolution's conv; D: that, plus one more stride-2 conv in the encoder
+    assert convs(G64) == convs(G32) + 1 and convs(D64) == convs(D32) + 3
+    (G2, D2) = began_models(32, convs=2)
+    assert convs(G2) == convs(G32) + 3  # one more per resolution: 8, 16, 32
+    params = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert params(began_models(width=8)[1]) > 2 * params(began_models(width=4)[1])
+
+
+def test_began_train_step_updates_d_then_g_and_k_from_ds_losses():
+    torch.manual_seed(0)
+    G, D = began_models()
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-3), torch.optim.Adam(D.parameters(), lr=1e-3)
+    G0, D0 = [p.clone() for p in G.parameters()], [p.clone() for p in D.parameters()]
+    order = []
+    for name, opt in (("G", opt_g), ("D", opt_d)):
+        step = opt.step
+        opt.step = lambda *a, _name=name, _step=step, **kw: (order.append(_name), _step(*a, **kw))[1]
+    k = torch.tensor(0.3)
+    real = torch.rand(6, 1, 32, 32) * 2 - 1
+    metrics = began.train_step(G, D, opt_g, opt_d, real, k, 8, 0.5, 0.01, no_scaler())
+    assert order == ["D", "G"]
+    assert metrics.shape == (len(began.METRICS) - 1,) and torch.isfinite(metrics).all()
+    d_value, g_value, l_real, l_fake, m_global = metrics.tolist()
+    assert d_value == pytest.approx(l_real - 0.3 * l_fake, rel=1e-5)
+    assert m_global == pytest.approx(l_real + abs(0.5 * l_real - l_fake), rel=1e-5)
+    assert k.item() == pytest.approx(min(max(0.3 + 0.01 * (0.5 * l_real - l_fake), 0), 1), rel=1e-5)  # in place
+    assert all(not torch.equal(p, q) for p, q in zip(G.parameters(), G0))
+    assert any(not torch.equal(p, q) for p, q in zip(D.parameters(), D0))
+    assert all(p.requires_grad for p in D.parameters())  # unfrozen again after G's step
+
+
+def test_began_reconstruction_columns_measure_d_on_train_held_out_and_fakes():
+    D = lambda images: torch.zeros_like(images)  # noqa: E731  reconstructs everything as grey: L = mean |x|
+    D.eval = D.train = lambda: None
+    D.parameters = lambda: iter([torch.zeros(1)])
+    G = lambda z: -torch.ones(len(z), 1, 4, 4)  # noqa: E731  black fakes: L = 1
+    G.eval = G.train = lambda: None
+    white = torch.full((6, 1, 4, 4), 255, dtype=torch.uint8)
+    losses = began.d_reconstruction(D, G, {"d_recon_real_train": white, "d_recon_real_test": None}, latent_dim=3)
+    assert losses == {"d_recon_real_train": "1.00000", "d_recon_real_test": "", "d_recon_fake": "1.00000"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: every contract output, exact resume, generate, faults and bad input
+
+def began_run(data_dir, out, *flags):
+    return run_script(began, ["--data-dir", data_dir, "--out", out, *TINY, *flags])
+
+
+def test_began_short_run_writes_every_contract_output(began_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert began_run(began_mnist, out, "--epochs", 2) == 0
+    rows, checkpoint = assert_run_outputs(out, 2, began.METRICS + BEGAN_RECON)
+    assert checkpoint["script"] == "began.py" and 0 <= checkpoint["k"] <= 1
+    assert float(rows[-1]["k"]) == pytest.approx(checkpoint["k"], abs=1e-5)
+    assert Image.open(out / "samples" / "epoch_002.png").size == (2 + 10 * 34, 2 + 10 * 34)  # 10x10 of 32x32
+    assert Image.open(out / "progress.gif").n_frames == 2
+    assert "M_global" in capsys.readouterr().out
+
+
+def test_began_resume_is_exact(began_mnist, tmp_path, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert began_run(began_mnist, straight, "--epochs", 2) == 0
+    assert began_run(began_mnist, split, "--epochs", 1) == 0
+    capsys.readouterr()
+    assert began_run(began_mnist, split, "--epochs", 2, "--resume") == 0
+    assert "epochs 2..2" in capsys.readouterr().out
+    a, b = (torch.load(out / "checkpoint.pt", weights_only=True) for out in (straight, split))
+    assert a["k"] == b["k"]
+    for key in ("generator", "generator_average", "discriminator"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
+    rows = []
+    for out in (straight, split):
+        with open(out / "metrics.csv", newline="") as f:
+            rows.append([{k: v for k, v in row.items() if k not in ("seconds", "img_per_s")}
+                         for row in csv.DictReader(f)])
+    assert rows[0] == rows[1]
+
+
+def test_began_resume_keeps_the_runs_gamma_and_refuses_another(began_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert began_run(began_mnist, out, "--epochs", 1, "--gamma", 0.7) == 0
+    assert began_run(began_mnist, out, "--epochs", 2, "--resume") == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["args"]["gamma"] == 0.7
+    capsys.readouterr()
+    assert began_run(began_mnist, out, "--epochs", 3, "--resume", "--gamma", 0.3) == 2
+    one_line_error(capsys, "--gamma 0.3", "0.7")
+
+
+def test_began_generate_writes_samples_npz_and_png(began_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert began_run(began_mnist, out, "--epochs", 1) == 0
+    assert run_script(began, ["--out", out, "--generate", 25]) == 0
+    samples = np.load(out / "samples.npz")
+    assert list(samples) == ["images"]  # unconditional: no labels
+    assert samples["images"].shape == (25, 32, 32, 1) and samples["images"].dtype == np.uint8
+    assert Image.open(out / "samples.png").size == (2 + 10 * 34, 2 + 3 * 34)
+    first = samples["images"].copy()
+    assert run_script(began, ["--out", out, "--generate", 25]) == 0
+    assert np.array_equal(np.load(out / "samples.npz")["images"], first)  # same seed, same images
+
+
+def test_began_rgb_folder_with_two_convs_per_resolution(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "faces").mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp_path / "faces" / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["--dataset", tmp_path / "faces", "--out", out, "--epochs", 1, "--convs", 2, "--image-size", 32, *TINY]
+    assert run_script(began, argv) == 0
+    rows, _ = assert_run_outputs(out, 1, began.METRICS + ["d_recon_real_train", "d_recon_fake"])
+    assert rows[0]["d_recon_real_test"] == ""  # a folder has no held-out split
+    assert Image.open(out / "samples" / "epoch_001.png").mode == "RGB"
+    assert run_script(began, ["--out", out, "--generate", 3]) == 0
+    assert np.load(out / "samples.npz")["images"].shape == (3, 32, 32, 3)
+
+
+def test_began_amp_run_gives_finite_losses(began_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert began_run(began_mnist, out, "--epochs", 1, "--amp") == 0
+    assert_run_outputs(out, 1, began.METRICS + BEGAN_RECON)
+
+
+def test_began_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(began_mnist, tmp_path, monkeypatch,
+                                                                         capsys):
+    out = tmp_path / "run"
+    assert began_run(began_mnist, out, "--epochs", 1) == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(began, "g_loss", lambda l_fake: l_fake * float("nan"))
+    capsys.readouterr()
+    assert began_run(began_mnist, out, "--epochs", 3, "--resume") == 1
+    assert "training diverged" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == good
+
+
+def test_began_ctrl_c_exits_130_with_the_last_epoch_saved(began_mnist, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real_step = began.train_step
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) > 5:  # during epoch 2 (80 images in batches of 16: 5 steps per epoch)
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(began, "train_step", interrupted_step)
+    assert began_run(began_mnist, out, "--epochs", 3) == 130
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and "k" in checkpoint
+    monkeypatch.setattr(began, "train_step", real_step)
+    assert began_run(began_mnist, out, "--epochs", 2, "--resume") == 0
+
+
+def test_began_fid_flag_prints_the_fid_of_generated_images(began_mnist, tmp_path, monkeypatch, capsys):
+    import fid
+
+    scored = []
+
+    def fake_statistics(images, **kwargs):
+        scored.append(images)
+        return np.zeros(3), np.eye(3)
+
+    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
+    monkeypatch.setattr(fid, "compute_statistics", fake_statistics)
+    monkeypatch.setattr(fid, "cached_statistics", lambda cache_file, images_fn, **kwargs: (np.ones(3), np.eye(3)))
+    assert began_run(began_mnist, tmp_path / "run", "--epochs", 1, "--fid", 30) == 0
+    assert "FID: 3 (" in capsys.readouterr().out
+    assert scored[0].shape == (30, 1, 32, 32) and scored[0].dtype == torch.uint8
+
+
+BEGAN_BAD_NUMBERS = [["--epochs", 0], ["--batch-size", 0], ["--lr", 0], ["--lr", "nan"], ["--latent-dim", 0],
+                     ["--width", 0], ["--convs", 0], ["--log-every", 0], ["--generate", 0], ["--fid", 1],
+                     ["--gamma", 0], ["--gamma", 1.5], ["--gamma", "nan"], ["--lambda-k", -0.001],
+                     ["--lambda-k", "inf"], ["--average-decay", 1], ["--seed", -1], ["--image-size", 48],
+                     ["--device", "tpu"], ["--device", "nonsense"]]
+
+
+def test_began_every_bad_number_exits_2_with_one_line_before_any_data_is_loaded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the flags were checked"))
+    for bad in BEGAN_BAD_NUMBERS:
+        assert run_script(began, ["--out", tmp_path / "run", *bad]) == 2, bad
+        assert one_line_error(capsys, bad[0]).startswith("began.py: error: ")
+
+
+@pytest.mark.parametrize("bad", [["--epochs", "ten"], ["--gamma", "high"], ["--label", "3"], ["--no-such-flag"]])
+def test_began_argparse_errors_are_one_line_too(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        began.main([str(a) for a in bad])
+    assert exit_info.value.code == 2
+    one_line_error(capsys, "began.py: error:")
+
+
+@pytest.mark.parametrize("bad", [["--dataset", "nonexistent"], ["--generate", 5], ["--epochs", 2, "--resume"]])
+def test_began_bad_input_exits_2_with_one_line(bad, began_mnist, tmp_path, capsys):
+    assert began_run(began_mnist, tmp_path / "empty", "--epochs", 1, *bad) == 2
+    assert one_line_error(capsys).startswith("began.py: error: ")
+
+
+def test_began_corrupt_dataset_file_exits_2_naming_it(began_mnist, tmp_path, capsys):
+    path = os.path.join(began_mnist, "mnist", "train-images-idx3-ubyte.gz")
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    assert began_run(began_mnist, tmp_path / "run", "--epochs", 1) == 2
+    one_line_error(capsys, "train-images-idx3-ubyte")
+
+
+def test_began_refuses_another_scripts_checkpoint_and_one_of_another_width(began_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_script(dcgan, ["--data-dir", began_mnist, "--out", out, "--epochs", 1, *TINY]) == 0
+    capsys.readouterr()
+    assert began_run(began_mnist, out, "--epochs", 2, "--resume") == 2
+    one_line_error(capsys, "was written by dcgan.py with --image-size 32", "this is began.py")
+    assert run_script(began, ["--out", out, "--generate", 4]) == 2
+    one_line_error(capsys, "was written by dcgan.py")
+    mine = tmp_path / "mine"
+    assert began_run(began_mnist, mine, "--epochs", 1) == 0
+    checkpoint = torch.load(mine / "checkpoint.pt", weights_only=True)
+    checkpoint["args"]["width"] = 6  # weights made for width 4, settings that say 6
+    torch.save(checkpoint, mine / "checkpoint.pt")
+    capsys.readouterr()
+    assert run_script(began, ["--out", mine, "--generate", 4]) == 2
+    one_line_error(capsys, "checkpoint.pt", "does not fit")
+
+
+@pytest.mark.slow
+def test_began_torchrun_two_processes_keep_one_k_and_write_every_output_once(began_mnist, tmp_path):
+    from test_gans import torchrun
+
+    out = tmp_path / "run"
+    flags = ["--data-dir", began_mnist, "--out", out, "--device", "cpu", *TINY]
+    result = torchrun(["began.py", *flags, "--epochs", 1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout and result.stdout.count("epoch 1: ") == 1  # only rank 0 reports
+    result = torchrun(["began.py", *flags, "--epochs", 2, "--resume"])  # replicas checked equal every epoch
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epochs 2..2" in result.stdout
+    _, checkpoint = assert_run_outputs(out, 2, began.METRICS + BEGAN_RECON)
+    assert 0 <= checkpoint["k"] <= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# acgan.py: the two-headed D, the paper's log-likelihoods against hand-computed values, and the run contract
+def acgan_run(*argv):
+    return acgan.main([str(a) for a in argv])
+
+
+def acgan_exit(*argv):
+    """main()'s exit status, also where argparse itself exits (an unknown flag, a non-number)."""
+    try:
+        return acgan_run(*argv)
+    except SystemExit as e:
+        return e.code
+
+
+def acgan_models(image_size=32, channels=1, num_classes=10, width=8):
+    return (acgan.Generator(16, image_size, channels, width, num_classes),
+            acgan.Discriminator(image_size, channels, width, num_classes))
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and losses
+
+@pytest.mark.parametrize("image_size", [32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_acgan_d_has_a_source_head_and_class_heads_on_one_body(image_size, channels):
+    G, D = acgan_models(image_size, channels, num_classes=7)
+    fake = G(torch.randn(5, 16), torch.arange(5))
+    assert fake.shape == (5, channels, image_size, image_size) and fake.abs().max() <= 1
+    source_logits, class_logits, twin_logits = D(fake)
+    assert source_logits.shape == (5,) and class_logits.shape == twin_logits.shape == (5, 7)
+    # One body: every weight outside the heads feeds all of them.
+    body = {id(p) for p in D.features.parameters()}
+    heads = {id(p) for head in (D.source, D.classes, D.twin) for p in head.parameters()}
+    assert body | heads == {id(p) for p in D.parameters()} and not body & heads
+    assert D.source.in_features == D.classes.in_features == D.twin.in_features
+    # The paper's D: two heads, no twin.
+    paper_d = acgan.Discriminator(image_size, channels, 8, 7, twin=False)
+    assert paper_d.twin is None and paper_d(fake)[2] is None
+    assert sum(p.numel() for p in D.parameters()) - sum(p.numel() for p in paper_d.parameters()) == 7 * (
+        D.twin.in_features + 1)
+
+
+def test_acgan_generator_output_depends_on_the_label_and_d_never_sees_it():
+    torch.manual_seed(0)
+    G, D = acgan_models()
+    G.eval()
+    fake = G(torch.randn(1, 16).repeat(10, 1), torch.arange(10))
+    assert all((fake[0] - fake[k]).abs().max() > 1e-4 for k in range(1, 10))
+    with pytest.raises(TypeError):
+        D(fake, torch.arange(10))
+
+
+def test_acgan_losses_match_hand_computed_log_likelihoods_and_gradients():
+    real = torch.tensor([2.0, -1.0], requires_grad=True)
+    fake = torch.tensor([0.5, -3.0], requires_grad=True)
+    real_classes = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]], requires_grad=True)
+    fake_classes = torch.tensor([[0.0, 0.0, 0.0], [4.0, -2.0, 1.0]], requires_grad=True)
+    twin_classes = torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
+    labels = torch.tensor([0, 2])
+    sig = torch.sigmoid
+
+    def nll(logits):  # minus the log-probability of the label, written out: log sum exp z - z_y, batch mean
+        return (torch.log(torch.exp(logits).sum(1)) - logits[torch.arange(2), labels]).mean()
+
+    # Numbers checked by hand once: -log softmax([2, 0, -1])[0] = 0.1698 = -log softmax([0, 1, 3])[2];
+    # -log softmax([0, 0, 0])[0] = log 3, -log softmax([4, -2, 1])[2] = log(e^4 + e^-2 + e^1) - 1 = 3.0509.
+    assert nll(real_classes).item() == pytest.approx(0.16985, abs=1e-4)
+    assert nll(fake_classes).item() == pytest.approx((np.log(3) + 3.0509) / 2, abs=1e-4)
+    source_d = -(torch.log(sig(real)).mean() + torch.log(1 - sig(fake)).mean())  # -L_S
+    source_g = -torch.log(sig(fake)).mean()  # non-saturating: -log D(G(z)), not log(1 - D(G(z)))
+    inputs = (real, fake, real_classes, fake_classes, twin_classes)
+    cases = [  # (a loss as the function computes it, and as written out from the papers)
+        (acgan.d_loss(real, fake, real_classes, fake_classes, labels),
+         source_d + nll(real_classes) + nll(fake_classes)),  # -(L_S + L_C), Odena et al.
+        (acgan.d_loss(real, fake, real_classes, twin_classes, labels, class_weight=0.25),
+         source_d + 0.25 * (nll(real_classes) + nll(twin_classes))),  # the twin head names the fakes' class
+        (acgan.g_loss(fake, fake_classes, labels), source_g + nll(fake_classes)),
+        (acgan.g_loss(fake, fake_classes, labels, class_weight=0.25, fake_twin_logits=twin_classes),
+         source_g + 0.25 * (nll(fake_classes) - nll(twin_classes))),  # TAC-GAN: minus the twin's log-likelihood
+    ]
+    for got, expected in cases:
+        torch.testing.assert_close(got, expected)
+        got_grads = torch.autograd.grad(got, inputs, retain_graph=True, materialize_grads=True)
+        expected_grads = torch.autograd.grad(expected, inputs, retain_graph=True, materialize_grads=True)
+        for g, e in zip(got_grads, expected_grads):
+            torch.testing.assert_close(g, e)
+
+
+def test_acgan_losses_stay_finite_in_bfloat16_at_extreme_logits():
+    logits = torch.tensor([-80.0, 0.0, 80.0], dtype=torch.bfloat16, requires_grad=True)
+    class_logits = torch.tensor([[90.0, -90.0], [-90.0, 90.0], [0.0, 0.0]], dtype=torch.bfloat16,
+                                requires_grad=True)
+    labels = torch.tensor([1, 0, 1])  # the first two confidently wrong
+    losses = [acgan.d_loss(logits, logits, class_logits, class_logits, labels),
+              acgan.g_loss(logits, class_logits, labels),
+              acgan.g_loss(logits, class_logits, labels, fake_twin_logits=class_logits.flip(1))]
+    for loss in losses:
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        grads = torch.autograd.grad(loss, (logits, class_logits))
+        assert all(torch.isfinite(g.float()).all() for g in grads)
+    # G: -log sigmoid(-80, 0, 80) = 80, log 2, ~0; -log softmax: 180, 180, log 2 (two confidently wrong classes).
+    assert losses[1].item() == pytest.approx((80 + np.log(2)) / 3 + (360 + np.log(2)) / 3, rel=1e-3)
+
+
+@pytest.mark.parametrize("twin", [True, False])
+def test_acgan_train_step_updates_d_then_g_each_touching_only_its_own_weights(twin):
+    torch.manual_seed(0)
+    G = acgan.Generator(16, 32, 1, 4, 10)
+    D = acgan.Discriminator(32, 1, 4, 10, twin=twin)
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-3), torch.optim.Adam(D.parameters(), lr=1e-3)
+    log, changed = watch_steps(G, D, opt_g, opt_d)
+    real, labels = torch.rand(16, 1, 32, 32) * 2 - 1, torch.arange(16) % 10
+    metrics = acgan.train_step(G, D, opt_g, opt_d, real, labels, 16, no_scaler())
+    assert [name for name, _ in log] == ["D", "G"]
+    (_, at_d_step), (_, at_g_step) = log
+    assert not at_d_step["G"][0] and all(g is None for g in at_d_step["G"][1])  # fakes detached for D's update
+    assert all(g is not None and g.abs().sum() > 0 for g in at_d_step["D"][1])  # every head learns in D's update
+    assert not at_g_step["G"][0] and at_g_step["D"][0]
+    assert all(torch.equal(a, b) for a, b in zip(at_d_step["D"][1], at_g_step["D"][1]))  # G's backward: D untouched
+    assert changed("G") and changed("D")
+    assert metrics.shape == (len(acgan.metric_names("tac" if twin else "paper")),) and torch.isfinite(metrics).all()
+    assert all(p.requires_grad for p in D.parameters())
+
+
+def test_acgan_twin_head_not_the_class_head_learns_the_class_of_fakes(monkeypatch):
+    torch.manual_seed(0)
+    G, D = acgan_models(width=4)
+    with torch.no_grad():  # the twin head answers "class k has logit k" whatever the image: recognisable below
+        D.twin.weight.zero_()
+        D.twin.bias.copy_(torch.arange(10.0))
+    seen = {}
+    real_d_loss, real_g_loss = acgan.d_loss, acgan.g_loss
+
+    def recording_d_loss(real_logits, fake_logits, real_class_logits, fake_class_logits, *rest):
+        seen["d_fake_classes"] = fake_class_logits.detach().clone()
+        return real_d_loss(real_logits, fake_logits, real_class_logits, fake_class_logits, *rest)
+
+    def recording_g_loss(fake_logits, fake_class_logits, labels, class_weight=1.0, fake_twin_logits=None):
+        seen["g_class"], seen["g_twin"] = fake_class_logits.detach().clone(), fake_twin_logits.detach().clone()
+        return real_g_loss(fake_logits, fake_class_logits, labels, class_weight, fake_twin_logits)
+
+    monkeypatch.setattr(acgan, "d_loss", recording_d_loss)
+    monkeypatch.setattr(acgan, "g_loss", recording_g_loss)
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.0), torch.optim.SGD(D.parameters(), lr=0.0)
+    acgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 32, 32) * 2 - 1, torch.arange(8), 16, no_scaler())
+    assert torch.equal(seen["d_fake_classes"], torch.arange(10.0).expand(8, 10))  # D: the twin names the fakes
+    assert torch.equal(seen["g_twin"], torch.arange(10.0).expand(8, 10))
+    assert not torch.equal(seen["g_class"], seen["g_twin"])  # G: the class head and the twin, both
+
+
+def test_acgan_accuracy_counts_both_heads_on_real_held_out_and_fake_images():
+    class FakeD(nn.Module):  # source logit = mean brightness; class = 0 for bright images, 1 for dark ones
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, images):
+            brightness = images.flatten(1).mean(1)
+            return brightness, torch.stack([brightness, -brightness], dim=1), None  # no twin: never read here
+
+    class DarkG(nn.Module):  # every fake dark: D calls all fake and names them class 1
+        def forward(self, z, labels):
+            return -torch.ones(len(z), 1, 4, 4)
+
+    bright, dark = torch.full((6, 1, 4, 4), 255, dtype=torch.uint8), torch.zeros(4, 1, 4, 4, dtype=torch.uint8)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 0, 0])  # right: 3 bright + 2 dark of 10
+    sets = {"train": (torch.cat([bright, dark]), labels), "test": None}
+    torch.manual_seed(0)
+    accuracy = acgan.d_accuracy(FakeD(), DarkG(), sets, latent_dim=3, num_classes=2, n=1000)
+    share_asked_1 = float(accuracy["d_class_acc_fake"])
+    assert {k: v for k, v in accuracy.items() if k != "d_class_acc_fake"} == {
+        "d_acc_real_train": "0.6000", "d_acc_real_test": "", "d_acc_fake": "1.0000",
+        "d_class_acc_train": "0.5000", "d_class_acc_test": ""}
+    assert 0.45 < share_asked_1 < 0.55  # right exactly where G was asked for class 1, half of the fakes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: every contract output, resume, generate, faults
+
+def test_acgan_run_writes_every_output_with_both_heads_accuracy(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert acgan_run("--data-dir", tiny_mnist, "--out", out, "--epochs", 2, *TINY) == 0
+    accuracy_columns = ["d_acc_real_train", "d_acc_real_test", "d_acc_fake", "d_class_acc_train",
+                        "d_class_acc_test", "d_class_acc_fake"]
+    rows, checkpoint = assert_run_outputs(out, 2, acgan.metric_names("tac") + accuracy_columns)
+    assert all(0 <= float(row[name]) <= 1 for row in rows for name in accuracy_columns)
+    assert checkpoint["script"] == "acgan.py" and checkpoint["args"]["image_size"] == 32
+    assert Image.open(out / "samples" / "epoch_002.png").size == (2 + 10 * 34, 2 + 10 * 34)  # one row per class
+    assert "names the class of" in capsys.readouterr().out
+
+
+def test_acgan_rgb_folder_at_64px_has_no_held_out_columns_and_generates_a_label(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("cats", "dogs", "owls"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "pets" / name / f"{i}.png")
+    out = tmp_path / "run"
+    assert acgan_run("--dataset", tmp_path / "pets", "--out", out, "--epochs", 1, *TINY, "--batch-size", 6) == 0
+    row = read_rows(out / "metrics.csv")[0]
+    assert row["d_acc_real_test"] == row["d_class_acc_test"] == "" and row["d_class_acc_train"] != ""
+    grid = Image.open(out / "samples" / "epoch_001.png")
+    assert grid.mode == "RGB" and grid.size == (2 + 10 * 66, 2 + 3 * 66)
+    assert acgan_run("--out", out, "--generate", 5, "--label", 2) == 0
+    samples = np.load(out / "samples.npz")
+    assert samples["images"].shape == (5, 64, 64, 3) and samples["images"].dtype == np.uint8
+    assert samples["labels"].dtype == np.int64 and (samples["labels"] == 2).all()
+
+
+def test_acgan_refuses_a_folder_of_loose_images_in_one_line(tmp_path, capsys):
+    (tmp_path / "loose").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / "loose" / f"{i}.png")
+    assert acgan_run("--dataset", tmp_path / "loose", "--out", tmp_path / "run", "--epochs", 1, *TINY) == 2
+    one_line_error(capsys, "acgan.py: error: ", "single class", "sub-folder per class")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_acgan_resume_gives_exactly_the_uninterrupted_run(tiny_mnist, tmp_path, capsys):
+    common = ["--data-dir", tiny_mnist, *TINY]
+    assert acgan_run(*common, "--out", tmp_path / "straight", "--epochs", 2) == 0
+    assert acgan_run(*common, "--out", tmp_path / "resumed", "--epochs", 1) == 0
+    capsys.readouterr()
+    assert acgan_run(*common, "--out", tmp_path / "resumed", "--epochs", 2, "--resume") == 0
+    assert "epochs 2..2" in capsys.readouterr().out
+    straight, resumed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+                         for name in ("straight", "resumed"))
+    for key in ("generator", "generator_average", "discriminator"):
+        assert all(torch.equal(straight[key][k], resumed[key][k]) for k in straight[key]), key
+    columns = ["d_loss", "g_loss", "d_class_acc_fake", "d_class_acc_test"]
+    assert ([[r[c] for c in columns] for r in read_rows(tmp_path / "straight" / "metrics.csv")]
+            == [[r[c] for c in columns] for r in read_rows(tmp_path / "resumed" / "metrics.csv")])
+
+
+def test_acgan_resume_keeps_the_runs_own_d_loss(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_mnist, "--out", out, *TINY]
+    assert acgan_run(*common, "--epochs", 1, "--class-loss", "paper", "--class-weight", 0.5) == 0
+    assert acgan_run(*common, "--epochs", 2, "--resume") == 0  # neither flag: the checkpoint's
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["args"]
+    assert saved["class_loss"] == "paper" and saved["class_weight"] == 0.5
+    assert "twin.weight" not in torch.load(out / "checkpoint.pt", weights_only=True)["discriminator"]
+    assert "twin_loss_fake" not in read_rows(out / "metrics.csv")[0]
+    capsys.readouterr()
+    assert acgan_run(*common, "--epochs", 3, "--resume", "--class-weight", 2) == 2
+    one_line_error(capsys, "--class-weight 2", "0.5")
+
+
+def test_acgan_generate_writes_labels_cycling_through_the_classes(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert acgan_run("--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *TINY) == 0
+    assert acgan_run("--out", out, "--generate", 25) == 0
+    samples = np.load(out / "samples.npz")
+    assert samples["images"].shape == (25, 32, 32, 1) and samples["images"].dtype == np.uint8
+    assert samples["labels"].dtype == np.int64 and list(samples["labels"][:12]) == [*range(10), 0, 1]
+    assert Image.open(out / "samples.png").size == (2 + 10 * 34, 2 + 3 * 34)
+    capsys.readouterr()
+    for bad in (10, -1):
+        assert acgan_run("--out", out, "--generate", 4, "--label", bad) == 2
+        one_line_error(capsys, f"--label {bad}", "classes 0..9")
+
+
+ACGAN_BAD = [["--epochs", 0], ["--batch-size", 0], ["--lr", 0], ["--lr", "nan"], ["--latent-dim", 0], ["--width", 0],
+             ["--log-every", 0], ["--generate", 0], ["--fid", 1], ["--average-decay", 1], ["--class-weight", -1],
+             ["--class-weight", "inf"], ["--image-size", 48], ["--seed", -1], ["--label", 3], ["--device", "tpu"]]
+
+
+def test_acgan_every_bad_number_exits_2_with_one_line_before_any_data_is_loaded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the flags were checked"))
+    for bad in ACGAN_BAD:
+        assert acgan_exit("--out", tmp_path / "run", *bad) == 2, bad
+        assert one_line_error(capsys, bad[0]).startswith("acgan.py: error: ")
+    for bad in (["--epochs", "ten"], ["--class-loss", "uniform"], ["--loss", "hinge"], ["--conditional"]):  # argparse's own errors, one line too
+        assert acgan_exit(*bad) == 2, bad
+        one_line_error(capsys, "acgan.py: error:")
+
+
+def test_acgan_refuses_another_scripts_checkpoint(tiny_mnist, tmp_path, capsys):
+    import dcgan
+
+    out = tmp_path / "run"
+    assert dcgan.main([str(a) for a in ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *TINY]]) == 0
+    capsys.readouterr()
+    assert acgan_run("--data-dir", tiny_mnist, "--out", out, "--epochs", 2, "--resume", *TINY) == 2
+    one_line_error(capsys, "was written by dcgan.py with --image-size 32", "this is acgan.py")
+    assert acgan_run("--out", out, "--generate", 4) == 2
+    one_line_error(capsys, "was written by dcgan.py")
+
+
+def test_acgan_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_mnist, "--out", out, *TINY]
+    assert acgan_run(*common, "--epochs", 1) == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(acgan, "g_loss", lambda logits, *rest: logits.mean() * float("nan"))
+    assert acgan_run(*common, "--epochs", 3, "--resume") == 1
+    assert "diverged" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == good
+
+
+def test_acgan_ctrl_c_exits_130_with_the_last_epoch_saved(tiny_mnist, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real_step = acgan.train_step
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) > 5:  # during epoch 2 (80 images in batches of 16: 5 steps per epoch)
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(acgan, "train_step", interrupted_step)
+    assert acgan_run("--data-dir", tiny_mnist, "--out", out, "--epochs", 3, *TINY) == 130
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    monkeypatch.setattr(acgan, "train_step", real_step)
+    assert acgan_run("--data-dir", tiny_mnist, "--out", out, "--epochs", 2, "--resume", *TINY) == 0
+
+
+def test_acgan_amp_run_gives_finite_losses(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert acgan_run("--data-dir", tiny_mnist, "--out", out, "--epochs", 1, "--amp", *TINY) == 0
+    assert_run_outputs(out, 1, acgan.metric_names("tac"))
+
+
+def test_acgan_fid_flag_scores_every_class_equally_often(tiny_mnist, tmp_path, monkeypatch, capsys):
+    import fid
+
+    scored = []
+
+    def fake_statistics(images, **kwargs):
+        scored.append(images)
+        return np.zeros(3), np.eye(3)
+
+    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
+    monkeypatch.setattr(fid, "compute_statistics", fake_statistics)
+    monkeypatch.setattr(fid, "cached_statistics", lambda cache_file, images_fn, **kwargs: (np.ones(3), np.eye(3)))
+    assert acgan_run("--data-dir", tiny_mnist, "--out", tmp_path / "run", "--epochs", 1, "--fid", 30, *TINY) == 0
+    assert "FID: 3 (" in capsys.readouterr().out
+    assert scored[0].shape == (30, 1, 32, 32) and scored[0].dtype == torch.uint8

@@ -1,0 +1,706 @@
+"""BEGAN (Berthelot et al. 2017, arXiv:1703.10717): D is an autoencoder; G and D balance its reconstruction losses.
+
+    python began.py --dataset fashion-mnist                # 32x32 grids, GIF, metrics (k_t, M_global) in runs/began/
+    python began.py --dataset fashion-mnist --gamma 0.7 --out runs/began-g07   # higher gamma: more varied samples
+    python began.py --dataset faces/ --image-size 64 --width 64 --epochs 50   # a folder of images, 64x64
+    python began.py --generate 5000                        # runs/began/samples.npz and samples.png from the checkpoint
+
+D never says "real" or "fake": it reconstructs its input, and its per-pixel L1 reconstruction loss L(v) is the
+score. D minimises L(x) - k_t L(G(z)), G minimises L(G(z)), and k_t in [0, 1] is steered so that
+L(G(z)) = gamma L(x) holds on average. M_global = L(x) + |gamma L(x) - L(G(z))| tracks convergence.
+"""
+import argparse
+import copy
+import csv
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+
+SCRIPT = os.path.basename(__file__)
+BASE = 8  # the decoders start from an 8x8 map and the encoder stops at one, as in the paper
+
+
+def conv_block(c_in, c_out, convs):
+    """`convs` 3x3 convolutions, each followed by an ELU (the paper's unit, repeated twice per resolution there)."""
+    layers = []
+    for i in range(convs):
+        layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, kernel_size=3, padding=1), nn.ELU()]
+    return layers
+
+
+class Decoder(nn.Module):
+    """h (B, h_dim) -> image (B, C, S, S). G and D's decoder both have this shape, with weights of their own.
+
+    A fully connected layer without a nonlinearity maps h to an 8x8 map; per resolution, `convs` 3x3 convolutions
+    with ELU (the paper: two), then nearest-neighbour upsampling (no transposed convolutions); a last 3x3 convolution
+    gives C channels.
+    No BatchNorm anywhere: BEGAN's losses are per image, and the balance needs D to judge each image on its own."""
+
+    def __init__(self, h_dim, image_size, channels, width, convs=2):
+        super().__init__()
+        self.width = width
+        self.fc = nn.Linear(h_dim, width * BASE * BASE)  # (B, w * 8 * 8) -> viewed as (B, w, 8, 8)
+        layers = []
+        for i in range(image_size.bit_length() - BASE.bit_length() + 1):  # 8x8, 16x16, 32x32 at 32x32
+            if i:
+                layers.append(nn.Upsample(scale_factor=2, mode="nearest"))  # (B, w, 2s, 2s)
+            layers += conv_block(width, width, convs)
+        layers.append(nn.Conv2d(width, channels, kernel_size=3, padding=1))  # (B, C, S, S)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h):
+        return self.net(self.fc(h).view(len(h), self.width, BASE, BASE))
+
+
+class Encoder(nn.Module):
+    """image (B, C, S, S) -> h (B, h_dim): per resolution `convs` 3x3 convolutions with ELU, then a stride-2 3x3
+    convolution that halves the size and adds `width` channels (w, 2w, 3w: the paper's linear growth), down to 8x8,
+    then a fully connected layer without a nonlinearity."""
+
+    def __init__(self, image_size, channels, width, h_dim, convs=2):
+        super().__init__()
+        blocks = image_size.bit_length() - BASE.bit_length() + 1  # 3 at 32x32
+        layers = [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ELU()]  # (B, w, S, S)
+        for i in range(blocks):
+            layers += conv_block(width * (i + 1), width * (i + 1), convs)
+            if i < blocks - 1:  # (B, 2w, 16, 16), (B, 3w, 8, 8) at 32x32
+                layers += [nn.Conv2d(width * (i + 1), width * (i + 2), kernel_size=3, stride=2, padding=1), nn.ELU()]
+        self.net = nn.Sequential(*layers, nn.Flatten())  # (B, 3w * 8 * 8)
+        self.fc = nn.Linear(width * blocks * BASE * BASE, h_dim)
+
+    def forward(self, images):
+        return self.fc(self.net(images))
+
+
+class Generator(nn.Module):
+    """z ~ U[-1, 1]^latent_dim -> image in [-1, 1]: the decoder, with a tanh so samples live where real images do."""
+
+    def __init__(self, latent_dim, image_size, channels, width, convs=2):
+        super().__init__()
+        self.decoder = Decoder(latent_dim, image_size, channels, width, convs)
+
+    def forward(self, z):  # (B, latent_dim) -> (B, C, S, S)
+        return torch.tanh(self.decoder(z))
+
+
+class Discriminator(nn.Module):
+    """An autoencoder: image -> its reconstruction, through a bottleneck of latent_dim numbers (the paper's Nh = Nz).
+    Images it has learnt to reconstruct well count as real."""
+
+    def __init__(self, image_size, channels, width, latent_dim, convs=2):
+        super().__init__()
+        self.encoder = Encoder(image_size, channels, width, latent_dim, convs)
+        self.decoder = Decoder(latent_dim, image_size, channels, width, convs)
+
+    def forward(self, images):  # (B, C, S, S) -> (B, C, S, S)
+        return self.decoder(self.encoder(images))
+
+
+def init_weights(model):
+    """He (Kaiming) initialisation: gain sqrt(2) for a layer an ELU follows, 1 for the linear ones (the bottleneck's
+    fully connected layers, the output convolution). PyTorch's default init shrinks the signal about threefold per
+    layer; through BEGAN's dozen layers that leaves G's output nearly independent of z (std 0.03 across z) and D's
+    code nearly independent of the image: G starts collapsed, and with k_0 = 0 nothing pulls it out."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.ELU))]
+    for layer, after in zip(layers, layers[1:] + [None]):
+        if not isinstance(layer, nn.ELU):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu" if isinstance(after, nn.ELU) else "linear")
+            nn.init.zeros_(layer.bias)
+
+
+def sample_z(n, latent_dim, device, generator=None):
+    """The paper's uniform noise on [-1, 1]. With a seeded generator (grids, --generate) it is drawn on the CPU, so
+    the same seed gives the same z on every device; in training, on the device from the global stream."""
+    if generator is not None:
+        return (torch.rand(n, latent_dim, generator=generator) * 2 - 1).to(device)
+    return torch.rand(n, latent_dim, device=device) * 2 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GAN itself: the reconstruction loss, the two objectives, the control of k_t, and the alternating update
+
+def reconstruction_loss(D, images):
+    """L(v) = mean |v - D(v)| over pixels and channels, one value per image (B,): D's "realness" score, low = real."""
+    return (D(images).float() - images.float()).abs().flatten(1).mean(1)
+
+
+def d_loss(l_real, l_fake, k):
+    """D reconstructs reals well and pushes fakes away, the latter weighted by k_t."""
+    return l_real - k * l_fake
+
+
+def g_loss(l_fake):
+    """G makes images D reconstructs well."""
+    return l_fake
+
+
+def update_k(k, l_real, l_fake, gamma, lambda_k):
+    """Proportional control k_{t+1} = clip(k_t + lambda_k (gamma L(x) - L(G(z))), 0, 1). When the fakes are too easy
+    for D (L(G(z)) < gamma L(x)), k grows and D spends more effort pushing them away, and vice versa. gamma, the
+    diversity ratio E[L(G(z))] / E[L(x)], is the one knob: the paper finds lower gamma gives sharper, less varied
+    samples. Note that any images D reconstructs gamma times as well as the reals sit at the set point, blank or
+    blurry ones included: the control alone does not keep G from collapsing onto them."""
+    return (k + lambda_k * (gamma * l_real - l_fake)).clamp(0.0, 1.0)
+
+
+def convergence_measure(l_real, l_fake, gamma):
+    """M_global = L(x) + |gamma L(x) - L(G(z))|: small when D reconstructs reals well and the balance holds. The
+    paper shows it falling as the samples improve; it also falls whenever D's reconstructions improve, collapsed
+    samples or not, so read it beside the grids."""
+    return l_real + (gamma * l_real - l_fake).abs()
+
+
+METRICS = ["d_loss", "g_loss", "l_real", "l_fake", "m_global", "k"]  # per-step columns of metrics.csv (k: last)
+
+
+def train_step(G, D, opt_g, opt_d, real, k, latent_dim, gamma, lambda_k, scaler):
+    """One D update, one G update against the D just improved, then the k_t update from D's step's two losses.
+
+    k: float32 scalar tensor on the device, updated in place (reading it would sync with the device each step)."""
+    z = sample_z(len(real), latent_dim, real.device)
+    with autocast(real.device, scaler):
+        fake = G(z)
+        # Discriminator: reals and fakes in one forward (no BatchNorm, so they do not mix); fake is detached so this
+        # loss does not reach into G.
+        l_real, l_fake = reconstruction_loss(D, torch.cat([real, fake.detach()])).split(len(real))
+        l_real, l_fake = l_real.mean(), l_fake.mean()
+        loss_d = d_loss(l_real, l_fake, k)
+    opt_d.zero_grad(set_to_none=True)
+    scaler.scale(loss_d).backward()
+    average_gradients(D)
+    scaler.step(opt_d)
+
+    # Generator: the same fakes through the updated D, whose weights are frozen meanwhile so the backward pass only
+    # computes what G needs.
+    D.requires_grad_(False)
+    with autocast(real.device, scaler):
+        loss_g = g_loss(reconstruction_loss(D, fake).mean())
+    opt_g.zero_grad(set_to_none=True)
+    scaler.scale(loss_g).backward()
+    average_gradients(G)
+    scaler.step(opt_g)
+    scaler.update()
+    D.requires_grad_(True)
+
+    # k_t follows the balance measured where the paper measures it: both losses of D's step, at the same weights.
+    l_real, l_fake = l_real.detach(), l_fake.detach()
+    balance_terms = torch.stack([l_real, l_fake])
+    if dist.is_initialized():  # every process must move k alike: the batch-wide losses, not its own share's
+        dist.all_reduce(balance_terms)
+        balance_terms /= dist.get_world_size()
+    m_global = convergence_measure(*balance_terms, gamma)
+    k.copy_(update_k(k, *balance_terms, gamma, lambda_k))
+    # Returned as tensors on the device: reading them (.item()) would force a sync every step.
+    return torch.stack([loss_d.detach().float(), loss_g.detach().float(), l_real, l_fake, m_global])
+
+
+def average_gradients(model):
+    """Under torchrun: replace every gradient by its mean over the processes, so that all replicas take the same step.
+
+    This is what DistributedDataParallel does, done by hand (as StyleGAN2-ADA does) because a GAN step does not fit
+    DDP's one-forward-one-backward pattern: D runs forward on reals and on fakes before one backward, and G's backward
+    passes through a frozen D. One flat all-reduce per update."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(mean.view_as(grad))
+
+
+def autocast(device, scaler):
+    """Mixed precision when --amp is on: float16 with loss scaling on CUDA, bfloat16 (no scaling needed) on CPU."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=scaler.amp)
+
+
+@torch.no_grad()
+def update_average(G_average, G, step, decay):
+    """Exponential moving average of G's weights. Samples from the average are much cleaner than from the last
+    step's weights, which oscillate around it (Yazici et al. 2019). The decay ramps up over the first steps so
+    that the average does not drag the random initial weights along for thousands of steps."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for average, current in zip(G_average.parameters(), G.parameters()):
+        average.lerp_(current, 1 - decay)
+
+
+@torch.no_grad()
+def d_reconstruction(D, G, real_sets, latent_dim, n=1000):
+    """BEGAN's D has no real/fake decision, so in place of an accuracy: its mean reconstruction loss L on up to n
+    images of each real set and on n fresh fakes from the raw generator (not its average, which D never saw).
+    A training loss that falls below the held-out one means D is memorising the training images, the same signal
+    a train/held-out accuracy gap gives for other GANs.
+    real_sets: name -> uint8 images on the device, or None where there is no such set."""
+    D.eval(), G.eval()
+    device = next(D.parameters()).device
+    losses = {}
+    for name, images in real_sets.items():
+        if images is None:
+            losses[name] = ""  # a folder has no held-out split
+            continue
+        per_image = [reconstruction_loss(D, data.to_float(chunk)) for chunk in images[:n].split(250)]
+        losses[name] = f"{torch.cat(per_image).mean().item():.5f}"
+    sizes = torch.arange(n).split(250)
+    per_image = [reconstruction_loss(D, G(sample_z(len(chunk), latent_dim, device))) for chunk in sizes]
+    losses["d_recon_fake"] = f"{torch.cat(per_image).mean().item():.5f}"
+    D.train(), G.train()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running it: training, sampling, checkpoints
+
+class UsageError(Exception):
+    """Bad flags, an unusable output folder or checkpoint: reported as one line, exit status 2."""
+
+
+def build_models(args, image_shape):
+    channels, image_size = image_shape[0], image_shape[-1]
+    G = Generator(args.latent_dim, image_size, channels, args.width, args.convs)
+    D = Discriminator(image_size, channels, args.width, args.latent_dim, args.convs)
+    init_weights(G)
+    init_weights(D)
+    return G, D
+
+
+def make_optimizers(args, G, D):
+    """Adam for both, beta1 0.5 as in the authors' and most BEGAN code: the default 0.9 lets momentum overshoot."""
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    return opt_g, opt_d
+
+
+@torch.no_grad()
+def generate_images(G, n, latent_dim, device, seed, batch_size=500):
+    """n images as uint8 [n, C, H, W], made in batches by G in eval mode."""
+    G.eval()
+    noise = torch.Generator().manual_seed(seed)
+    images = [data.to_uint8(G(sample_z(min(batch_size, n - i), latent_dim, device, noise))).cpu()
+              for i in range(0, n, batch_size)]
+    return torch.cat(images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): one process per GPU, the same weights everywhere, a share of each batch each
+
+def setup_distributed(args):
+    """Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK): join the process group, NCCL on CUDA with one GPU
+    per process, gloo on the CPU. Returns (rank, world_size); (0, 1) without torchrun, where nothing changes."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
+    if args.device.startswith("cuda"):
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible")
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world_size
+
+
+def load_data(args, rank, split="train"):
+    """The dataset, read by every process. Rank 0 goes first (it may download) and passes on its error, if any, so
+    that the others stop with the same one line instead of waiting. The test split is optional: None if absent."""
+    dataset, error = None, None
+    if rank == 0:
+        try:
+            dataset = data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size,
+                                        download=split == "train")
+        except data.DataError as e:
+            error = str(e)
+    if dist.is_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        if split == "test":
+            return None
+        raise data.DataError(error)
+    if dataset is None:
+        dataset = data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size)
+    return dataset
+
+
+def replicas_agree(*models):
+    """True when every process holds the same weights: a float64 checksum per process, compared in one all-reduce."""
+    checksum = sum(p.detach().double().sum() for model in models for p in model.parameters())
+    extremes = torch.stack([checksum, -checksum])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return bool(extremes[0] == -extremes[1])  # max == min
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: checkpoints, metrics, the output folder
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so not even a power cut leaves a torn checkpoint
+        os.replace(tmp, path)  # atomic: a crash, kill -9 or Ctrl-C mid-save leaves the previous checkpoint intact
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+MODEL_SETTINGS = ("image_size", "width", "convs", "latent_dim")  # what the weights were made for
+
+
+def load_checkpoint(out):
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}: train first (or pass the run's --out)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: torch raises several types, all mean "not a checkpoint of ours"
+        raise UsageError(f"cannot load {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    if not isinstance(checkpoint, dict) or "generator" not in checkpoint or "args" not in checkpoint:
+        raise UsageError(f"{path} is not a checkpoint written by a training script")
+    written_by = checkpoint.get("script", "an older script")  # every began.py checkpoint names its script
+    if written_by != SCRIPT:
+        saved = checkpoint["args"]
+        settings = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in MODEL_SETTINGS if k in saved)
+        raise UsageError(f"{path} was written by {written_by} with {settings}; this is {SCRIPT}")
+    checkpoint["path"] = path
+    return checkpoint
+
+
+def restore(module, state, checkpoint, what):
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:  # wrong shapes or names: the file is not this model's
+        raise UsageError(f"{checkpoint['path']}: the {what} does not fit this model ({str(e).splitlines()[0][:120]})"
+                         ) from None
+
+
+def resume_settings(args, checkpoint):
+    """The run's own settings win over the defaults; a flag given with another value is refused, not ignored."""
+    defaults = vars(parse_args([]))
+    for key in (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "gamma", "lambda_k"):
+        saved = checkpoint["args"].get(key, defaults[key])
+        if getattr(args, key) not in (saved, defaults[key]):
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: {checkpoint['path']} was written "
+                             f"with --{key.replace('_', '-')} {saved}, which --resume keeps")
+        setattr(args, key, saved)
+    if args.epochs <= checkpoint["epoch"]:
+        raise UsageError(f"--epochs {args.epochs}: {checkpoint['path']} is already at epoch {checkpoint['epoch']}; "
+                         f"--epochs counts the total")
+
+
+def prepare_out(out):
+    """Create the run's folder and check that it takes files, before any data is loaded or time spent."""
+    try:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        with open(os.path.join(out, ".write_test"), "wb") as f:
+            f.write(b"ok")
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def write_metrics(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_metrics(path, up_to_epoch):
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+def train(args, rank=0, world_size=1):
+    device = torch.device(args.device)
+    checkpoint = load_checkpoint(args.out) if args.resume else None
+    if checkpoint:
+        resume_settings(args, checkpoint)
+    args.image_size = args.image_size or default_size(args)
+    if rank == 0:
+        prepare_out(args.out)
+    dataset = load_data(args, rank)
+    held_out = load_data(args, rank, split="test") if args.dataset in data.DATASETS else None
+    torch.manual_seed(args.seed)
+    G, D = build_models(args, dataset.image_shape)  # the same initial weights in every process
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # speed only: cuDNN autotuning
+    # NHWC, for speed only: tensor cores on CUDA; on a CPU, oneDNN's 3x3 convolutions over few channels gain ~20% too.
+    G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    G, D = G.to(device), D.to(device)
+    G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
+    opt_g, opt_d = make_optimizers(args, G, D)
+    k = torch.zeros((), device=device)  # k_0 = 0: D starts by only learning to reconstruct the reals
+    start_epoch = 0
+    if checkpoint:
+        for module, key in ((G, "generator"), (G_average, "generator_average"), (D, "discriminator"),
+                            (opt_g, "opt_g"), (opt_d, "opt_d")):
+            restore(module, checkpoint[key], checkpoint, key.replace("_", " "))
+        k.fill_(checkpoint["k"])
+        start_epoch = checkpoint["epoch"]
+        torch.set_rng_state(checkpoint["rng"])
+    # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
+    G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    scaler.amp = args.amp
+
+    metrics_path = os.path.join(args.out, "metrics.csv")
+    history = read_metrics(metrics_path, start_epoch) if rank == 0 else []
+    batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
+    grid_noise = sample_z(100, args.latent_dim, device, torch.Generator().manual_seed(args.seed))
+    real_sets = {"d_recon_real_train": batches.images,  # D's reconstruction loss on up to 1,000 of each
+                 "d_recon_real_test": held_out.images.to(device) if held_out else None}
+    if rank == 0:
+        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} steps per "
+              f"epoch, device {device}" + (f" x {world_size} processes" if world_size > 1 else "") +
+              f", epochs {start_epoch + 1}..{args.epochs}, gamma {args.gamma}")
+
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        if rank > 0:  # every process draws its own noise, from a stream fixed by (seed, rank, epoch) for --resume
+            torch.manual_seed(hash((args.seed, rank, epoch)))
+        started, seen = time.time(), 0
+        totals = torch.zeros(len(METRICS) - 1, device=device)
+        for i, (real, _) in enumerate(batches.epoch(epoch), 1):
+            seen += len(real)
+            if world_size > 1:  # this process's share: disjoint slices of the same global batch
+                real = real.tensor_split(world_size)[rank]
+            real = real.contiguous(memory_format=torch.channels_last)
+            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, k, args.latent_dim, args.gamma, args.lambda_k,
+                                 scaler)
+            update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
+            if i % args.log_every == 0 or i == len(batches):
+                means = torch.cat([totals / i, k.view(1)])  # the epoch's means so far, and k_t as it is now
+                if world_size > 1:
+                    dist.all_reduce(means)
+                    means /= world_size
+                means = means.tolist()  # the only sync with the device, every log_every steps
+                if not all(map(math.isfinite, means)):
+                    raise FloatingPointError(f"loss became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch} step {i}")
+                elapsed = time.time() - started
+                steps_left = len(batches) - i + (args.epochs - epoch) * len(batches)
+                if rank == 0:
+                    print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} "
+                          f"g_loss {means[1]:.3f} | L(x) {means[2]:.3f} L(G(z)) {means[3]:.3f} | "
+                          f"M {means[4]:.3f} k {means[5]:.4f} | {seen / elapsed:.0f} img/s | "
+                          f"{steps_left * elapsed / i / 60:.1f} min left ",
+                          end="\r" if sys.stdout.isatty() else "\n", flush=True)
+        if world_size > 1 and not replicas_agree(G, D):
+            raise FloatingPointError(f"the processes' weights differ at the end of epoch {epoch}")
+        if rank > 0:
+            continue
+        if sys.stdout.isatty():
+            print()
+        seconds = time.time() - started
+        recon = d_reconstruction(D, G, real_sets, args.latent_dim)
+        print(f"epoch {epoch}: M_global {means[4]:.4f}, k_t {means[5]:.4f}; D's reconstruction loss L on "
+              f"training images {recon['d_recon_real_train']}, held-out {recon['d_recon_real_test'] or '-'}, "
+              f"fakes {recon['d_recon_fake']}")
+        history.append({"epoch": epoch, **{name: f"{v:.5f}" for name, v in zip(METRICS, means)}, **recon,
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+        save_epoch(args, epoch, history, G_average, grid_noise, {
+            "script": SCRIPT, "generator": G.state_dict(), "generator_average": G_average.state_dict(),
+            "discriminator": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "k": means[5], "epoch": epoch, "args": vars(args), "image_shape": list(dataset.image_shape),
+            "classes": dataset.classes, "rng": torch.get_rng_state()})
+
+    if args.fid and rank == 0:
+        report_fid(G_average, args, dataset, device)
+
+
+def save_epoch(args, epoch, history, G_average, grid_noise, checkpoint):
+    """Everything an epoch leaves on disk, checkpoint last. A full disk or a vanished folder is one line (exit 2);
+    the checkpoint of the previous epoch stays intact, since the new one replaces it only once it is whole."""
+    try:
+        write_metrics(os.path.join(args.out, "metrics.csv"), history)
+        # The losses (their scale is that of L, a mean absolute pixel error in [0, 2]) and k_t in [0, 1].
+        curves = ("d_loss", "g_loss", "m_global", "k")
+        data.plot_curves({name: [float(row[name]) for row in history] for name in curves},
+                         os.path.join(args.out, "losses.png"))
+        with torch.no_grad():
+            data.save_grid(G_average.eval()(grid_noise), os.path.join(args.out, "samples", f"epoch_{epoch:03d}.png"),
+                           nrow=10)
+        frames = sorted(f for f in os.listdir(os.path.join(args.out, "samples")) if f.endswith(".png"))
+        data.save_gif([os.path.join(args.out, "samples", f) for f in frames], os.path.join(args.out, "progress.gif"))
+        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), checkpoint)
+    except OSError as e:
+        raise UsageError(f"cannot write epoch {epoch}'s files into {args.out} ({e.strerror or e}); "
+                         f"checkpoint.pt still holds epoch {epoch - 1}") from None
+
+
+def default_size(args):
+    """32x32 for the 28x28 named datasets (a power of two keeps the up/down-sampling exact), 64 for a folder."""
+    return 32 if args.dataset in data.DATASETS else 64
+
+
+def report_fid(G, args, dataset, device):
+    """Print the FID of args.fid generated images against the real training images (their statistics cached)."""
+    import fid  # only needed here; fid.py stands alone
+
+    try:
+        inception = fid.load_inception(device=device)  # loaded once for both sides
+        fake = generate_images(G, args.fid, args.latent_dim, device, seed=args.seed + 1)
+        cache = os.path.join(dataset.cache_dir, f"fid_stats_{dataset.image_shape[-1]}px_{len(dataset.images)}.npz")
+        mu_real, sigma_real = fid.cached_statistics(cache, lambda: dataset.images, weights=inception)
+        mu_fake, sigma_fake = fid.compute_statistics(fake, weights=inception)
+    except fid.FIDError as e:
+        raise UsageError(f"--fid: {e}") from None
+    print(f"FID: {fid.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake):.6g} "
+          f"({args.fid} generated vs {len(dataset.images)} real images, 2048-d pytorch-fid Inception features)")
+
+
+def generate(args):
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UsageError("--generate runs in one process: start it with python, not torchrun")
+    checkpoint = load_checkpoint(args.out)
+    saved = argparse.Namespace(**checkpoint["args"])
+    G, _ = build_models(saved, checkpoint["image_shape"])
+    restore(G, checkpoint["generator_average"], checkpoint, "generator")
+    images = generate_images(G.to(args.device), args.generate, saved.latent_dim, args.device, seed=args.seed)
+    path = os.path.join(args.out, "samples.npz")
+    tmp = path + ".tmp.npz"
+    try:
+        np.savez(tmp, images=images.permute(0, 2, 3, 1).numpy())
+        os.replace(tmp, path)
+        data.save_grid(images[:100], os.path.join(args.out, "samples.png"), nrow=10)
+    except OSError as e:
+        raise UsageError(f"cannot write the samples into {args.out} ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {len(images)} images to {path} and a grid to {os.path.join(args.out, 'samples.png')}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv):
+    p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
+    p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
+    p.add_argument("--epochs", type=int, default=5, help="total passes over the training set (default 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step, over all processes (default 64)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D (default 2e-4; the paper "
+                                                          "used 1e-4 for far longer runs)")
+    p.add_argument("--latent-dim", type=int, default=64, help="size of z and of D's bottleneck h (default 64)")
+    p.add_argument("--image-size", type=int, help="side of the square images, a power of two >= 32 "
+                                                  "(default 32 for mnist/fashion-mnist, 64 for a folder)")
+    p.add_argument("--width", type=int, default=16, help="channels of every decoder layer and of the encoder's first; "
+                                                         "the encoder adds as many per halving (default 16, for a "
+                                                         "CPU; the paper used 64-128)")
+    p.add_argument("--convs", type=int, default=1, help="3x3 convolutions per resolution in G and in each half of D "
+                                                        "(default 1, for a CPU; the paper used 2)")
+    p.add_argument("--gamma", type=float, default=0.5, help="diversity ratio L(G(z)) / L(x) that k_t steers to; "
+                                                            "the paper: lower is sharper, less varied (default 0.5)")
+    p.add_argument("--lambda-k", type=float, default=0.001, help="gain of the k_t control (default 0.001)")
+    p.add_argument("--average-decay", type=float, default=0.999,
+                   help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
+    p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--out", default=os.path.join("runs", "began"), help="the run's folder (default runs/began)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--generate", type=int, metavar="N", help="no training: write N images to OUT/samples.npz")
+    p.add_argument("--fid", type=int, metavar="N", help="after training, FID of N generated vs the real images")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: float16 + loss scaling on CUDA, bfloat16 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile G and D (pays off on GPUs)")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Every number and the device, before anything is loaded: one line naming the flag."""
+    for name, least in (("epochs", 1), ("batch_size", 1), ("latent_dim", 1), ("width", 1), ("convs", 1),
+                        ("log_every", 1), ("generate", 1), ("fid", 2)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed {args.seed}: must be in 0..{2 ** 32 - 1}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr {args.lr}: must be a positive number")
+    if not 0 < args.gamma <= 1:  # also refuses nan
+        raise UsageError(f"--gamma {args.gamma}: must be in (0, 1]")
+    if not (math.isfinite(args.lambda_k) and args.lambda_k >= 0):
+        raise UsageError(f"--lambda-k {args.lambda_k}: must be a number >= 0")
+    if not 0 <= args.average_decay < 1:
+        raise UsageError(f"--average-decay {args.average_decay}: must be in [0, 1)")
+    if args.image_size is not None and (args.image_size < 32 or args.image_size & (args.image_size - 1)):
+        raise UsageError(f"--image-size {args.image_size}: must be a power of two, at least 32")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this torch {torch.__version__} sees no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+
+
+def main(argv=None):
+    rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 reports, so one error is one line
+    args = None
+    try:
+        args = parse_args(argv)
+        if args.generate is not None:
+            generate(args)
+        else:
+            rank, world_size = setup_distributed(args)
+            train(args, rank, world_size)
+    except (data.DataError, UsageError) as e:
+        if rank == 0:
+            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        if rank == 0:
+            print(f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}",
+                  file=sys.stderr)
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        if rank == 0:
+            print(f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size or --width",
+                  file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",
+                  file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
