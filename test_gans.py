@@ -37,6 +37,7 @@ import dcgan
 import fid
 import gan
 import infogan
+import lapgan
 import score
 import wgan_gp
 
@@ -1572,7 +1573,7 @@ def test_every_bad_number_exits_2_with_one_line_before_any_data_is_loaded(script
         assert err.startswith(f"{script.__name__}.py: error: "), err
 
 
-@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, began])
+@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, acgan, began, lapgan])
 @pytest.mark.parametrize("bad", [["--epochs", "ten"], ["--loss", "wasserstein"], ["--lipschitz", "both"],
                                  ["--no-such-flag"]])
 def test_argparse_errors_are_one_line_too(script, bad, capsys):
@@ -1581,7 +1582,7 @@ def test_argparse_errors_are_one_line_too(script, bad, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only case")
-@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, began, bench])
+@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, acgan, began, lapgan, bench])
 def test_asking_for_a_gpu_that_is_not_there_exits_2_naming_device(script, capsys):
     assert exit_code(script, ["--device", "cuda"]) == 2
     one_line_error(capsys, "--device cuda", "CUDA")
@@ -3075,3 +3076,299 @@ def test_acgan_fid_flag_scores_every_class_equally_often(tiny_mnist, tmp_path, m
     assert acgan_run("--data-dir", tiny_mnist, "--out", tmp_path / "run", "--epochs", 1, "--fid", 30, *TINY) == 0
     assert "FID: 3 (" in capsys.readouterr().out
     assert scored[0].shape == (30, 1, 32, 32) and scored[0].dtype == torch.uint8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lapgan.py: the Laplacian pyramid, the per-level GANs and the cascade, and the run contract on tiny offline data
+torch.set_num_threads(1)
+
+LAPGAN_TINY = ["--width", "4", "--latent-dim", "8", "--batch-size", "16", "--log-every", "1"]
+LAPGAN_METRICS = lapgan.metric_names([8, 16, 32])
+
+
+@pytest.fixture
+def lapgan_mnist(tmp_path):
+    """tmp_path/mnist/ with 80 training images in all 10 classes (bars), as gzipped IDX files."""
+    return make_tiny_mnist(tmp_path, n=80, num_classes=10)
+
+
+def lapgan_run(argv):
+    return lapgan.main([str(a) for a in argv])
+
+
+def lapgan_exit_code(argv):
+    """main()'s exit status, also where argparse itself exits (an unknown choice, a non-number)."""
+    try:
+        return lapgan_run(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def tiny_lapgan_models(image_size=32, channels=1, num_classes=0, width=4, latent_dim=8):
+    torch.manual_seed(0)
+    G = lapgan.Generator(latent_dim, image_size, channels, width, num_classes)
+    D = lapgan.Discriminator(image_size, channels, width, num_classes)
+    G.apply(lapgan.init_weights)
+    D.apply(lapgan.init_weights)
+    return G, D
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pyramid
+
+@pytest.mark.parametrize("image_size, channels", [(32, 1), (64, 3)])
+def test_pyramid_down_up_and_adding_the_residuals_back_gives_the_image_exactly(image_size, channels):
+    images = torch.randint(0, 256, (5, channels, image_size, image_size), dtype=torch.uint8)
+    levels = lapgan.pyramid_levels(image_size)
+    bands, lows = lapgan.laplacian_pyramid(data.to_float(images), levels)
+    sizes = [8 * 2 ** k for k in range(levels)]
+    assert [band.shape[-1] for band in bands] == sizes  # coarse to fine, the top 8x8
+    assert [low.shape[-1] for low in lows] == sizes[1:]
+    rebuilt = lapgan.reconstruct(bands)
+    assert (rebuilt - data.to_float(images)).abs().max() < 1e-5  # float rounding only
+    assert torch.equal(data.to_uint8(rebuilt), images)  # exact as pixels
+
+
+def test_pyramid_levels_are_blurred_halvings_and_residuals_what_the_upsampling_misses():
+    flat = torch.full((2, 1, 32, 32), 0.25)
+    bands, lows = lapgan.laplacian_pyramid(flat, 3)
+    torch.testing.assert_close(bands[0], torch.full((2, 1, 8, 8), 0.25))  # the blur keeps a constant
+    assert all(residual.abs().max() < 1e-6 for residual in bands[1:])  # nothing for a finer level to add
+    # The blur's weights are positive and sum to 1: a level of a [-1, 1] image stays in [-1, 1].
+    noise = torch.rand(4, 3, 32, 32) * 2 - 1
+    bands, lows = lapgan.laplacian_pyramid(noise, 3)
+    assert bands[0].abs().max() <= 1 and all(low.abs().max() <= 1 for low in lows)
+    # A level is the blurred finer one with every second pixel kept.
+    torch.testing.assert_close(lapgan.downsample(noise), lapgan.binomial_blur(noise)[..., ::2, ::2])
+
+
+def test_pyramid_picture_is_written(tmp_path):
+    make_tiny_mnist(tmp_path, n=8, num_classes=2)
+    path = lapgan.save_pyramid_picture("mnist", str(tmp_path / "pyramid.png"), data_dir=str(tmp_path))
+    picture = Image.open(path)
+    assert picture.width > 3 * 32 and picture.height > 3 * 32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The models and the step
+
+def test_one_generator_and_discriminator_per_level_each_finer_g_drawing_a_residual():
+    G, D = tiny_lapgan_models(64, 3)
+    assert len(G.refiners) == len(D.refiners) == 3  # 8x8 from z, then 16, 32 and 64
+    z, planes = lapgan.cascade_noise(5, 8, 64)
+    levels = G.eval().sample(z, None, planes)
+    assert [image.shape for image in levels] == [(5, 3, size, size) for size in (8, 16, 32, 64)]
+    for k, refine in enumerate(G.refiners):  # each level: the upsampled coarser one plus its G's residual
+        low = lapgan.upsample(levels[k])
+        torch.testing.assert_close(levels[k + 1], (low + refine(low, planes[k])).clamp(-1, 1))
+    bands, lows = lapgan.laplacian_pyramid(levels[-1], 4)
+    assert [logits.shape for logits in D(bands, None, lows)] == [(5,)] * 4
+
+
+def test_only_the_coarsest_level_reads_the_class():
+    G, D = tiny_lapgan_models(num_classes=10)
+    assert G.coarse.label_embedding is not None and D.coarse.projection is not None
+    assert not any(isinstance(m, nn.Embedding) for m in [*G.refiners.modules(), *D.refiners.modules()])
+    z = torch.randn(1, 8).repeat(10, 1)
+    coarse = G.eval().coarse(z, torch.arange(10))
+    assert all((coarse[0] - coarse[k]).abs().max() > 1e-4 for k in range(1, 10))
+
+
+def test_levels_train_independently_on_the_real_pyramid():
+    """A broken coarsest level (its G outputs NaN) spoils only its own weights: every finer level still takes a
+    finite step, because it trains on the real pyramid's coarse image, never on the coarser G's output."""
+    G, D = tiny_lapgan_models()
+    opt_g, opt_d = lapgan.make_optimizers(lapgan.parse_args(["--lr", "1e-3"]), G, D)
+    before = {name: p.detach().clone() for name, p in [*G.named_parameters(), *D.named_parameters()]}
+    with torch.no_grad():
+        G.coarse.net[-2].bias.fill_(float("nan"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler.amp = False
+    metrics = lapgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 32, 32) * 2 - 1, None, 8, scaler)
+    assert len(metrics) == len(LAPGAN_METRICS)
+    for model in (G, D):
+        assert not all(torch.isfinite(p).all() for p in model.coarse.parameters())
+        for name, p in model.refiners.named_parameters():
+            assert torch.isfinite(p).all(), name
+        assert any(not torch.equal(p, before[f"refiners.{name}"]) for name, p in model.refiners.named_parameters())
+    assert torch.isfinite(metrics[6:]).all() and not torch.isfinite(metrics[2:6]).all()  # levels 16, 32 vs 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: every contract output, resume, generate, errors
+
+def test_lapgan_short_run_writes_every_contract_output_with_each_levels_d_accuracy(lapgan_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert lapgan_run(["--data-dir", lapgan_mnist, "--out", out, "--epochs", 2, *LAPGAN_TINY]) == 0
+    accuracy = [f"d_acc_{name}_{size}" for name in ("real_train", "real_test", "fake") for size in (8, 16, 32)]
+    rows, checkpoint = assert_run_outputs(out, 2, LAPGAN_METRICS + accuracy)
+    assert all(0 <= float(row[name]) <= 1 for row in rows for name in accuracy)
+    assert checkpoint["script"] == "lapgan.py" and checkpoint["args"]["image_size"] == 32
+    assert {"generator_average"} <= set(checkpoint)
+    assert {name.split(".")[0] for name in checkpoint["generator"]} == {"coarse", "refiners"}
+    assert "epoch 2: D calls real" in capsys.readouterr().out
+    assert Image.open(out / "losses.png").size == (640, 400)
+
+
+def test_lapgan_grid_shows_every_levels_output_for_the_same_samples(lapgan_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert lapgan_run(["--data-dir", lapgan_mnist, "--out", out, "--epochs", 1, *LAPGAN_TINY]) == 0
+    grid = np.asarray(Image.open(out / "samples" / "epoch_001.png"))
+    assert grid.shape == (2 + 12 * 34, 2 + 10 * 34)  # 4 groups x 3 levels rows, 10 samples per row
+    tiles = [[grid[2 + r * 34: 2 + r * 34 + 32, 2 + c * 34: 2 + c * 34 + 32] for c in range(10)] for r in range(12)]
+    for r, pixel in ((0, 4), (1, 2)):  # the 8x8 row in 4x4 blocks, the 16x16 row in 2x2 blocks
+        tile = tiles[r][0]
+        assert (tile == np.repeat(np.repeat(tile[::pixel, ::pixel], pixel, 0), pixel, 1)).all()
+
+
+def test_lapgan_conditional_run_on_an_rgb_folder_at_64px(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("with_mask", "without_mask"):
+        (tmp_path / "faces" / name).mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "faces" / name / f"{i}.png")
+    out = tmp_path / "run"
+    assert lapgan_run(["--dataset", tmp_path / "faces", "--out", out, "--epochs", 1, "--conditional",
+                       *LAPGAN_TINY]) == 0
+    rows, checkpoint = assert_run_outputs(out, 1, lapgan.metric_names([8, 16, 32, 64]))
+    assert rows[0]["d_acc_real_test_64"] == "" and rows[0]["d_acc_real_train_64"] != ""  # a folder: no test split
+    grid = Image.open(out / "samples" / "epoch_001.png")
+    assert grid.mode == "RGB" and grid.size == (2 + 10 * 66, 2 + 2 * 4 * 66)  # 2 classes x 4 levels rows
+    assert lapgan_run(["--out", out, "--generate", 6, "--label", 1]) == 0
+    samples = np.load(out / "samples.npz")
+    assert samples["images"].shape == (6, 64, 64, 3) and samples["images"].dtype == np.uint8
+    assert samples["labels"].dtype == np.int64 and (samples["labels"] == 1).all()
+
+
+def test_lapgan_resume_continues_from_the_saved_epoch_exactly(lapgan_mnist, tmp_path, capsys):
+    common = ["--data-dir", lapgan_mnist, *LAPGAN_TINY]
+    assert lapgan_run(common + ["--out", tmp_path / "straight", "--epochs", 2]) == 0
+    assert lapgan_run(common + ["--out", tmp_path / "split", "--epochs", 1]) == 0
+    capsys.readouterr()
+    assert lapgan_run(common + ["--out", tmp_path / "split", "--epochs", 2, "--resume"]) == 0
+    assert "epochs 2..2" in capsys.readouterr().out
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    _, b = assert_run_outputs(tmp_path / "split", 2, LAPGAN_METRICS)
+    for key in ("generator", "generator_average", "discriminator"):  # every level, bit for bit
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=0)
+
+
+def test_lapgan_generate_runs_the_whole_cascade_into_samples_npz_and_png(lapgan_mnist, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert lapgan_run(["--data-dir", lapgan_mnist, "--out", out, "--epochs", 1, "--conditional", *LAPGAN_TINY]) == 0
+    cascades = []
+    sample = lapgan.Generator.sample
+    monkeypatch.setattr(lapgan.Generator, "sample",
+                        lambda self, *args: cascades.append(1) or sample(self, *args))
+    assert lapgan_run(["--out", out, "--generate", 25]) == 0
+    assert cascades  # sampled through every level, not one network
+    samples = np.load(out / "samples.npz")
+    assert samples["images"].shape == (25, 32, 32, 1) and samples["images"].dtype == np.uint8
+    assert samples["labels"].dtype == np.int64 and list(samples["labels"][:12]) == [*range(10), 0, 1]
+    assert Image.open(out / "samples.png").size == (2 + 10 * 34, 2 + 3 * 34)
+
+
+def test_lapgan_fid_flag_scores_images_from_the_whole_cascade(lapgan_mnist, tmp_path, monkeypatch, capsys):
+    import fid
+
+    scored = []
+    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
+    monkeypatch.setattr(fid, "compute_statistics", lambda images, **kwargs: scored.append(images) or
+                        (np.zeros(3), np.eye(3)))
+    monkeypatch.setattr(fid, "cached_statistics", lambda cache_file, images_fn, **kwargs: (np.ones(3), np.eye(3)))
+    argv = ["--data-dir", lapgan_mnist, "--out", tmp_path / "run", "--epochs", 1, "--fid", 30, *LAPGAN_TINY]
+    assert lapgan_run(argv) == 0
+    assert "FID: 3 (" in capsys.readouterr().out
+    assert scored[0].shape == (30, 1, 32, 32) and scored[0].dtype == torch.uint8
+
+
+def test_lapgan_amp_run_gives_finite_losses(lapgan_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert lapgan_run(["--data-dir", lapgan_mnist, "--out", out, "--epochs", 1, "--amp", *LAPGAN_TINY]) == 0
+    assert_run_outputs(out, 1, LAPGAN_METRICS)
+
+
+def test_lapgan_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(lapgan_mnist, tmp_path, monkeypatch,
+                                                                          capsys):
+    out = tmp_path / "run"
+    common = ["--data-dir", lapgan_mnist, "--out", out, *LAPGAN_TINY]
+    assert lapgan_run(common + ["--epochs", 1]) == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(lapgan, "g_loss", lambda logits: logits.float().mean() * float("nan"))
+    capsys.readouterr()
+    assert lapgan_run(common + ["--epochs", 3, "--resume"]) == 1
+    assert "training diverged" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == good
+
+
+def test_lapgan_ctrl_c_exits_130_with_the_last_epoch_saved(lapgan_mnist, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real_step = lapgan.train_step
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) > 5:  # during epoch 2 (80 images in batches of 16: 5 steps per epoch)
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(lapgan, "train_step", interrupted_step)
+    assert lapgan_run(["--data-dir", lapgan_mnist, "--out", out, "--epochs", 3, *LAPGAN_TINY]) == 130
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+    assert lapgan_run(["--data-dir", lapgan_mnist, "--out", out, "--epochs", 2, "--resume", *LAPGAN_TINY]) == 0
+
+
+@pytest.mark.parametrize("bad", [["--epochs", 0], ["--batch-size", 0], ["--latent-dim", 0], ["--width", 0],
+                                 ["--log-every", 0], ["--generate", 0], ["--fid", 1], ["--lr", 0], ["--lr", "nan"],
+                                 ["--average-decay", 1], ["--seed", -1], ["--image-size", 48],
+                                 ["--image-size", 16], ["--label", 3], ["--device", "tpu"], ["--device", "nonsense"]])
+def test_lapgan_every_bad_number_exits_2_with_one_line_before_any_data_is_loaded(bad, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the flags were checked"))
+    assert lapgan_exit_code(["--out", tmp_path / "run", *bad]) == 2
+    assert one_line_error(capsys, bad[0]).startswith("lapgan.py: error: ")
+
+
+@pytest.mark.parametrize("bad", [["--epochs", "ten"], ["--loss", "hinge"], ["--no-such-flag"]])
+def test_lapgan_argparse_errors_are_one_line_too(bad, capsys):
+    assert lapgan_exit_code(bad) == 2
+    one_line_error(capsys, "lapgan.py: error:")
+
+
+def test_lapgan_bad_input_exits_2_with_one_line(lapgan_mnist, tmp_path, capsys):
+    common = ["--out", tmp_path / "run", "--epochs", 1, *LAPGAN_TINY]
+    assert lapgan_run(["--dataset", "nonexistent", *common]) == 2
+    one_line_error(capsys, "unknown dataset")
+    assert lapgan_run(["--dataset", tmp_path / "missing" / "folder", *common]) == 2
+    one_line_error(capsys, "no folder")
+    assert lapgan_run(["--out", tmp_path / "empty", "--generate", 4]) == 2
+    one_line_error(capsys, "no checkpoint", "empty")
+    with open(os.path.join(lapgan_mnist, "mnist", "train-images-idx3-ubyte.gz"), "r+b") as f:
+        f.truncate(100)  # a cut-off download
+    assert lapgan_run(["--data-dir", lapgan_mnist, *common]) == 2
+    one_line_error(capsys, "train-images-idx3-ubyte.gz")
+
+
+def test_lapgan_refuses_another_scripts_checkpoint_and_a_label_on_an_unconditional_model(lapgan_mnist, tmp_path,
+                                                                                          capsys):
+    other, out = tmp_path / "dcgan", tmp_path / "run"
+    assert dcgan.main([str(a) for a in ["--data-dir", lapgan_mnist, "--out", other, "--epochs", 1, *LAPGAN_TINY]]) == 0
+    capsys.readouterr()
+    assert lapgan_run(["--data-dir", lapgan_mnist, "--out", other, "--epochs", 2, "--resume", *LAPGAN_TINY]) == 2
+    one_line_error(capsys, "was written by dcgan.py with --image-size 32", "this is lapgan.py")
+    assert lapgan_run(["--out", other, "--generate", 4]) == 2
+    one_line_error(capsys, "was written by dcgan.py")
+    assert lapgan_run(["--data-dir", lapgan_mnist, "--out", out, "--epochs", 1, *LAPGAN_TINY]) == 0
+    capsys.readouterr()
+    assert lapgan_run(["--out", out, "--generate", 4, "--label", 3]) == 2
+    one_line_error(capsys, "--label 3", "not conditional")
+    assert lapgan_run(["--data-dir", lapgan_mnist, "--out", out, "--epochs", 2, "--resume", *LAPGAN_TINY,
+                       "--width", 8]) == 2
+    one_line_error(capsys, "--width 8", "--width 4")
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["generator_average"]["refiners.1.net.0.weight"] = torch.zeros(3, 3)
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert lapgan_run(["--out", out, "--generate", 4]) == 2
+    one_line_error(capsys, "checkpoint.pt", "does not fit")
