@@ -27,16 +27,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+import acgan
+import began
 import cgan
 import data
 import dcgan
 import fid
 import gan
+import infogan
+import lapgan
 import wgan_gp
 
-SCRIPTS = {"gan": gan, "cgan": cgan, "dcgan": dcgan, "wgan_gp": wgan_gp}
+SCRIPTS = {"gan": gan, "cgan": cgan, "dcgan": dcgan, "wgan_gp": wgan_gp, "infogan": infogan, "acgan": acgan,
+           "began": began, "lapgan": lapgan}
 # Targets (issue 5). Feeding can only matter as much as it costs next to the step: more for the cheap MLP steps.
-FEED_TARGET = {"gan": 2.0, "cgan": 2.0, "dcgan": 1.3, "wgan_gp": 1.3}
+FEED_TARGET = {name: 2.0 if name in ("gan", "cgan") else 1.3 for name in SCRIPTS}
 LOOP_OVERHEAD = 0.10  # the real loop may take at most 10% longer per step than train_step on a fixed batch
 FID_SPEEDUP, FID_AGREEMENT = 10.0, 1e-6
 NUM_IMAGES = 60000  # MNIST's training set
@@ -54,8 +59,8 @@ def build_run(name, device, options):
     dataset = data.Dataset(torch.randint(0, 256, (NUM_IMAGES, 1, size, size), dtype=torch.uint8),
                            torch.randint(0, 10, (NUM_IMAGES,)), classes=[str(k) for k in range(10)])
     torch.manual_seed(args.seed)
-    conv = name in ("dcgan", "wgan_gp")
-    G, D = (module.build_models(args, dataset.image_shape) if name == "gan"
+    conv = name not in ("gan", "cgan")
+    G, D = (module.build_models(args, dataset.image_shape) if name in ("gan", "infogan", "began")
             else module.build_models(args, dataset.image_shape, dataset.num_classes))
     if conv and device.type == "cuda":  # as the conv scripts do on CUDA
         torch.backends.cudnn.benchmark = True
@@ -68,7 +73,19 @@ def build_run(name, device, options):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     scaler.amp = args.amp
 
+    k = torch.zeros((), device=device)  # began's balance k_t, updated in place by its steps
+
     def step(real, labels):  # the script's train_step call, with its own argument list
+        if name == "infogan":
+            return module.train_step(G_fast, D_fast, opt_g, opt_d, real, scaler, args.lambda_cat, args.lambda_cont)
+        if name == "began":
+            return module.train_step(G_fast, D_fast, opt_g, opt_d, real, k, args.latent_dim, args.gamma,
+                                     args.lambda_k, scaler)
+        if name == "acgan":
+            return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler,
+                                     args.class_weight)
+        if name == "lapgan":
+            return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler)
         if name == "gan":
             return module.train_step(G_fast, D_fast, opt_g, opt_d, real, args.latent_dim, scaler, args.loss)
         if name == "wgan_gp":
@@ -81,7 +98,8 @@ def build_run(name, device, options):
 
     return argparse.Namespace(name=name, module=module, args=args, device=device, dataset=dataset, G=G,
                               G_average=copy.deepcopy(G).requires_grad_(False), step=step,
-                              conditional=name == "cgan" or getattr(args, "conditional", False), conv=conv)
+                              conditional=name in ("cgan", "acgan") or getattr(args, "conditional", False),
+                              conv=conv)
 
 
 def device_batches(run):
@@ -401,7 +419,7 @@ def parse_args(argv):
                                                      "bfloat16 on CPU")
     p.add_argument("--compile", action="store_true", help="the scripts' --compile: torch.compile G and D")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice, shown in the header)")
-    p.add_argument("--variants", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS), help="default: all four")
+    p.add_argument("--variants", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS), help="default: all")
     p.add_argument("--processes", type=int, metavar="N", help="instead of the table: --variant's img/s on the CPU as "
                    "one process with N threads vs N gloo processes of one thread (torchrun's way), and the share "
                    "of a step spent in the gradient all-reduce")

@@ -1361,16 +1361,29 @@ def test_failed_or_partial_download_says_what_to_do_offline(http_files, tmp_path
 def test_bench_quick_prints_every_row(capsys):
     """bench.py --quick runs (spawning one process per variant) and prints the machine and every row; times are
     not asserted, they depend on the machine."""
-    assert bench.main(["--quick", "--threads", "1"]) == 0
+    assert bench.main(["--quick", "--threads", "1", "--variants", "gan", "wgan_gp"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Machine: ") and "torch " in out and " threads" in out
-    for name in ("gan", "cgan", "dcgan", "wgan_gp"):
+    for name in ("gan", "wgan_gp"):
         for figure in ("img/s, ours vs DataLoader + PIL", "img/s, real loop vs fixed batch",
                        "peak memory of training, MiB (process / above import)"):
             assert f"| {name}: {figure} |" in out
         assert f"\n| {name} | " in out  # its line in the where-the-time-goes table
     assert "frechet_distance vs scipy sqrtm" in out and "relative difference of the two values" in out
     assert "Inception features: img/s" in out
+
+
+@pytest.mark.parametrize("name", list(bench.SCRIPTS))
+def test_bench_runs_every_scripts_own_step_with_its_own_optimizers(name, monkeypatch):
+    module = bench.SCRIPTS[name]
+    made = []
+    real_make = module.make_optimizers
+    monkeypatch.setattr(module, "make_optimizers", lambda *a: made.append(1) or real_make(*a))
+    monkeypatch.setattr(bench, "NUM_IMAGES", 128)
+    options = bench.parse_args(["--quick", "--device", "cpu"])
+    run = bench.build_run(name, torch.device("cpu"), options)
+    real, labels = next(bench.script_inputs(run, bench.device_batches(run)))
+    assert made == [1] and torch.isfinite(run.step(real, labels)).all()
 
 
 @pytest.mark.slow
