@@ -335,7 +335,8 @@ def format_report(dataset, path, reference, results):
         shares = " ".join(f"{k}:{100 * s:.1f}" for k, s in enumerate(r["class_shares"]))
         lines += [f"{source}: {r['images']} images {size}",
                   f"  feature FID vs test   {r['fid']:.2f}   (real train vs test {reference['train_vs_test_fid']:.2f})",
-                  f"  unsure                {100 * r['unsure']:.1f}%   (real test {100 * reference['test_unsure']:.1f}%)",
+                  f"  unsure                {100 * r['unsure']:.1f}%   "
+                  f"(real test {100 * reference['test_unsure']:.1f}%)",
                   f"  classes (%)           {shares}",
                   f"  covered               {r['classes_covered']}/{len(classes)} classes >= "
                   f"{100 * COVERED_SHARE:.0f}%; rarest {r['rarest_class']} ({classes[r['rarest_class']]}) "
