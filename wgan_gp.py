@@ -303,11 +303,14 @@ def setup_distributed(args):
 def load_data(args, rank, split="train"):
     """The dataset, read by every process. Rank 0 goes first (it may download) and passes on its error, if any, so
     that the others stop with the same one line instead of waiting. The test split is optional: None if absent."""
+    def load():  # only the training split is worth a download; the test split only adds held-out figures
+        return data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size,
+                                 download=split == "train")
+
     dataset, error = None, None
     if rank == 0:
         try:
-            dataset = data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size,
-                                        download=split == "train")
+            dataset = load()
         except data.DataError as e:
             error = str(e)
     if dist.is_initialized():
@@ -318,9 +321,7 @@ def load_data(args, rank, split="train"):
         if split == "test":
             return None
         raise data.DataError(error)
-    if dataset is None:
-        dataset = data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size)
-    return dataset
+    return dataset if dataset is not None else load()
 
 
 def replicas_agree(*models):
