@@ -1,17 +1,21 @@
 """Score generated images from outside, with a small CNN classifier trained on the real data (not the GAN's own D).
 
-A feature FID (the Fréchet distance of the classifier's 128 penultimate-layer features, like FID on Inception
-features but cheap and in-domain), how sure the classifier is, which classes come out and how often, and, for
-conditional models, whether the image shows the class that was asked for and how varied each class is.
+A feature FID, KID and precision/recall (on the classifier's 128 penultimate-layer features, like the same metrics on
+Inception features but cheap and in-domain; computed by fid.py's functions), how sure the classifier is, which classes
+come out and how often, and, for conditional models, whether the image shows the class that was asked for and how
+varied each class is.
 
-    python score.py runs/gan/samples.npz --dataset mnist --data-dir /work/shared/data   # from gan.py --generate 5000
+    python score.py runs/gan/samples.npz --dataset mnist --data-dir DIR                 # from gan.py --generate 5000
     python score.py runs/dcgan runs/dcgan-cond --dataset fashion-mnist --json           # run folders, one JSON object
     python score.py runs/infogan --dataset mnist --codes                               # labels are InfoGAN codes
 
 The first call per dataset trains the classifier on the real training split (a minute or two on 2 cores, fixed seed)
-and caches it, with the real test split's statistics, in <dataset folder>/classifier_<name>.pt (~/.cache/gan-score/
-if that folder is read-only); later calls only classify the samples. Numbers to compare against are printed beside
-them: the classifier's accuracy and unsure share on real test images, and the FID of real train vs real test.
+and caches it, with the real test split's statistics and features, in <dataset folder>/classifier_<name>.pt
+(~/.cache/gan-score/ if that folder is read-only; a cache is read from either); later calls only classify the
+samples. Numbers to compare against are printed beside them: the classifier's accuracy and unsure share on real test
+images, and FID, KID and precision/recall of real train vs real test images. KID takes all samples against all test
+images; precision and recall, which depend on N, take the same number per side (the smaller of the two, a fixed
+random subset of the test split).
 """
 import argparse
 import hashlib
@@ -27,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from fid import frechet_distance
+from fid import KID_SUBSETS, PRC_K, frechet_distance, kernel_inception_distance, kid_subset_size, precision_recall
 
 SCRIPT = os.path.basename(__file__)
 CLASSIFIER_VERSION = 1  # bump when the network or its training changes: cached classifiers are then retrained
@@ -37,6 +41,7 @@ UNSURE_BELOW = 0.9  # a top softmax probability below this counts as "unsure"
 COVERED_SHARE = 0.01  # a class counts as covered when at least this share of the samples falls in it
 PER_CLASS = 500  # images per class for the within-class pairwise distances (500 give ~125k pairs)
 SIZE = 28  # every image is classified at 28x28
+FEATURES = "classifier 128-d, gray 28x28"  # the protocol's feature layer and resize (antialiased bilinear)
 
 
 class Classifier(nn.Module):
@@ -191,17 +196,32 @@ def reference_statistics(model, train, test):
         "test_mu": mu, "test_sigma": sigma,
         "test_class_distance": within_class_distance(test_features, test.labels, test.num_classes),
         "classes": list(test.classes),
+        **real_features(model, train, test),
     }
 
 
+def real_features(model, train, test, seed=0):
+    """What KID and precision/recall compare against: the test split's features, those of a random subset of the
+    training split as large as the test split (for the real train vs test figures), and KID real train vs test."""
+    test_features, _ = classify(model, test.images)
+    kept = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(seed))[:len(test.images)]
+    train_features, _ = classify(model, train.images[kept])
+    size = kid_subset_size(len(train_features), len(test_features))
+    return {"test_features": test_features, "train_features": train_features,
+            "train_vs_test_kid": list(kernel_inception_distance(train_features, test_features, KID_SUBSETS, size))}
+
+
 def cache_paths(dataset, name):
-    """Where the classifier is looked for and cached: next to the data, unless that folder exists and is read-only
-    (by its permission bits, which root too should respect), then in ~/.cache/gan-score."""
+    """(where the classifier is looked for, where it is cached): next to the data and in ~/.cache/gan-score; cached
+    next to the data unless that folder exists and is read-only (by its permission bits, which root too should
+    respect), then in ~/.cache/gan-score."""
     fallback = os.path.join(os.path.expanduser("~"), ".cache", "gan-score")
-    folders = [dataset.cache_dir, fallback]
+    folders = [folder for folder in (dataset.cache_dir, fallback) if folder]
+    writable = folders
     if os.path.isdir(dataset.cache_dir) and not os.stat(dataset.cache_dir).st_mode & 0o222:
-        folders = [fallback]
-    return [os.path.join(folder, f"classifier_{name}.pt") for folder in folders if folder]
+        writable = [fallback]
+    return ([os.path.join(folder, f"classifier_{name}.pt") for folder in folders],
+            [os.path.join(folder, f"classifier_{name}.pt") for folder in writable])
 
 
 def save_cached(state, paths):
@@ -219,21 +239,24 @@ def save_cached(state, paths):
 
 
 def load_cached(paths, key):
-    """The first cached state whose fingerprint matches key (None if there is none)."""
+    """The first cached state whose fingerprint matches key, one holding the real features if any does (None if
+    there is none)."""
+    found = []
     for path in paths:
         try:
             state = torch.load(path, weights_only=True)
         except (OSError, RuntimeError, EOFError, ValueError):  # absent, or a half-written or foreign file
             continue
         if isinstance(state, dict) and state.get("fingerprint") == key:
-            return state, path
-    return None, None
+            found.append((state, path))
+    complete = [(state, path) for state, path in found if "test_features" in state["reference"]]
+    return (complete + found + [(None, None)])[0]
 
 
 def load_classifier(name, data_dir, log=print):
     """(model, reference statistics, cache path): from the cache, or trained now on the training split and cached."""
     train = data.load_dataset(name, data_dir, split="train")
-    paths = cache_paths(train, name)
+    paths, writable = cache_paths(train, name)
     key = fingerprint(train)
     state, path = load_cached(paths, key)
     if state is None:
@@ -241,12 +264,17 @@ def load_classifier(name, data_dir, log=print):
         log(f"training the {name} classifier on {len(train.images)} images (once; cached afterwards)")
         model = train_classifier(train, log=log)
         state = {"fingerprint": key, "model": model.state_dict(), "reference": reference_statistics(model, train, test)}
-        path = save_cached(state, paths)
+        path = save_cached(state, writable)
         if path is None:
-            log(f"warning: could not cache the classifier in {' or '.join(os.path.dirname(p) for p in paths)}")
+            log(f"warning: could not cache the classifier in {' or '.join(os.path.dirname(p) for p in writable)}")
     model = Classifier(len(state["reference"]["classes"]))
     model.load_state_dict(state["model"])
-    return model.eval(), state["reference"], path
+    model.eval()
+    if "test_features" not in state["reference"]:  # cached before KID and precision/recall: add what they need
+        test = data.load_dataset(name, data_dir, split="test", download=False)
+        state["reference"].update(real_features(model, train, test))
+        path = save_cached(state, writable) or path
+    return model, state["reference"], path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,7 +316,9 @@ def score_samples(model, reference, images, labels, codes=False):
     result = {
         "images": len(images),
         "size": list(images.shape[1:]),
+        "protocol": f"{len(images)} samples vs {reference['test_images']} real test images (reference), {FEATURES}",
         "fid": frechet_distance(*statistics(features), reference["test_mu"], reference["test_sigma"]),
+        **distribution_scores(features, reference),
         "unsure": (probs.max(1).values < UNSURE_BELOW).double().mean().item(),
         "class_shares": [round(v, 4) for v in histogram.tolist()],
         "classes_covered": int((histogram >= COVERED_SHARE).sum()),
@@ -322,6 +352,25 @@ def score_samples(model, reference, images, labels, codes=False):
     return result
 
 
+def distribution_scores(features, reference, seed=0):
+    """KID of all samples against all real test images, and precision/recall (k = 3) with the same number of images
+    per side, for the samples and for real training images: precision/recall depend on N, so like is compared with
+    like. fid.py's functions, on the classifier's features."""
+    test, train = reference["test_features"], reference["train_features"]
+    size = kid_subset_size(len(features), len(test))
+    mean, std = kernel_inception_distance(features, test, KID_SUBSETS, size)
+    scores = {"kid": {"mean": mean, "std": std, "subsets": KID_SUBSETS, "subset_size": size},
+              "prc_k": PRC_K, "prc_images": min(len(features), len(test), len(train))}
+    n = scores["prc_images"]
+    if n <= PRC_K:  # k nearest other images need at least k + 1 per side
+        return {**scores, "precision": None, "recall": None, "train_vs_test_precision": None,
+                "train_vs_test_recall": None}
+    real = test[torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n]]
+    scores["precision"], scores["recall"] = precision_recall(real, features[:n], PRC_K)
+    scores["train_vs_test_precision"], scores["train_vs_test_recall"] = precision_recall(real, train[:n], PRC_K)
+    return scores
+
+
 def format_report(dataset, path, reference, results):
     """The human-readable report: real reference first, then one block per samples file."""
     classes = reference["classes"]
@@ -329,12 +378,19 @@ def format_report(dataset, path, reference, results):
              f"training images",
              f"real test images ({reference['test_images']}): accuracy {100 * reference['test_accuracy']:.1f}%, "
              f"unsure {100 * reference['test_unsure']:.1f}%; feature FID real train vs test "
-             f"{reference['train_vs_test_fid']:.2f}"]
+             f"{reference['train_vs_test_fid']:.2f}, KID {kid_text(reference['train_vs_test_kid'])}"]
     for source, r in results.items():
         size = "x".join(str(s) for s in r["size"][1:]) + f"x{r['size'][0]}"
         shares = " ".join(f"{k}:{100 * s:.1f}" for k, s in enumerate(r["class_shares"]))
         lines += [f"{source}: {r['images']} images {size}",
+                  f"  protocol              {r['protocol']}",
                   f"  feature FID vs test   {r['fid']:.2f}   (real train vs test {reference['train_vs_test_fid']:.2f})",
+                  f"  feature KID vs test   {kid_text((r['kid']['mean'], r['kid']['std']))}   (real train vs test "
+                  f"{kid_text(reference['train_vs_test_kid'])}; {r['kid']['subsets']} subsets of "
+                  f"{r['kid']['subset_size']})",
+                  f"  precision, recall     {prc_text(r['precision'], r['recall'])}   (real train vs test "
+                  f"{prc_text(r['train_vs_test_precision'], r['train_vs_test_recall'])}; k={r['prc_k']}, "
+                  f"{r['prc_images']} per side)",
                   f"  unsure                {100 * r['unsure']:.1f}%   "
                   f"(real test {100 * reference['test_unsure']:.1f}%)",
                   f"  classes (%)           {shares}",
@@ -351,6 +407,14 @@ def format_report(dataset, path, reference, results):
                          f"mapping {mapping}")
         lines.append(f"  within-class diversity {r['diversity']:.2f} of real (by {r['diversity_grouped_by']})")
     return "\n".join(lines)
+
+
+def kid_text(kid):
+    return f"{kid[0]:.4g} ± {kid[1]:.2g}"
+
+
+def prc_text(precision, recall):
+    return "n/a" if precision is None else f"{precision:.3f}, {recall:.3f}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,7 +452,7 @@ def main(argv=None):
         print(f"\n{SCRIPT}: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        summary = {k: v for k, v in reference.items() if not k.startswith("test_") or not torch.is_tensor(v)}
+        summary = {k: v for k, v in reference.items() if not torch.is_tensor(v)}
         summary["test_class_distance"] = reference["test_class_distance"].tolist()
         print(json.dumps({"dataset": args.dataset, "classifier": path, "real": summary, "samples": results}))
     else:

@@ -3385,3 +3385,273 @@ def test_lapgan_refuses_another_scripts_checkpoint_and_a_label_on_an_uncondition
     torch.save(checkpoint, out / "checkpoint.pt")
     assert lapgan_run(["--out", out, "--generate", 4]) == 2
     one_line_error(capsys, "checkpoint.pt", "does not fit")
+
+
+# ---- fid.py: KID, precision/recall, clean resize (issue 20)
+# Against ../shared/fixtures/metrics (torch-fidelity 0.4.0's KID and precision/recall on 300 + 300 64-d features,
+# clean-fid 0.1.35's resize of three images; skipped in a clone without it), then properties that need no fixture.
+from pathlib import Path  # noqa: E402  (this section is self-contained)
+
+METRICS_FIXTURES = Path(__file__).parent.parent / "shared" / "fixtures" / "metrics"
+
+
+@pytest.fixture(scope="module")
+def metrics_fixture():
+    if not (METRICS_FIXTURES / "reference.json").is_file():
+        pytest.skip(f"no metrics fixtures at {METRICS_FIXTURES}")
+    return {"reference": json.loads((METRICS_FIXTURES / "reference.json").read_text()),
+            "generated": np.load(METRICS_FIXTURES / "features_generated.npy"),
+            "real": np.load(METRICS_FIXTURES / "features_real.npy")}
+
+
+def gaussian_features(n, d=32, shift=0.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=generator) + shift
+
+
+def test_kid_matches_torch_fidelity_on_the_full_sets(metrics_fixture):
+    reference, fake, real = metrics_fixture["reference"], metrics_fixture["generated"], metrics_fixture["real"]
+    with pytest.warns(UserWarning, match="KID subsets of 300 images"):  # 300 per side < the default 1000
+        mean, std = fid.kernel_inception_distance(fake, real)
+    assert mean == pytest.approx(reference["kid_full_set"], rel=1e-5) and std == 0
+    mean, _ = fid.kernel_inception_distance(real, real, subset_size=300)
+    assert mean == pytest.approx(reference["kid_real_vs_itself"], rel=1e-5)  # unbiased: below 0 for a set vs itself
+
+
+def test_kid_matches_torch_fidelity_on_50_subsets_of_100_drawn_by_randomstate_2020(metrics_fixture):
+    expected = metrics_fixture["reference"]["kid_50_subsets_of_100_numpy_randomstate_2020"]
+    mean, std = fid.kernel_inception_distance(metrics_fixture["generated"], metrics_fixture["real"], subsets=50,
+                                              subset_size=100, seed=2020)
+    assert mean == pytest.approx(expected["mean"], rel=1e-5) and std == pytest.approx(expected["std"], rel=1e-5)
+
+
+def test_precision_recall_match_torch_fidelity_at_k3_for_any_batch_size(metrics_fixture):
+    reference, fake, real = metrics_fixture["reference"], metrics_fixture["generated"], metrics_fixture["real"]
+    for batch_size in (2048, 64, 7):  # one block, several, and blocks that do not divide 300
+        precision, recall = fid.precision_recall(real, fake, k=3, batch_size=batch_size)
+        assert precision == pytest.approx(reference["precision_k3"], rel=1e-5)
+        assert recall == pytest.approx(reference["recall_k3"], rel=1e-5)
+
+
+def test_clean_resize_matches_clean_fid(metrics_fixture):
+    with np.load(METRICS_FIXTURES / "clean_resize.npz") as images:
+        for name in ("gray28", "gray32", "rgb32"):
+            picture = images[f"{name}_input"]
+            batch = picture[None, None] if picture.ndim == 2 else picture.transpose(2, 0, 1)[None]  # [1, C, H, W]
+            resized = fid.clean_resize(batch)[0].expand(3, -1, -1).permute(1, 2, 0).numpy()  # gray: 3 equal channels
+            assert resized.dtype == np.float32 and resized.shape == (299, 299, 3)
+            np.testing.assert_allclose(resized, images[f"{name}_resized"], rtol=0, atol=1e-3)
+            assert resized.min() >= 0 and resized.max() <= 255 and not np.all(resized == resized.round())
+
+
+def test_kid_is_the_hand_computed_unbiased_mmd_on_a_tiny_example():
+    # k(x, y) = (x.y / 2 + 1)^3. Within x: k(x1, x2) = 1; within y: y1.y2 = 2 -> 8; across: 3.375 + 8 + 3.375 + 1.
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
+    expected = (2 * 1 + 2 * 8) / (2 * 1) - 2 * (3.375 + 8 + 3.375 + 1) / (2 * 2)  # = 1.125
+    assert fid.kernel_inception_distance(x, y, subset_size=2) == (pytest.approx(expected, rel=1e-12), 0.0)
+    # In 1-d: x = {0, 1}, y = {1, 2}: (2 * 1 + 2 * 27) / 2 - 2 * (1 + 1 + 8 + 27) / 4 = 9.5
+    assert fid.polynomial_mmd2(torch.tensor([[0.0], [1.0]]), torch.tensor([[1.0], [2.0]])) == pytest.approx(9.5)
+
+
+def test_kid_of_two_halves_of_one_set_is_near_zero():
+    features = gaussian_features(1200)
+    mean, std = fid.kernel_inception_distance(features[:600], features[600:], subsets=20, subset_size=300)
+    shifted, _ = fid.kernel_inception_distance(features[:600], gaussian_features(600, shift=0.3, seed=1), subsets=20,
+                                               subset_size=300)
+    assert abs(mean) < 3 * std and abs(mean) < 0.05 * shifted
+
+
+def test_kid_on_sets_smaller_than_a_subset_uses_all_of_the_smaller_and_says_so():
+    a, b = gaussian_features(40), gaussian_features(30, seed=1)
+    with pytest.warns(UserWarning, match="KID subsets of 30 images.*1000 asked, 40 and 30 given"):
+        smaller = fid.kernel_inception_distance(a, b, subsets=5)
+    assert smaller == fid.kernel_inception_distance(a, b, subsets=5, subset_size=30)
+    with pytest.raises(fid.FIDError, match="at least 2 images per side, got 1 and 30"):
+        fid.kernel_inception_distance(a[:1], b)
+
+
+def test_precision_and_recall_of_a_set_against_itself_are_one():
+    features = gaussian_features(300)
+    assert fid.precision_recall(features, features) == (1.0, 1.0)
+
+
+def test_recall_falls_when_the_generated_set_is_collapsed_to_a_few_points():
+    real, fake = gaussian_features(400), gaussian_features(400, seed=1)
+    precision, recall = fid.precision_recall(real, fake)
+    collapsed = fake[:5].repeat(80, 1)  # 400 images, 5 distinct: each ball has radius 0
+    collapsed_precision, collapsed_recall = fid.precision_recall(real, collapsed)
+    assert recall > 0.5 and collapsed_recall <= 5 / 400 and collapsed_recall < 0.05 * recall
+    assert precision > 0.5 and collapsed_precision > 0.5  # the few points are still realistic
+
+
+def test_precision_recall_by_hand_on_a_line():
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])  # every real ball: radius 1 (k = 1)
+    fake = torch.tensor([[0.5], [10.0]])  # each fake ball reaches the other fake: radius 9.5
+    assert fid.precision_recall(real, fake, k=1) == (0.5, 1.0)  # 10 is outside every real ball; 0.5's covers all
+    with pytest.raises(fid.FIDError, match=r"k must be in 1..N-1 = 1..1 for the 2 generated images, got 2"):
+        fid.precision_recall(real, fake, k=2)
+
+
+def test_precision_recall_never_holds_more_than_a_batch_squared_of_distances(monkeypatch):
+    blocks, original = [], fid.squared_distances
+
+    def recording(x, y):
+        blocks.append(len(x) * len(y))
+        return original(x, y)
+
+    monkeypatch.setattr(fid, "squared_distances", recording)
+    real, fake = gaussian_features(250), gaussian_features(230, seed=1)
+    result = fid.precision_recall(real, fake, batch_size=64)
+    assert max(blocks) <= 64 * 64 and sum(blocks) == 250 ** 2 + 230 ** 2 + 250 * 230  # each distance once
+    monkeypatch.setattr(fid, "squared_distances", original)
+    assert fid.precision_recall(real, fake, batch_size=1000) == result
+
+
+@pytest.mark.filterwarnings("ignore:.*singular")  # a handful of images: the small-N warning is expected
+def test_cache_keys_differ_by_resize_mode_and_image_count(tmp_path):
+    cache, calls = str(tmp_path / "stats.npz"), []
+
+    def images_fn(n):
+        def load():
+            calls.append(n)
+            return random_images(n, channels=1, size=10)
+        return load
+
+    kwargs = dict(dims=64, weights=reference_model())
+    legacy = fid.cached_statistics(cache, images_fn(5), num_images=5, **kwargs)
+    fid.cached_statistics(cache, images_fn(5), num_images=5, **kwargs)
+    assert calls == [5]  # the same protocol: reused
+    clean = fid.cached_statistics(cache, images_fn(5), num_images=5, resize="clean", **kwargs)
+    assert calls == [5, 5] and not np.allclose(clean[0], legacy[0])  # another resize: recomputed, and it differs
+    fid.cached_statistics(cache, images_fn(6), num_images=6, resize="clean", **kwargs)
+    assert calls == [5, 5, 6]  # another N: recomputed
+    features = fid.cached_features(cache, images_fn(6), num_images=6, resize="clean", **kwargs)
+    assert calls == [5, 5, 6, 6] and features.shape == (6, 64)  # features were not cached yet
+    again = fid.cached_features(cache, images_fn(6), num_images=6, resize="clean", reference="tiny", **kwargs)
+    assert calls == [5, 5, 6, 6, 6]  # a reference name the cache does not hold: recomputed
+    assert torch.equal(fid.cached_features(cache, images_fn(6), num_images=6, resize="clean", reference="tiny",
+                                           **kwargs), again) and len(calls) == 5
+    with np.load(cache) as saved:
+        assert (str(saved["resize"]), int(saved["num_images"]), str(saved["reference"])) == ("clean", 6, "tiny")
+    with pytest.raises(fid.FIDError, match="resize must be one of legacy, clean, got 'bicubic'"):
+        fid.cached_statistics(cache, images_fn(6), resize="bicubic", **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:.*singular")  # a handful of images: the small-N warning is expected
+def test_cli_kid_prc_print_every_figure_with_its_protocol(tmp_path, capsys, weights_file):
+    fake = save_pngs(tmp_path / "fake", random_images(6, size=12, seed=1))
+    real = save_pngs(tmp_path / "real", random_images(5, size=12, seed=2))
+    common = ["--dims", "64", "--weights", weights_file, "--device", "cpu", "--resize", "clean"]
+    code, out, err = run_main([fake, real, *common, "--kid", "--prc"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["FID", "KID", "precision", "recall"]
+    for line in lines:
+        assert f"6 vs 5 reference images ({real}), Inception 64-d first max pool, resize clean" in line, line
+    assert "±" in lines[1] and "100 subsets of 5 (all of the smaller set; 1000 asked)" in lines[1]
+    assert "[k=3;" in lines[2] and 0 <= float(lines[2].split()[1]) <= 1
+    code, plain, _ = run_main([fake, real, *common], capsys)
+    assert code == 0 and plain.splitlines() == lines[:1]  # KID and precision/recall do not move the FID
+
+
+@pytest.mark.filterwarnings("ignore:.*singular")  # a handful of images: the small-N warning is expected
+def test_save_stats_with_kid_keeps_the_features_and_the_protocol(tmp_path, capsys, weights_file):
+    real = save_pngs(tmp_path / "real", random_images(5, size=12, seed=2))
+    fake = save_pngs(tmp_path / "fake", random_images(6, size=12, seed=1))
+    saved = str(tmp_path / "real.npz")
+    common = ["--dims", "64", "--weights", weights_file]
+    code, out, err = run_main(["--save-stats", real, saved, *common, "--kid"], capsys)
+    assert code == 0 and "and features" in out and "[5 images, Inception 64-d first max pool, resize legacy]" in out
+    with np.load(saved) as f:
+        assert f["features"].shape == (5, 64) and str(f["resize"]) == "legacy" and int(f["num_images"]) == 5
+    code, from_file, _ = run_main([fake, saved, *common, "--kid", "--prc"], capsys)
+    code_images, from_images, _ = run_main([fake, real, *common, "--kid", "--prc"], capsys)
+    assert code == code_images == 0 and f"({saved}: statistics of {real})" in from_file
+    assert [line.split("[")[0] for line in from_file.splitlines()] == [line.split("[")[0]
+                                                                       for line in from_images.splitlines()]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--resize", "bicubic"], "invalid choice: 'bicubic'"),
+    (["--kid", "--kid-subsets", "0"], "--kid-subsets must be at least 1, got 0"),
+    (["--kid", "--kid-subset-size", "1"], "--kid-subset-size must be at least 2, got 1"),
+    (["--kid", "--kid-subset-size", "7"], "--kid-subset-size 7 needs 7 images per side"),
+    (["--prc", "--prc-k", "0"], "--prc-k must be at least 1, got 0"),
+    (["--prc", "--prc-k", "5"], "--prc-k 5: must be in 1..N-1 = 1..4"),
+    (["--kid-subsets", "10"], "--kid-subsets does nothing without --kid"),
+    (["--prc-k", "2"], "--prc-k does nothing without --prc"),
+    (["--kid", "STATS"], "holds only mu and sigma; KID and precision/recall need features"),
+    (["--resize", "clean", "STATS"], "made with --resize legacy (pytorch-fid); this run uses --resize clean"),
+])
+def test_kid_prc_and_resize_bad_values_exit_2_with_one_line_before_any_network(flags, expected, tmp_path, capsys):
+    fake = save_pngs(tmp_path / "fake", random_images(6, size=12, seed=1))
+    real = save_pngs(tmp_path / "real", random_images(5, size=12, seed=2))
+    stats = str(tmp_path / "stats.npz")
+    np.savez(stats, mu=np.zeros(64), sigma=np.eye(64))  # pytorch-fid's own file: no features, no resize record
+    if "STATS" in flags:
+        flags, real = [flag for flag in flags if flag != "STATS"], stats
+    missing = str(tmp_path / "never-loaded.pth")  # every one of these is refused before the weights are read
+    try:
+        code = fid.main([fake, real, "--dims", "64", "--weights", missing, *flags])
+    except SystemExit as exit_info:  # argparse's own errors
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and expected in err and "never-loaded" not in err, err
+
+
+def test_resize_mode_and_kid_inputs_are_checked_in_python_too():
+    with pytest.raises(fid.FIDError, match="resize must be one of legacy, clean"):
+        fid.compute_statistics(random_images(3), dims=64, weights=reference_model(), resize="nearest")
+    with pytest.raises(fid.FIDError, match="mismatched dimensions"):
+        fid.kernel_inception_distance(gaussian_features(10, d=4), gaussian_features(10, d=5))
+    with pytest.raises(fid.FIDError, match="NaN"):
+        fid.precision_recall(torch.full((5, 3), float("nan")), gaussian_features(5, d=3))
+
+
+def test_score_reports_kid_and_precision_recall_on_its_own_features(bars, tmp_path, capsys):
+    labels = np.arange(400) % BAR_CLASSES
+    real_like = bar_samples(tmp_path / "real.npz", labels)
+    collapsed = tmp_path / "collapsed.npz"
+    np.savez(collapsed, images=np.repeat(bar_images(np.array([3]), num_classes=BAR_CLASSES)[..., None], 400, 0))
+    assert run_score(bars, real_like, collapsed, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    good, bad = report["samples"][real_like], report["samples"][str(collapsed)]
+    assert good["protocol"] == "400 samples vs 200 real test images (reference), classifier 128-d, gray 28x28"
+    assert good["kid"]["subset_size"] == 200 and good["prc_images"] == 200 and good["prc_k"] == 3
+    assert good["kid"]["mean"] < 0.02 * bad["kid"]["mean"]
+    assert good["precision"] > 0.5 and good["recall"] > 0.5 and bad["recall"] < 0.05
+    assert report["real"]["train_vs_test_kid"][0] < 0.02 * bad["kid"]["mean"]
+    assert run_score(bars, real_like) == 0
+    text = capsys.readouterr().out
+    assert "feature KID vs test" in text and "precision, recall" in text and "k=3, 200 per side" in text
+    assert max(len(line) for line in text.splitlines()) <= 120
+
+
+def test_score_adds_the_real_features_to_a_classifier_cached_before_them(bars, tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    shutil.copytree(bars["data_dir"], data_dir)
+    cached = data_dir / "mnist" / "classifier_mnist.pt"
+    state = torch.load(cached, weights_only=True)
+    for key in ("test_features", "train_features", "train_vs_test_kid"):
+        del state["reference"][key]
+    torch.save(state, cached)
+    os.chmod(data_dir / "mnist", 0o555)  # a shared, read-only data folder: read from, never written to
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    try:
+        model, reference, path = score.load_classifier("mnist", str(data_dir), log=pytest.fail)  # no retraining
+        assert path == str(tmp_path / "home" / ".cache" / "gan-score" / "classifier_mnist.pt")  # upgraded copy
+        assert reference["test_features"].shape == (200, 128) and "train_vs_test_kid" in reference
+        assert score.load_classifier("mnist", str(data_dir), log=pytest.fail)[2] == path  # and read from now on
+    finally:
+        os.chmod(data_dir / "mnist", 0o755)
+
+
+def test_fid_and_score_name_no_path_of_this_machine():
+    for name in ("fid.py", "score.py", os.path.join("docs", "metrics.md")):
+        path = os.path.join(HERE, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            assert not re.search(r"/work/|/home/\w|/Users/\w", text), name
