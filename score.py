@@ -410,7 +410,7 @@ def format_report(dataset, path, reference, results):
 
 
 def kid_text(kid):
-    return f"{kid[0]:.4g} ± {kid[1]:.2g}"
+    return f"{kid[0]:.4g} ± {kid[1]:.3g}"
 
 
 def prc_text(precision, recall):
