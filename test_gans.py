@@ -3,6 +3,7 @@
     python -m pytest test_gans.py            # everything (about a minute on 2 cores)
     python -m pytest test_gans.py -m "not slow"
 """
+import ast
 import copy
 import csv
 import functools
@@ -3385,3 +3386,234 @@ def test_lapgan_refuses_another_scripts_checkpoint_and_a_label_on_an_uncondition
     torch.save(checkpoint, out / "checkpoint.pt")
     assert lapgan_run(["--out", out, "--generate", 4]) == 2
     one_line_error(capsys, "checkpoint.pt", "does not fit")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 18: files through data.py, checked copies of gan.py's machinery, and faults from the environment
+
+SCRIPT_MODULES = [gan, cgan, dcgan, wgan_gp, infogan, acgan, began, lapgan]
+PORTED_SCRIPTS = [gan, cgan]  # in the shape of issue 18; each script joins this list as it is ported
+COPY_MARKER = re.compile(r"# Copied from gan\.(\w+)(?: with (.+))?$")
+
+
+def top_level_definitions(source):
+    """name -> text of every top-level def, class and NAME = ... in source (decorators included)."""
+    lines, found = source.splitlines(), {}
+    for node in ast.parse(source).body:
+        names = ([node.name] if hasattr(node, "name") else
+                 [t.id for t in getattr(node, "targets", []) if type(t).__name__ == "Name"])
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        for name in names:
+            found[name] = "\n".join(lines[first - 1:node.end_lineno])
+    return found
+
+
+def copy_problems(script, source, originals):
+    """Every `# Copied from gan.NAME [with A->B, C->D]` line in source must stand right above a definition that
+    equals gan.py's NAME after the replacements, to the character (docstrings and comments included). Returns one
+    line per problem, naming the script, the definition and the first line that differs."""
+    lines, problems = source.splitlines(), []
+    for number, line in enumerate(lines, 1):
+        match = COPY_MARKER.fullmatch(line)
+        if not match:
+            if line.startswith("# Copied from"):
+                problems.append(f"{script}:{number}: not a copy marker: {line!r}")
+            continue
+        name, replacements = match.groups()
+        if name not in originals:
+            problems.append(f"{script}:{number}: gan.py has no {name} to copy")
+            continue
+        expected = expected_copy(originals[name], replacements).splitlines()
+        copy = lines[number:number + len(expected)]
+        after = lines[number + len(expected)] if number + len(expected) < len(lines) else ""
+        for offset, (want, got) in enumerate(itertools.zip_longest(expected, copy, fillvalue="<end of file>")):
+            if want != got:
+                problems.append(f"{script}:{number + 1 + offset}: the copy of gan.{name} differs from gan.py's: "
+                                f"{got.strip()!r}, expected {want.strip()!r}")
+                break
+        else:
+            if after.strip() and after[0] in " \t)]}":  # the copy goes on where the original ends
+                problems.append(f"{script}:{number + len(expected) + 1}: the copy of gan.{name} is longer than "
+                                f"gan.py's: {after.strip()!r}")
+    return problems
+
+
+def expected_copy(original, replacements):
+    """The original's text after a marker's `with A->B, C->D` replacements, made in that order."""
+    for pair in replacements.split(", ") if replacements else []:
+        old, new = pair.split("->")
+        original = original.replace(old, new)
+    return original
+
+
+def script_source(module):
+    with open(module.__file__) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("script", SCRIPT_MODULES[1:], ids=lambda m: m.__name__)
+def test_marked_copies_equal_their_original_in_gan_py(script):
+    problems = copy_problems(os.path.basename(script.__file__), script_source(script),
+                             top_level_definitions(script_source(gan)))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("script", PORTED_SCRIPTS[1:], ids=lambda m: m.__name__)
+def test_a_ported_script_marks_every_definition_it_shares_with_gan_py(script):
+    source, originals = script_source(script), top_level_definitions(script_source(gan))
+    marked = set(COPY_MARKER.findall(source))
+    unmarked = [name for name, text in top_level_definitions(source).items()
+                if originals.get(name) == text and (name, "") not in marked]
+    assert not unmarked, f"{script.__name__}.py: the same as in gan.py but without a copy marker: {unmarked}"
+    assert len(marked) >= 20
+
+
+@pytest.mark.parametrize("script", PORTED_SCRIPTS[1:], ids=lambda m: m.__name__)
+def test_removing_any_one_character_of_a_copy_fails_the_copy_check(script):
+    name, source = os.path.basename(script.__file__), script_source(script)
+    originals, lines = top_level_definitions(script_source(gan)), source.splitlines(keepends=True)
+    assert not copy_problems(name, source, originals)
+    checked = 0
+    for number, line in enumerate(lines):
+        match = COPY_MARKER.fullmatch(line.rstrip("\n"))
+        if not match:
+            continue
+        start = sum(map(len, lines[:number + 1]))  # the copy's first character
+        length = len(expected_copy(originals[match.group(1)], match.group(2)))
+        for position in {start, start + length // 2, start + length - 1}:  # first, middle and last character
+            mutated = source[:position] + source[position + 1:]
+            problems = copy_problems(name, mutated, originals)
+            assert problems and f"gan.{match.group(1)}" in problems[0], (match.group(1), position)
+            checked += 1
+    assert checked >= 60
+
+
+def test_the_copy_check_names_the_script_the_definition_and_the_first_differing_line():
+    originals = {"first": 'def first():\n    """Doc."""\n    return 1'}
+    good = '# Copied from gan.first\ndef first():\n    """Doc."""\n    return 1\n'
+    assert copy_problems("x.py", good, originals) == []
+    drifted = good.replace("Doc.", "Dc.")
+    assert copy_problems("x.py", drifted, originals) == [
+        "x.py:3: the copy of gan.first differs from gan.py's: '\"\"\"Dc.\"\"\"', expected '\"\"\"Doc.\"\"\"'"]
+    renamed = '# Copied from gan.first with first->second, 1->2\ndef second():\n    """Doc."""\n    return 2\n'
+    assert copy_problems("x.py", renamed, originals) == []  # plain text replacements, in order (as transformers)
+    assert "longer" in copy_problems("x.py", good + "    return 2\n", originals)[0]
+    assert "has no h" in copy_problems("x.py", "# Copied from gan.h\ndef h(): pass\n", originals)[0]
+    assert "not a copy marker" in copy_problems("x.py", "# Copied from gan.first, roughly\n", originals)[0]
+
+
+# data.py: every file through one atomic write
+
+def test_write_atomic_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"old")
+    data.write_atomic(str(path), lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["file.bin"]
+    data.write_atomic(str(tmp_path / "text.csv"), lambda f: f.write("a,b\n"), mode="w")
+    assert (tmp_path / "text.csv").read_text() == "a,b\n"
+
+
+@pytest.mark.parametrize("where", ["while writing", "at fsync", "Ctrl-C"])
+def test_write_atomic_failing_keeps_the_old_file_and_removes_the_temporary(where, tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"the previous epoch")
+
+    def write(f):
+        f.write(b"half a file")
+        if where == "while writing":
+            raise OSError(28, "No space left on device")
+        if where == "Ctrl-C":
+            raise KeyboardInterrupt
+    if where == "at fsync":
+        monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(KeyboardInterrupt if where == "Ctrl-C" else OSError):
+        data.write_atomic(str(path), write)
+    assert path.read_bytes() == b"the previous epoch" and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_every_file_of_a_run_goes_through_write_atomic(tmp_path, tiny_data_dir, monkeypatch):
+    written, real_write = [], data.write_atomic
+    monkeypatch.setattr(data, "write_atomic", lambda path, *a, **k: written.append(os.path.basename(path))
+                        or real_write(path, *a, **k))
+    assert run(cgan, tmp_path, tiny_data_dir, "--epochs", "1") == 0
+    assert run(cgan, tmp_path, tiny_data_dir, "--generate", "4") == 0
+    assert {"metrics.csv", "losses.png", "epoch_001.png", "progress.gif", "checkpoint.pt", "samples.npz",
+            "samples.png"} <= set(written)
+
+
+# A checkpoint without a "script" field: refused by every script, with the same line
+
+@pytest.mark.parametrize("script", PORTED_SCRIPTS, ids=lambda m: m.__name__)
+def test_a_checkpoint_that_names_no_script_is_refused_with_one_line(script, tmp_path, tiny_data_dir, capsys):
+    other = cgan if script is gan else gan  # same settings, another script: settings cannot tell them apart
+    assert run(other, tmp_path, tiny_data_dir, "--epochs", "1") == 0
+    path = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["script"]
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    for flags in (["--epochs", "2", "--resume"], ["--generate", "4"]):
+        assert run(script, tmp_path, tiny_data_dir, *flags) == 2
+        err = one_line_error(capsys, str(path), "was written by an unknown script (no script field)",
+                             f"this is {script.__name__}.py")
+        assert err == (f"{script.__name__}.py: error: {path} was written by an unknown script (no script field) "
+                       f"with --image-size 28 --latent-dim 64 --loss non-saturating; this is {script.__name__}.py\n")
+
+
+# --resume exact on CUDA: the GPU's random state is saved and restored too
+
+def test_a_cuda_run_saves_and_restores_the_cuda_random_state(monkeypatch):
+    cuda_state, restored = torch.tensor([7, 8, 9], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: cuda_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    states = data.random_states(torch.device("cuda:1"))
+    assert torch.equal(states["rng"], torch.get_rng_state()) and torch.equal(states["cuda_rng"], cuda_state)
+    assert "cuda_rng" not in data.random_states(torch.device("cpu"))
+    checkpoint = {"path": "checkpoint.pt", "epoch": 3, "generator": {"weight": torch.ones(2)}, **states}
+    torch.manual_seed(1)  # moved on since the save
+    assert data.resume(checkpoint, {"generator": types.SimpleNamespace(load_state_dict=lambda s: None)},
+                       torch.device("cuda:1")) == 3
+    assert torch.equal(torch.get_rng_state(), states["rng"])
+    assert restored == [(cuda_state, torch.device("cuda:1"))]
+
+
+def test_training_writes_the_random_states_into_every_checkpoint(tmp_path, tiny_data_dir, monkeypatch):
+    real_states = data.random_states
+    monkeypatch.setattr(data, "random_states", lambda device: {**real_states(device), "cuda_rng": torch.ones(3)})
+    assert run(gan, tmp_path, tiny_data_dir, "--epochs", "1") == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert torch.equal(checkpoint["cuda_rng"], torch.ones(3)) and checkpoint["rng"].dtype == torch.uint8
+
+
+# Ctrl-C at any moment of start-up, and SIGTERM
+
+@pytest.mark.parametrize("script", PORTED_SCRIPTS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("moment", ["parse_args", "data load"])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(script, moment, tmp_path, tiny_data_dir, monkeypatch,
+                                                         capsys):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(*((script, "parse_args") if moment == "parse_args" else (data, "load_dataset")), ctrl_c)
+    assert run(script, tmp_path, tiny_data_dir, "--epochs", "1") == 130
+    one_line_error(capsys, "interrupted")
+
+
+def test_sigterm_mid_training_exits_143_with_one_line_and_the_finished_epoch_resumable(tiny_data_dir, tmp_path):
+    import random
+    import signal
+    out = tmp_path / "run"
+    argv = ["--data-dir", tiny_data_dir, "--out", str(out), "--epochs", "500", *MLP_TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, os.path.abspath(gan.__file__), *argv], env=env, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 0.5))  # then somewhere in a later epoch: training, or writing files
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143, err
+    assert len(err.strip().splitlines()) == 1 and "SIGTERM" in err and "--resume continues" in err, err
+    epoch = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert epoch >= 1
+    assert run_script(gan, [*argv[:4], "--epochs", epoch + 1, "--resume", *MLP_TINY]) == 0
