@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import data
 
+# Copied from gan.SCRIPT
 SCRIPT = os.path.basename(__file__)
 
 
