@@ -406,8 +406,6 @@ def at_least(least):
 
 # Copied from gan.POSITIVE
 POSITIVE = (lambda value: math.isfinite(value) and value > 0, "must be a positive number")
-# Copied from gan.NON_NEGATIVE
-NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, "must be a number >= 0")  # penalty weights
 # Copied from gan.DECAY
 DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
 # Copied from gan.SEED

@@ -368,7 +368,7 @@ def at_least(least):
 
 
 POSITIVE = (lambda value: math.isfinite(value) and value > 0, "must be a positive number")
-NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, "must be a number >= 0")  # penalty weights
+NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, "must be a number >= 0")  # penalty weights (conv scripts)
 DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
 SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
 
