@@ -365,7 +365,8 @@ def default_size(args):
 
 
 MODEL_SETTINGS = ("image_size", "width", "latent_dim", "class_loss")  # what the weights were made for
-RESUME_SETTINGS = (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "class_weight")  # what --resume keeps
+# What --resume keeps; the preset first, so that resuming a run with another preset names it (not a flag it changed).
+RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "class_weight")
 POWER_OF_TWO = (lambda value: value >= 32 and not value & (value - 1), "must be a power of two, at least 32")
 
 # --preset: "cpu" is the defaults below; "paper" is the paper's CIFAR-10 model (Odena et al. 2017, the appendix's

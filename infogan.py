@@ -415,8 +415,9 @@ def default_size(args):
 
 
 MODEL_SETTINGS = ("image_size", "width", "latent_dim", "categories", "continuous")  # what the weights were made for
-RESUME_SETTINGS = (*MODEL_SETTINGS, "batch_size", "lr", "lr_g", "lambda_cat", "lambda_cont", "seed",
-                   "average_decay")  # what --resume keeps
+# What --resume keeps; the preset first, so that resuming a run with another preset names it (not a flag it changed).
+RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "lr_g", "lambda_cat", "lambda_cont", "seed",
+                   "average_decay")
 IMAGE_SIZE = (lambda value: value == 28 or value >= 32 and not value & (value - 1),
               "must be 28 or a power of two, at least 32")
 
@@ -441,7 +442,7 @@ PRESETS = {
 def parse_args(argv):
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help=(
-        "cpu (default): the defaults below, codes that find the digits on a CPU; paper: the paper's MNIST settings, "
+        "cpu (default): the defaults below, sized for a CPU; paper: the paper's MNIST settings, "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper"].items())
         + "; flags given with a preset win over it"))
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
