@@ -3392,7 +3392,7 @@ def test_lapgan_refuses_another_scripts_checkpoint_and_a_label_on_an_uncondition
 # Issue 18: files through data.py, checked copies of gan.py's machinery, and faults from the environment
 
 SCRIPT_MODULES = [gan, cgan, dcgan, wgan_gp, infogan, acgan, began, lapgan]
-PORTED_SCRIPTS = [gan, cgan]  # in the shape of issue 18; each script joins this list as it is ported
+PORTED_SCRIPTS = [gan, cgan, acgan, infogan]  # in the shape of issue 18; each script joins this list as it is ported
 COPY_MARKER = re.compile(r"# Copied from gan\.(\w+)(?: with (.+))?$")
 
 
@@ -3617,3 +3617,90 @@ def test_sigterm_mid_training_exits_143_with_one_line_and_the_finished_epoch_res
     epoch = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
     assert epoch >= 1
     assert run_script(gan, [*argv[:4], "--epochs", epoch + 1, "--resume", *MLP_TINY]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 17: --preset paper gives the paper's networks and hyper-parameters; flags still win; --resume keeps the preset
+
+def parameter_count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_acgan_preset_paper_builds_the_papers_cifar_generator_and_one_step_runs():
+    args = acgan.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.latent_dim, args.width, args.batch_size, args.lr, args.class_loss) == (
+        32, 100, 96, 100, 2e-4, "paper")
+    torch.manual_seed(0)
+    G, D = acgan.build_models(args, (3, 32, 32), 10)
+    # G: convT 116->384 (4x4) 712,704 + 384->192 1,179,648 + 192->96 294,912 + 96->3 4,611, BatchNorms 1,344,
+    # embedding 160. D: conv 3->96 4,704, 96->192 294,912, 192->384 1,179,648, BatchNorms 1,152, heads 6,145 + 61,450.
+    assert (parameter_count(G), parameter_count(D)) == (2_193_379, 1_548_011)
+    assert [m.out_channels for m in G.net if isinstance(m, nn.ConvTranspose2d)] == [384, 192, 96, 3]  # the paper's G
+    assert D.twin is None  # the paper's D: the class head learns the class of fakes itself
+    opt_g, opt_d = acgan.make_optimizers(args, G, D)
+    metrics = acgan.train_step(G, D, opt_g, opt_d, torch.rand(4, 3, 32, 32) * 2 - 1, torch.arange(4), args.latent_dim,
+                               no_scaler())
+    assert metrics.shape == (len(acgan.metric_names("paper")),) and torch.isfinite(metrics).all()
+
+
+def test_infogan_preset_paper_builds_the_papers_mnist_networks_and_one_step_runs():
+    args = infogan.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.latent_dim, args.categories, args.continuous, args.batch_size,
+            args.lr, args.lr_g, args.lambda_cat) == (28, 64, 62, 10, 2, 128, 2e-4, 1e-3, 1.0)
+    torch.manual_seed(0)
+    G, D = infogan.build_models(args, (1, 28, 28))
+    # G: fc 74->1024 75,776, fc 1024->6272 6,422,528, convT 128->64 131,072, 64->1 1,025, BatchNorms 14,720.
+    # D: conv 1->64 1,088, 64->128 131,072, fc 6272->1024 6,422,528, logit 1,025, BatchNorms 2,304;
+    # Q: fc 1024->128 131,072, BatchNorm 256, fc 128->12 1,548.
+    assert (parameter_count(G), parameter_count(D)) == (6_645_121, 6_690_893)
+    assert [m.out_features for m in G.net if isinstance(m, nn.Linear)] == [1024, 128 * 7 * 7]
+    assert [m.out_channels for m in D.body if isinstance(m, nn.Conv2d)] == [64, 128]
+    assert [m.out_features for m in D.q if isinstance(m, nn.Linear)] == [128, 12]
+    opt_g, opt_d = infogan.make_optimizers(args, G, D)
+    metrics = infogan.train_step(G, D, opt_g, opt_d, torch.rand(4, 1, 28, 28) * 2 - 1, no_scaler())
+    assert metrics.shape == (len(infogan.METRICS),) and torch.isfinite(metrics).all()
+
+
+@pytest.mark.parametrize("script", [acgan, infogan], ids=lambda m: m.__name__)
+def test_a_flag_given_with_a_preset_wins_over_it_in_either_order(script):
+    paper = script.parse_args(["--preset", "paper"])
+    for argv in (["--preset", "paper", "--width", "8"], ["--width", "8", "--preset", "paper"]):
+        args = script.parse_args(argv)
+        assert args.width == 8 and args.batch_size == paper.batch_size and args.lr == paper.lr
+    assert vars(script.parse_args(["--preset", "cpu"])) == vars(script.parse_args([]))  # cpu: today's defaults
+
+
+@pytest.mark.parametrize("script", [acgan, infogan], ids=lambda m: m.__name__)
+def test_a_bad_preset_name_is_one_line_and_exit_2(script, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--preset", "gpu"])
+    assert exit_.value.code == 2
+    one_line_error(capsys, f"{script.__name__}.py: error: ", "--preset", "gpu")
+
+
+@pytest.mark.parametrize("script", [acgan, infogan], ids=lambda m: m.__name__)
+def test_help_lists_the_presets_and_what_paper_changes(script, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    assert "--preset{cpu,paper}" in help_text
+    assert "".join(f"--{k.replace('_', '-')}{v}" for k, v in script.PRESETS["paper"].items()) in help_text
+
+
+@pytest.mark.parametrize("script", [acgan, infogan], ids=lambda m: m.__name__)
+def test_a_paper_preset_run_resumes_with_or_without_the_preset_and_a_cpu_run_refuses_it(script, tiny_mnist, tmp_path,
+                                                                                       capsys):
+    small = ["--width", "4", "--latent-dim", "8", "--batch-size", "16", "--log-every", "5"]
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_mnist, "--out", out, "--device", "cpu"]
+    assert run_script(script, [*common, "--epochs", 1, "--preset", "paper", *small]) == 0
+    assert run_script(script, [*common, "--epochs", 2, "--resume"]) == 0  # the preset and small flags kept
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["preset"] == "paper"
+    assert checkpoint["args"]["lr"] == script.PRESETS["paper"]["lr"] and checkpoint["args"]["width"] == 4
+    assert run_script(script, [*common, "--epochs", 3, "--resume", "--preset", "paper", *small]) == 0
+    cpu_out = tmp_path / "cpu"
+    assert run_script(script, [*common, "--out", cpu_out, "--epochs", 1, *small]) == 0
+    capsys.readouterr()
+    assert run_script(script, [*common, "--out", cpu_out, "--epochs", 2, "--resume", "--preset", "paper"]) == 2
+    one_line_error(capsys, "--preset paper", "--preset cpu", "which --resume keeps")
