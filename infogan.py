@@ -422,7 +422,7 @@ IMAGE_SIZE = (lambda value: value == 28 or value >= 32 and not value & (value - 
               "must be 28 or a power of two, at least 32")
 
 # --preset: "cpu" is the defaults below; "paper" is the paper's MNIST model (Chen et al. 2016, appendix C, Table 1)
-# and its authors' MNIST run (openai/InfoGAN, infogan/run_mnist_exp.py), for a GPU.
+# and its authors' MNIST run (openai/InfoGAN, launchers/run_mnist_exp.py), for a GPU.
 PRESETS = {
     "cpu": {},
     "paper": {
@@ -431,11 +431,11 @@ PRESETS = {
         "latent_dim": 62,  # G's input is 74-d: 62 of noise, a 10-way code and 2 continuous codes (sec. 5)
         "categories": 10,
         "continuous": 2,
-        "batch_size": 128,  # the authors' run_mnist_exp.py (the paper gives none)
+        "batch_size": 128,  # the authors' launchers/run_mnist_exp.py (openai/InfoGAN): batch 128, 5,000 updates
         "lr": 2e-4,  # appendix C: Adam, lr 2e-4 for D and 1e-3 for G; beta1 0.5 in make_optimizers
         "lr_g": 1e-3,
-        "lambda_cat": 1.0,  # appendix C: lambda 1 for discrete codes
-    },
+        "lambda_cat": 1.0,  # appendix C: lambda 1 for discrete codes; continuous ones smaller (--lambda-cont 0.1),
+    },  # though the authors' run weighs all codes 1.0 and draws z uniform (here z is normal)
 }
 
 
