@@ -3455,7 +3455,7 @@ def test_lapgan_refuses_another_scripts_checkpoint_and_a_label_on_an_uncondition
 # Issue 18: files through data.py, checked copies of gan.py's machinery, and faults from the environment
 
 SCRIPT_MODULES = [gan, cgan, dcgan, wgan_gp, infogan, acgan, began, lapgan]
-PORTED_SCRIPTS = [gan, cgan, began]  # in the shape of issue 18; each script joins this list as it is ported
+PORTED_SCRIPTS = [gan, cgan, began, lapgan]  # in the shape of issue 18; each script joins this list as it is ported
 COPY_MARKER = re.compile(r"# Copied from gan\.(\w+)(?: with (.+))?$")
 
 
