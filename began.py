@@ -375,7 +375,7 @@ GAMMA = (lambda value: 0 < value <= 1, "must be in (0, 1]")  # also refuses nan
 SIDE = (lambda value: value >= 32 and not value & (value - 1), "must be a power of two, at least 32")
 
 # --preset: "cpu" is the defaults below; "paper" the paper's model and settings (Berthelot et al. 2017; the authors
-# released no code), for a GPU. Not reproduced: the halving of the learning rate whenever M_global stalls (§4.1).
+# released no code), for a GPU; "(recalled)" marks a value from memory of the paper, not checked against it. Not reproduced: the halving of the learning rate whenever M_global stalls (§4.1).
 PRESETS = {
     "cpu": {},
     "paper": {
@@ -385,7 +385,7 @@ PRESETS = {
         "latent_dim": 64,  # §4.1: Nh = Nz = 64 in most experiments
         "batch_size": 16,  # §4.1 (recalled; also the batch of the best-known reimplementation, carpedm20's)
         "lr": 1e-4,  # §4.1: Adam, initial learning rate in [5e-5, 1e-4]
-        "gamma": 0.5,  # §4.3/Figure 2: gamma 0.5 for most samples shown (0.3 and 0.7 as the extremes)
+        "gamma": 0.5,  # §4: the middle of the gammas compared, 0.3 / 0.5 / 0.7 (recalled: check before quoting)
         "lambda_k": 0.001,  # §3.4: lambda_k = 0.001, k_0 = 0
     },
 }
