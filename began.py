@@ -375,7 +375,8 @@ GAMMA = (lambda value: 0 < value <= 1, "must be in (0, 1]")  # also refuses nan
 SIDE = (lambda value: value >= 32 and not value & (value - 1), "must be a power of two, at least 32")
 
 # --preset: "cpu" is the defaults below; "paper" the paper's model and settings (Berthelot et al. 2017; the authors
-# released no code), for a GPU; "(recalled)" marks a value from memory of the paper, not checked against it. Not reproduced: the halving of the learning rate whenever M_global stalls (§4.1).
+# released no code), for a GPU. "(recalled)": from memory of the paper, to check before quoting. Not reproduced:
+# the halving of the learning rate whenever M_global stalls (§4.1).
 PRESETS = {
     "cpu": {},
     "paper": {
