@@ -2745,6 +2745,69 @@ def test_began_torchrun_two_processes_keep_one_k_and_write_every_output_once(beg
     assert 0 <= checkpoint["k"] <= 1
 
 
+# began.py --preset paper (issue 17)
+
+def test_began_preset_paper_builds_the_papers_networks_and_one_step_runs_at_64px():
+    args = began.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.convs, args.latent_dim, args.batch_size, args.lr, args.gamma,
+            args.lambda_k) == (64, 64, 2, 64, 16, 1e-4, 0.5, 0.001)
+    G, D = began.build_models(args, (3, 64, 64))
+    # By hand, n = 64, RGB, 64x64 (4 resolutions, 8 to 64, two 3x3 convolutions each): decoder = fc 64 -> 64*8*8
+    # (266,240) + 8 convs 64->64 (8 x 36,928) + output conv 64->3 (1,731) = 563,395. Encoder = input conv 3->64
+    # (1,792) + two convs at 64, 128, 192, 256 channels (73,856 + 295,168 + 663,936 + 1,180,160) + stride-2 convs
+    # 64->128, 128->192, 192->256 (73,856 + 221,376 + 442,624) + fc 256*8*8 -> 64 (1,048,640) = 4,001,408.
+    assert sum(p.numel() for p in G.parameters()) == 563_395
+    assert sum(p.numel() for p in D.encoder.parameters()) == 4_001_408
+    assert sum(p.numel() for p in D.parameters()) == 4_001_408 + 563_395
+    assert D.encoder.fc.in_features == 256 * 8 * 8 and G.decoder.fc.out_features == 64 * 8 * 8
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler.amp = False
+    opt_g, opt_d = began.make_optimizers(args, G, D)
+    k = torch.zeros(())
+    real = torch.rand(2, 3, 64, 64) * 2 - 1
+    stats = began.train_step(G, D, opt_g, opt_d, real, k, args.latent_dim, args.gamma, args.lambda_k, scaler)
+    assert stats.shape == (len(began.METRICS) - 1,) and torch.isfinite(stats).all() and 0 <= k <= 1
+
+
+def test_began_a_flag_given_with_the_preset_wins_over_it():
+    args = began.parse_args(["--width", "32", "--preset", "paper", "--lr", "5e-5"])
+    assert (args.width, args.lr, args.convs, args.image_size) == (32, 5e-5, 2, 64)
+    assert began.parse_args([]).width == 16 and began.parse_args(["--preset", "cpu"]).convs == 1  # today's defaults
+
+
+def test_began_a_bad_preset_name_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        began.main(["--preset", "gpu"])
+    assert exit_info.value.code == 2
+    one_line_error(capsys, "began.py: error:", "--preset", "paper")
+
+
+def test_began_help_lists_the_preset_and_what_it_changes(capsys):
+    with pytest.raises(SystemExit):
+        began.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--preset {cpu,paper}" in text and "paper: --image-size 64 --width 64 --convs 2" in text
+
+
+def test_began_a_paper_run_resumes_with_or_without_the_preset_and_refuses_another(began_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    small = ["--width", 4, "--convs", 1, "--image-size", 32, "--latent-dim", 8, "--batch-size", 16, "--log-every", 1]
+    argv = ["--data-dir", began_mnist, "--out", out, *small]
+    assert run_script(began, [*argv, "--preset", "paper", "--epochs", 1]) == 0
+    assert run_script(began, [*argv, "--epochs", 2, "--resume"]) == 0  # without it: the run's own settings
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["preset"] == "paper" and checkpoint["args"]["lr"] == 1e-4
+    assert run_script(began, [*argv, "--preset", "paper", "--epochs", 3, "--resume"]) == 0  # or with it
+    capsys.readouterr()
+    assert run_script(began, [*argv, "--preset", "cpu", "--lr", "3e-4", "--epochs", 4, "--resume"]) == 2
+    one_line_error(capsys, "--lr 0.0003", "--resume keeps")
+    mine = tmp_path / "cpu-run"
+    assert began_run(began_mnist, mine, "--epochs", 1) == 0
+    capsys.readouterr()
+    assert began_run(began_mnist, mine, "--epochs", 2, "--resume", "--preset", "paper") == 2  # no silent change
+    one_line_error(capsys, "--preset paper", "written with --preset cpu")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # acgan.py: the two-headed D, the paper's log-likelihoods against hand-computed values, and the run contract
 def acgan_run(*argv):
@@ -3392,7 +3455,7 @@ def test_lapgan_refuses_another_scripts_checkpoint_and_a_label_on_an_uncondition
 # Issue 18: files through data.py, checked copies of gan.py's machinery, and faults from the environment
 
 SCRIPT_MODULES = [gan, cgan, dcgan, wgan_gp, infogan, acgan, began, lapgan]
-PORTED_SCRIPTS = [gan, cgan, acgan, infogan]  # in the shape of issue 18; each script joins this list as it is ported
+PORTED_SCRIPTS = [gan, cgan, acgan, infogan, began, lapgan]  # in the shape of issue 18; each script joins this list as it is ported
 COPY_MARKER = re.compile(r"# Copied from gan\.(\w+)(?: with (.+))?$")
 
 
