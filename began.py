@@ -2,7 +2,7 @@
 
     python began.py --dataset fashion-mnist                # 32x32 grids, GIF, metrics (k_t, M_global) in runs/began/
     python began.py --dataset fashion-mnist --gamma 0.7 --out runs/began-g07   # higher gamma: more varied samples
-    python began.py --dataset faces/ --image-size 64 --width 64 --epochs 50   # a folder of images, 64x64
+    python began.py --dataset faces/ --preset paper        # the paper's 64x64 networks and settings (for a GPU)
     python began.py --generate 5000                        # runs/began/samples.npz and samples.png from the checkpoint
 
 D never says "real" or "fake": it reconstructs its input, and its per-pixel L1 reconstruction loss L(v) is the
@@ -11,19 +11,19 @@ L(G(z)) = gamma L(x) holds on average. M_global = L(x) + |gamma L(x) - L(G(z))| 
 """
 import argparse
 import copy
-import csv
 import math
 import os
+import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 import data
 
+# Copied from gan.SCRIPT
 SCRIPT = os.path.basename(__file__)
 BASE = 8  # the decoders start from an 8x8 map and the encoder stops at one, as in the paper
 
@@ -202,247 +202,23 @@ def train_step(G, D, opt_g, opt_d, real, k, latent_dim, gamma, lambda_k, scaler)
     return torch.stack([loss_d.detach().float(), loss_g.detach().float(), l_real, l_fake, m_global])
 
 
-def average_gradients(model):
-    """Under torchrun: replace every gradient by its mean over the processes, so that all replicas take the same step.
-
-    This is what DistributedDataParallel does, done by hand (as StyleGAN2-ADA does) because a GAN step does not fit
-    DDP's one-forward-one-backward pattern: D runs forward on reals and on fakes before one backward, and G's backward
-    passes through a frozen D. One flat all-reduce per update."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(mean.view_as(grad))
-
-
-def autocast(device, scaler):
-    """Mixed precision when --amp is on: float16 with loss scaling on CUDA, bfloat16 (no scaling needed) on CPU."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=scaler.amp)
-
-
+# Copied from gan.update_average
 @torch.no_grad()
 def update_average(G_average, G, step, decay):
-    """Exponential moving average of G's weights. Samples from the average are much cleaner than from the last
-    step's weights, which oscillate around it (Yazici et al. 2019). The decay ramps up over the first steps so
-    that the average does not drag the random initial weights along for thousands of steps."""
+    """Exponential moving average of G's weights, the decay ramped up over the first steps (why: gan.py)."""
     decay = min(decay, (1 + step) / (10 + step))
     for average, current in zip(G_average.parameters(), G.parameters()):
         average.lerp_(current, 1 - decay)
-
-
-@torch.no_grad()
-def d_reconstruction(D, G, real_sets, latent_dim, n=1000):
-    """BEGAN's D has no real/fake decision, so in place of an accuracy: its mean reconstruction loss L on up to n
-    images of each real set and on n fresh fakes from the raw generator (not its average, which D never saw).
-    A training loss that falls below the held-out one means D is memorising the training images, the same signal
-    a train/held-out accuracy gap gives for other GANs.
-    real_sets: name -> uint8 images on the device, or None where there is no such set."""
-    D.eval(), G.eval()
-    device = next(D.parameters()).device
-    losses = {}
-    for name, images in real_sets.items():
-        if images is None:
-            losses[name] = ""  # a folder has no held-out split
-            continue
-        per_image = [reconstruction_loss(D, data.to_float(chunk)) for chunk in images[:n].split(250)]
-        losses[name] = f"{torch.cat(per_image).mean().item():.5f}"
-    sizes = torch.arange(n).split(250)
-    per_image = [reconstruction_loss(D, G(sample_z(len(chunk), latent_dim, device))) for chunk in sizes]
-    losses["d_recon_fake"] = f"{torch.cat(per_image).mean().item():.5f}"
-    D.train(), G.train()
-    return losses
+    for average, current in zip(G_average.buffers(), G.buffers()):  # BatchNorm running statistics
+        average.copy_(current)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Running it: training, sampling, checkpoints
-
-class UsageError(Exception):
-    """Bad flags, an unusable output folder or checkpoint: reported as one line, exit status 2."""
-
-
-def build_models(args, image_shape):
-    channels, image_size = image_shape[0], image_shape[-1]
-    G = Generator(args.latent_dim, image_size, channels, args.width, args.convs)
-    D = Discriminator(image_size, channels, args.width, args.latent_dim, args.convs)
-    init_weights(G)
-    init_weights(D)
-    return G, D
-
-
-def make_optimizers(args, G, D):
-    """Adam for both, beta1 0.5 as in the authors' and most BEGAN code: the default 0.9 lets momentum overshoot."""
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    return opt_g, opt_d
-
-
-@torch.no_grad()
-def generate_images(G, n, latent_dim, device, seed, batch_size=500):
-    """n images as uint8 [n, C, H, W], made in batches by G in eval mode."""
-    G.eval()
-    noise = torch.Generator().manual_seed(seed)
-    images = [data.to_uint8(G(sample_z(min(batch_size, n - i), latent_dim, device, noise))).cpu()
-              for i in range(0, n, batch_size)]
-    return torch.cat(images)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Several processes (torchrun): one process per GPU, the same weights everywhere, a share of each batch each
-
-def setup_distributed(args):
-    """Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK): join the process group, NCCL on CUDA with one GPU
-    per process, gloo on the CPU. Returns (rank, world_size); (0, 1) without torchrun, where nothing changes."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1
-    if args.batch_size % world_size:
-        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
-    if args.device.startswith("cuda"):
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible")
-        args.device = f"cuda:{local_rank}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world_size
-
-
-def load_data(args, rank, split="train"):
-    """The dataset, read by every process. Rank 0 goes first (it may download) and passes on its error, if any, so
-    that the others stop with the same one line instead of waiting. The test split is optional: None if absent."""
-    def load():  # only the training split is worth a download; the test split only adds held-out figures
-        return data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size,
-                                 download=split == "train")
-
-    dataset, error = None, None
-    if rank == 0:
-        try:
-            dataset = load()
-        except data.DataError as e:
-            error = str(e)
-    if dist.is_initialized():
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
-    if error:
-        if split == "test":
-            return None
-        raise data.DataError(error)
-    return dataset if dataset is not None else load()
-
-
-def replicas_agree(*models):
-    """True when every process holds the same weights: a float64 checksum per process, compared in one all-reduce."""
-    checksum = sum(p.detach().double().sum() for model in models for p in model.parameters())
-    extremes = torch.stack([checksum, -checksum])
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    return bool(extremes[0] == -extremes[1])  # max == min
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Files: checkpoints, metrics, the output folder
-
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so not even a power cut leaves a torn checkpoint
-        os.replace(tmp, path)  # atomic: a crash, kill -9 or Ctrl-C mid-save leaves the previous checkpoint intact
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-MODEL_SETTINGS = ("image_size", "width", "convs", "latent_dim")  # what the weights were made for
-
-
-def load_checkpoint(out):
-    path = os.path.join(out, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: train first (or pass the run's --out)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file: torch raises several types, all mean "not a checkpoint of ours"
-        raise UsageError(f"cannot load {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
-    if not isinstance(checkpoint, dict) or "generator" not in checkpoint or "args" not in checkpoint:
-        raise UsageError(f"{path} is not a checkpoint written by a training script")
-    written_by = checkpoint.get("script", "an older script")  # every began.py checkpoint names its script
-    if written_by != SCRIPT:
-        saved = checkpoint["args"]
-        settings = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in MODEL_SETTINGS if k in saved)
-        raise UsageError(f"{path} was written by {written_by} with {settings}; this is {SCRIPT}")
-    checkpoint["path"] = path
-    return checkpoint
-
-
-def restore(module, state, checkpoint, what):
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as e:  # wrong shapes or names: the file is not this model's
-        raise UsageError(f"{checkpoint['path']}: the {what} does not fit this model ({str(e).splitlines()[0][:120]})"
-                         ) from None
-
-
-def resume_settings(args, checkpoint):
-    """The run's own settings win over the defaults; a flag given with another value is refused, not ignored."""
-    defaults = vars(parse_args([]))
-    for key in (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "gamma", "lambda_k"):
-        saved = checkpoint["args"].get(key, defaults[key])
-        if getattr(args, key) not in (saved, defaults[key]):
-            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: {checkpoint['path']} was written "
-                             f"with --{key.replace('_', '-')} {saved}, which --resume keeps")
-        setattr(args, key, saved)
-    if args.epochs <= checkpoint["epoch"]:
-        raise UsageError(f"--epochs {args.epochs}: {checkpoint['path']} is already at epoch {checkpoint['epoch']}; "
-                         f"--epochs counts the total")
-
-
-def prepare_out(out):
-    """Create the run's folder and check that it takes files, before any data is loaded or time spent."""
-    try:
-        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        with open(os.path.join(out, ".write_test"), "wb") as f:
-            f.write(b"ok")
-        os.remove(os.path.join(out, ".write_test"))
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-
-
-def write_metrics(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def read_metrics(path, up_to_epoch):
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training
+# Training, sampling and the command line
 
 def train(args, rank=0, world_size=1):
     device = torch.device(args.device)
-    checkpoint = load_checkpoint(args.out) if args.resume else None
-    if checkpoint:
-        resume_settings(args, checkpoint)
-    args.image_size = args.image_size or default_size(args)
-    if rank == 0:
-        prepare_out(args.out)
-    dataset = load_data(args, rank)
-    held_out = load_data(args, rank, split="test") if args.dataset in data.DATASETS else None
+    checkpoint, dataset, held_out = start_run(args, rank)
     torch.manual_seed(args.seed)
     G, D = build_models(args, dataset.image_shape)  # the same initial weights in every process
     if device.type == "cuda":
@@ -453,21 +229,16 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)
     k = torch.zeros((), device=device)  # k_0 = 0: D starts by only learning to reconstruct the reals
-    start_epoch = 0
+    parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     if checkpoint:
-        for module, key in ((G, "generator"), (G_average, "generator_average"), (D, "discriminator"),
-                            (opt_g, "opt_g"), (opt_d, "opt_d")):
-            restore(module, checkpoint[key], checkpoint, key.replace("_", " "))
         k.fill_(checkpoint["k"])
-        start_epoch = checkpoint["epoch"]
-        torch.set_rng_state(checkpoint["rng"])
     # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
     G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     scaler.amp = args.amp
 
-    metrics_path = os.path.join(args.out, "metrics.csv")
-    history = read_metrics(metrics_path, start_epoch) if rank == 0 else []
+    history = data.read_metrics(os.path.join(args.out, "metrics.csv"), start_epoch) if rank == 0 else []
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
     grid_noise = sample_z(100, args.latent_dim, device, torch.Generator().manual_seed(args.seed))
     real_sets = {"d_recon_real_train": batches.images,  # D's reconstruction loss on up to 1,000 of each
@@ -519,34 +290,77 @@ def train(args, rank=0, world_size=1):
               f"fakes {recon['d_recon_fake']}")
         history.append({"epoch": epoch, **{name: f"{v:.5f}" for name, v in zip(METRICS, means)}, **recon,
                         "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
-        save_epoch(args, epoch, history, G_average, grid_noise, {
-            "script": SCRIPT, "generator": G.state_dict(), "generator_average": G_average.state_dict(),
-            "discriminator": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "k": means[5], "epoch": epoch, "args": vars(args), "image_shape": list(dataset.image_shape),
-            "classes": dataset.classes, "rng": torch.get_rng_state()})
+        with torch.no_grad():
+            grid = G_average.eval()(grid_noise)
+        # The curves: the losses (on the scale of L, a mean absolute pixel error in [0, 2]) and k_t in [0, 1].
+        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss", "m_global", "k"), grid, {
+            "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "k": means[5],
+            "epoch": epoch, "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
+            **data.random_states(device)})
 
     if args.fid and rank == 0:
-        report_fid(G_average, args, dataset, device)
+        data.report_fid(lambda: generate_images(G_average, args.fid, args.latent_dim, device, seed=args.seed + 1),
+                        dataset, device)
 
 
-def save_epoch(args, epoch, history, G_average, grid_noise, checkpoint):
-    """Everything an epoch leaves on disk, checkpoint last. A full disk or a vanished folder is one line (exit 2);
-    the checkpoint of the previous epoch stays intact, since the new one replaces it only once it is whole."""
-    try:
-        write_metrics(os.path.join(args.out, "metrics.csv"), history)
-        # The losses (their scale is that of L, a mean absolute pixel error in [0, 2]) and k_t in [0, 1].
-        curves = ("d_loss", "g_loss", "m_global", "k")
-        data.plot_curves({name: [float(row[name]) for row in history] for name in curves},
-                         os.path.join(args.out, "losses.png"))
-        with torch.no_grad():
-            data.save_grid(G_average.eval()(grid_noise), os.path.join(args.out, "samples", f"epoch_{epoch:03d}.png"),
-                           nrow=10)
-        frames = sorted(f for f in os.listdir(os.path.join(args.out, "samples")) if f.endswith(".png"))
-        data.save_gif([os.path.join(args.out, "samples", f) for f in frames], os.path.join(args.out, "progress.gif"))
-        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), checkpoint)
-    except OSError as e:
-        raise UsageError(f"cannot write epoch {epoch}'s files into {args.out} ({e.strerror or e}); "
-                         f"checkpoint.pt still holds epoch {epoch - 1}") from None
+@torch.no_grad()
+def d_reconstruction(D, G, real_sets, latent_dim, n=1000):
+    """BEGAN's D has no real/fake decision, so in place of an accuracy: its mean reconstruction loss L on up to n
+    images of each real set and on n fresh fakes from the raw generator (not its average, which D never saw).
+    A training loss that falls below the held-out one means D is memorising the training images, the same signal
+    a train/held-out accuracy gap gives for other GANs.
+    real_sets: name -> uint8 images on the device, or None where there is no such set."""
+    D.eval(), G.eval()
+    device = next(D.parameters()).device
+    losses = {}
+    for name, images in real_sets.items():
+        if images is None:
+            losses[name] = ""  # a folder has no held-out split
+            continue
+        per_image = [reconstruction_loss(D, data.to_float(chunk)) for chunk in images[:n].split(250)]
+        losses[name] = f"{torch.cat(per_image).mean().item():.5f}"
+    sizes = torch.arange(n).split(250)
+    per_image = [reconstruction_loss(D, G(sample_z(len(chunk), latent_dim, device))) for chunk in sizes]
+    losses["d_recon_fake"] = f"{torch.cat(per_image).mean().item():.5f}"
+    D.train(), G.train()
+    return losses
+
+
+def build_models(args, image_shape):
+    channels, image_size = image_shape[0], image_shape[-1]
+    G = Generator(args.latent_dim, image_size, channels, args.width, args.convs)
+    D = Discriminator(image_size, channels, args.width, args.latent_dim, args.convs)
+    init_weights(G)
+    init_weights(D)
+    return G, D
+
+
+# Copied from gan.make_optimizers
+def make_optimizers(args, G, D):
+    """Adam with beta1 = 0.5 (DCGAN's setting): the default 0.9 makes the two players' momentum overshoot."""
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    return opt_g, opt_d
+
+
+@torch.no_grad()
+def generate_images(G, n, latent_dim, device, seed, batch_size=500):
+    """n images as uint8 [n, C, H, W], made in batches by G in eval mode."""
+    G.eval()
+    noise = torch.Generator().manual_seed(seed)
+    images = [data.to_uint8(G(sample_z(min(batch_size, n - i), latent_dim, device, noise))).cpu()
+              for i in range(0, n, batch_size)]
+    return torch.cat(images)
+
+
+# Copied from gan.generate
+def generate(args):
+    checkpoint = load_checkpoint(args.out)
+    saved = argparse.Namespace(**checkpoint["args"])
+    G, _ = build_models(saved, checkpoint["image_shape"])
+    data.restore(G, checkpoint["generator_average"], checkpoint, "generator")
+    data.save_samples(args.out, generate_images(G.to(args.device), args.generate, saved.latent_dim, args.device,
+                                                seed=args.seed))
 
 
 def default_size(args):
@@ -554,56 +368,37 @@ def default_size(args):
     return 32 if args.dataset in data.DATASETS else 64
 
 
-def report_fid(G, args, dataset, device):
-    """Print the FID of args.fid generated images against the real training images (their statistics cached)."""
-    import fid  # only needed here; fid.py stands alone
+MODEL_SETTINGS = ("image_size", "width", "convs", "latent_dim")  # what the weights were made for
+# What --resume keeps; the preset first, so that another preset is refused by name.
+RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "gamma", "lambda_k")
+GAMMA = (lambda value: 0 < value <= 1, "must be in (0, 1]")  # also refuses nan
+SIDE = (lambda value: value >= 32 and not value & (value - 1), "must be a power of two, at least 32")
 
-    try:
-        inception = fid.load_inception(device=device)  # loaded once for both sides
-        fake = generate_images(G, args.fid, args.latent_dim, device, seed=args.seed + 1)
-        cache = os.path.join(dataset.cache_dir, f"fid_stats_{dataset.image_shape[-1]}px_{len(dataset.images)}.npz")
-        mu_real, sigma_real = fid.cached_statistics(cache, lambda: dataset.images, weights=inception)
-        mu_fake, sigma_fake = fid.compute_statistics(fake, weights=inception)
-    except fid.FIDError as e:
-        raise UsageError(f"--fid: {e}") from None
-    print(f"FID: {fid.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake):.6g} "
-          f"({args.fid} generated vs {len(dataset.images)} real images, 2048-d pytorch-fid Inception features)")
-
-
-def generate(args):
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UsageError("--generate runs in one process: start it with python, not torchrun")
-    checkpoint = load_checkpoint(args.out)
-    saved = argparse.Namespace(**checkpoint["args"])
-    G, _ = build_models(saved, checkpoint["image_shape"])
-    restore(G, checkpoint["generator_average"], checkpoint, "generator")
-    images = generate_images(G.to(args.device), args.generate, saved.latent_dim, args.device, seed=args.seed)
-    path = os.path.join(args.out, "samples.npz")
-    tmp = path + ".tmp.npz"
-    try:
-        np.savez(tmp, images=images.permute(0, 2, 3, 1).numpy())
-        os.replace(tmp, path)
-        data.save_grid(images[:100], os.path.join(args.out, "samples.png"), nrow=10)
-    except OSError as e:
-        raise UsageError(f"cannot write the samples into {args.out} ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    print(f"wrote {len(images)} images to {path} and a grid to {os.path.join(args.out, 'samples.png')}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+# --preset: "cpu" is the defaults below; "paper" the paper's model and settings (Berthelot et al. 2017; the authors
+# released no code), for a GPU. "(recalled)": from memory of the paper, to check before quoting. Not reproduced:
+# the halving of the learning rate whenever M_global stalls (§4.1).
+PRESETS = {
+    "cpu": {},
+    "paper": {
+        "image_size": 64,  # §4: most results at 64x64 (CelebA; 128x128 too), always down to an 8x8 map (§4.1)
+        "width": 64,  # Figure 1's n filters, growing by n per halving (§3.5); n = 64 (recalled, not in the text)
+        "convs": 2,  # §3.5: each 3x3 convolution + ELU repeated "typically 2" times per resolution
+        "latent_dim": 64,  # §4.1: Nh = Nz = 64 in most experiments
+        "batch_size": 16,  # §4.1 (recalled; also the batch of the best-known reimplementation, carpedm20's)
+        "lr": 1e-4,  # §4.1: Adam, initial learning rate in [5e-5, 1e-4]
+        "gamma": 0.5,  # §4: the middle of the gammas compared, 0.3 / 0.5 / 0.7 (recalled: check before quoting)
+        "lambda_k": 0.001,  # §3.4: lambda_k = 0.001, k_0 = 0
+    },
+}
 
 
 def parse_args(argv):
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu: the defaults, for a CPU; paper: " +
+                   " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper"].items()) +
+                   " (the paper's model, for a GPU). Flags given as well win over the preset (default cpu)")
     p.add_argument("--epochs", type=int, default=5, help="total passes over the training set (default 5)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step, over all processes (default 64)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D (default 2e-4; the paper "
@@ -629,33 +424,55 @@ def parse_args(argv):
     p.add_argument("--generate", type=int, metavar="N", help="no training: write N images to OUT/samples.npz")
     p.add_argument("--fid", type=int, metavar="N", help="after training, FID of N generated vs the real images")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: float16 + loss scaling on CUDA, bfloat16 on CPU")
+    p.add_argument("--amp", action="store_true", help="mixed precision: float16 + loss scaling on CUDA, bfloat16 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D (pays off on GPUs)")
+    p.set_defaults(sync_bn=False)  # no BatchNorm anywhere, so no --sync-bn (check_args reads it)
+    p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])
     args = p.parse_args(argv)
-    check_args(args)
+    check_args(args, {"epochs": at_least(1), "batch_size": at_least(1), "latent_dim": at_least(1),
+                      "width": at_least(1), "convs": at_least(1), "log_every": at_least(1), "generate": at_least(1),
+                      "fid": at_least(2), "seed": SEED, "lr": POSITIVE, "gamma": GAMMA, "lambda_k": NON_NEGATIVE,
+                      "average_decay": DECAY, "image_size": SIDE})
     return args
 
 
-def check_args(args):
-    """Every number and the device, before anything is loaded: one line naming the flag."""
-    for name, least in (("epochs", 1), ("batch_size", 1), ("latent_dim", 1), ("width", 1), ("convs", 1),
-                        ("log_every", 1), ("generate", 1), ("fid", 2)):
+# ================================================================================================================
+# Run machinery: checked copies of gan.py's originals, where it is explained; test_gans.py fails when one drifts.
+
+# Copied from gan.UsageError
+class UsageError(Exception):
+    """Bad flags, an unusable checkpoint: reported as one line, exit status 2."""
+
+
+# Copied from gan.ArgumentParser
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# Copied from gan.at_least
+def at_least(least):
+    return lambda value: value >= least, f"must be at least {least}"
+
+
+# Copied from gan.POSITIVE
+POSITIVE = (lambda value: math.isfinite(value) and value > 0, "must be a positive number")
+# Copied from gan.NON_NEGATIVE
+NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, "must be a number >= 0")  # penalty weights (conv scripts)
+# Copied from gan.DECAY
+DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
+# Copied from gan.SEED
+SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
+
+
+# Copied from gan.check_args
+def check_args(args, rules):
+    """Before anything is loaded: every number flag against its rule (flag -> (test, what it must be); an unset flag
+    passes), then the device, and --sync-bn only where it works. One line naming the flag."""
+    for name, (test, must) in rules.items():
         value = getattr(args, name)
-        if value is not None and value < least:
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
-    if not 0 <= args.seed < 2 ** 32:
-        raise UsageError(f"--seed {args.seed}: must be in 0..{2 ** 32 - 1}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise UsageError(f"--lr {args.lr}: must be a positive number")
-    if not 0 < args.gamma <= 1:  # also refuses nan
-        raise UsageError(f"--gamma {args.gamma}: must be in (0, 1]")
-    if not (math.isfinite(args.lambda_k) and args.lambda_k >= 0):
-        raise UsageError(f"--lambda-k {args.lambda_k}: must be a number >= 0")
-    if not 0 <= args.average_decay < 1:
-        raise UsageError(f"--average-decay {args.average_decay}: must be in [0, 1)")
-    if args.image_size is not None and (args.image_size < 32 or args.image_size & (args.image_size - 1)):
-        raise UsageError(f"--image-size {args.image_size}: must be a power of two, at least 32")
+        if value is not None and not test(value):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: {must}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -666,41 +483,146 @@ def check_args(args):
         raise UsageError(f"--device {args.device}: this torch {torch.__version__} sees no CUDA GPU")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    if args.sync_bn and (device.type != "cuda" or int(os.environ.get("WORLD_SIZE", 1)) == 1):
+        raise UsageError("--sync-bn: needs CUDA and torchrun (PyTorch's SyncBatchNorm has no CPU version)")
 
 
+# Copied from gan.setup_distributed
+def setup_distributed(args):
+    """Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK): join the process group, NCCL on CUDA with one GPU
+    per process, gloo on the CPU. Returns (rank, world_size); (0, 1) without torchrun, where nothing changes."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
+    if args.device.startswith("cuda"):
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible")
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world_size
+
+
+# Copied from gan.average_gradients
+def average_gradients(model):
+    """Under torchrun: replace every gradient by its mean over the processes, in one flat all-reduce."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(mean.view_as(grad))
+
+
+# Copied from gan.replicas_agree
+def replicas_agree(*models):
+    """True when every process holds the same weights: a float64 checksum per process, compared in one all-reduce."""
+    checksum = sum(p.detach().double().sum() for model in models for p in model.parameters())
+    extremes = torch.stack([checksum, -checksum])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return bool(extremes[0] == -extremes[1])  # max == min
+
+
+# Copied from gan.autocast
+def autocast(device, scaler):
+    """Mixed precision when --amp is on: float16 with loss scaling on CUDA, bfloat16 (no scaling needed) on CPU."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=scaler.amp)
+
+
+# Copied from gan.start_run
+def start_run(args, rank):
+    """The checkpoint to resume (its settings applied to args), the output folder checked, then the training data
+    and the held-out split (None for a folder of images)."""
+    checkpoint = load_checkpoint(args.out) if args.resume else None
+    if checkpoint:
+        resume_settings(args, checkpoint)
+    args.image_size = args.image_size or default_size(args)
+    if rank == 0:
+        data.prepare_out(args.out)
+    dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
+    held_out = (data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
+                if args.dataset in data.DATASETS else None)
+    return checkpoint, dataset, held_out
+
+
+# Copied from gan.load_checkpoint
+def load_checkpoint(out):
+    """OUT/checkpoint.pt, refused (one line naming both scripts) unless its "script" field names this script."""
+    checkpoint = data.read_checkpoint(out)
+    written_by = checkpoint.get("script")
+    if written_by != SCRIPT:
+        saved = checkpoint["args"]
+        settings = " ".join(f"--{k.replace('_', '-')} {saved[k]}"
+                            for k in ("image_size", "width", "latent_dim", "conditional", "loss") if k in saved)
+        raise UsageError(f"{checkpoint['path']} was written by {written_by or 'an unknown script (no script field)'}"
+                         f" with {settings}; this is {SCRIPT}")
+    return checkpoint
+
+
+# Copied from gan.resume_settings
+def resume_settings(args, checkpoint):
+    """The run's own settings win over the defaults; a flag given with another value is refused, not ignored."""
+    defaults = vars(parse_args([]))
+    for key in RESUME_SETTINGS:
+        saved = checkpoint["args"].get(key, defaults[key])
+        if getattr(args, key) not in (saved, defaults[key]):
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: {checkpoint['path']} was written "
+                             f"with --{key.replace('_', '-')} {saved}, which --resume keeps")
+        setattr(args, key, saved)
+    if args.epochs <= checkpoint["epoch"]:
+        raise UsageError(f"--epochs {args.epochs}: {checkpoint['path']} is already at epoch {checkpoint['epoch']}; "
+                         f"--epochs counts the total")
+
+
+# Copied from gan.Stopped
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, a scheduler's stop: unwinds like Ctrl-C, with exit status 143 (128 + 15)."""
+
+
+# Copied from gan.stop
+def stop(signum, frame):
+    raise Stopped
+
+
+# Copied from gan.main
 def main(argv=None):
     rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 reports, so one error is one line
-    args = None
+    args, status, message = None, 0, None
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         args = parse_args(argv)
-        if args.generate is not None:
-            generate(args)
+        if args.generate is None:
+            train(args, *setup_distributed(args))
+        elif int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise UsageError("--generate runs in one process: start it with python, not torchrun")
         else:
-            rank, world_size = setup_distributed(args)
-            train(args, rank, world_size)
+            generate(args)
     except (data.DataError, UsageError) as e:
-        if rank == 0:
-            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2
+        status, message = 2, f"{SCRIPT}: error: {e}"
     except FloatingPointError as e:
-        if rank == 0:
-            print(f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}",
-                  file=sys.stderr)
-        return 1
+        status, message = 1, f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}"
     except torch.cuda.OutOfMemoryError:
-        if rank == 0:
-            print(f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size or --width",
-                  file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",
-                  file=sys.stderr)
-        return 130
+        status, message = 2, (f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size"
+                              + (" or --width" if hasattr(args, "width") else ""))
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM by way of stop(), at any moment, start-up included
+        status, what = (143, "stopped by SIGTERM") if isinstance(e, Stopped) else (130, "interrupted")
+        message = f"\n{what}"
+        if args is not None and args.generate is None:  # training, or starting to
+            message += (f": {args.out}/checkpoint.pt holds the last finished epoch; --resume continues"
+                        if os.path.isfile(os.path.join(args.out, "checkpoint.pt")) else ": no epoch was finished")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    if message and rank == 0:
+        print(message, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -8,8 +8,14 @@
 
 Named datasets are looked for in DATA_DIR/<name>/, then in Debian's /usr/share/datasets/<name>/, and are
 otherwise downloaded into DATA_DIR/<name>/ (every file checked against its published MD5 before it is kept).
-Bad input raises DataError with a one-line message naming the file; the scripts turn it into exit status 2.
+
+Every file a run writes goes through write_atomic, and the files that every script writes the same way are here:
+the output-folder check (prepare_out), checkpoints (save_checkpoint, read_checkpoint), metrics.csv, the files of
+one epoch (save_epoch) and samples.npz (save_samples). Which script a checkpoint belongs to is the script's call.
+Bad input or an unusable output folder raises DataError with a one-line message naming the file; the scripts turn
+it into exit status 2.
 """
+import csv
 import gzip
 import hashlib
 import http.client
@@ -22,12 +28,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 
 class DataError(Exception):
-    """Bad input (missing, corrupt or unreadable data). The message is one line that names the file."""
+    """Bad input (missing, corrupt or unreadable data) or an output folder that takes no files. The message is one
+    line that names the file."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,6 +234,30 @@ def copy_with_progress(response, out, filename, chunk_size=1 << 16):
     return md5.hexdigest()
 
 
+def load_data(name, data_dir, image_size, rank=0, split="train"):
+    """load_dataset in every process of a run. Rank 0 goes first (it may download) and passes on its error, if any,
+    so that the others stop with the same one line instead of waiting. The test split is optional: None if absent,
+    and never downloaded (it only adds held-out figures)."""
+    def load():
+        return load_dataset(name, data_dir, split=split, image_size=image_size, download=split == "train")
+
+    dataset, error = None, None
+    if rank == 0:
+        try:
+            dataset = load()
+        except DataError as e:
+            error = str(e)
+    if dist.is_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        if split == "test":
+            return None
+        raise DataError(error)
+    return dataset if dataset is not None else load()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A folder of images
 
@@ -349,10 +381,8 @@ def save_gif(png_paths, path, duration_ms=250):
 
 
 def save_atomic(picture, path, fmt, **options):
-    """Write a PIL image to a temporary file beside path, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    picture.save(tmp, format=fmt, **options)
-    os.replace(tmp, path)
+    """Write a PIL image through write_atomic."""
+    write_atomic(path, lambda f: picture.save(f, format=fmt, **options))
 
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
@@ -405,3 +435,147 @@ def plot_curves(series, path, xlabel="epoch", size=(640, 400)):
         draw.line([width - right - 120, y + 6, width - right - 100, y + 6], fill=color, width=2)
         draw.text((width - right - 94, y), name, fill="black", font=font)
     save_atomic(picture, path, "PNG")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files a run writes, each through write_atomic: a reader, or a resumed run, never sees half a file
+
+def write_atomic(path, write, mode="wb"):
+    """Write path by way of a temporary file beside it: write(f) fills the open file, which is flushed and fsynced,
+    then renamed over path. On any failure (a full disk, Ctrl-C, SIGTERM) the temporary file is removed and path is
+    as it was; only kill -9 or a power cut can leave the temporary behind, never a torn path."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so not even a power cut leaves a torn file
+        os.replace(tmp, path)  # atomic: the old file or the new one, whole
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def prepare_out(out):
+    """Create the run's folder and check that it takes files, before any data is loaded or time spent."""
+    try:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        write_atomic(os.path.join(out, ".write_test"), lambda f: f.write(b"ok"))
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def save_checkpoint(path, state):
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def read_checkpoint(out):
+    """OUT/checkpoint.pt as a dict (on the CPU, weights_only), with its "path" added; DataError if it is missing,
+    unreadable or no training script's. Whether it is this script's own is for the script to decide."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise DataError(f"no checkpoint at {path}: train first (or pass the run's --out)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: torch raises several types, all mean "not a checkpoint of ours"
+        raise DataError(f"cannot load {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    if not isinstance(checkpoint, dict) or "generator" not in checkpoint or "args" not in checkpoint:
+        raise DataError(f"{path} is not a checkpoint written by a training script")
+    checkpoint["path"] = path
+    return checkpoint
+
+
+def restore(module, state, checkpoint, what):
+    """module.load_state_dict(state), or one line saying that the checkpoint's `what` does not fit the model."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:  # wrong shapes or names: the file is not this model's
+        raise DataError(f"{checkpoint['path']}: the {what} does not fit this model ({str(e).splitlines()[0][:120]})"
+                        ) from None
+
+
+def resume(checkpoint, parts, device):
+    """Continue a run: every part (checkpoint key -> module or optimizer) and the random states saved by
+    random_states; returns the epoch the checkpoint holds."""
+    for key, part in parts.items():
+        restore(part, checkpoint[key], checkpoint, key.replace("_", " "))
+    torch.set_rng_state(checkpoint["rng"])
+    if device.type == "cuda" and "cuda_rng" in checkpoint:  # rank 0's; the others re-seed every epoch
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
+    return checkpoint["epoch"]
+
+
+def random_states(device):
+    """What a checkpoint needs for --resume to draw the same noise: the CPU's random state and, training on a GPU,
+    that GPU's (only the CPU's was saved before, so a resumed CUDA run replayed epoch 1's noise)."""
+    states = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def write_metrics(path, rows):
+    """metrics.csv: a header from the first row's keys, then one row per dict."""
+    def write(f):
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_atomic(path, write, mode="w")
+
+
+def read_metrics(path, up_to_epoch):
+    """The rows of metrics.csv up to an epoch (a resumed run continues them); [] if there is no file."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
+
+
+def save_epoch(out, epoch, history, curves, grid, checkpoint, pictures=()):
+    """Everything an epoch leaves in out, checkpoint last: metrics.csv (history: one dict per epoch), losses.png (the
+    columns named in curves), samples/epoch_NNN.png (grid: [N, C, H, W] images, 10 a row), progress.gif, then
+    checkpoint.pt. pictures: more (file name, images) grids, replaced each epoch. A full disk or a vanished folder
+    is one DataError; the previous epoch's checkpoint stays intact, since the new one replaces it only when whole."""
+    try:
+        write_metrics(os.path.join(out, "metrics.csv"), history)
+        plot_curves({k: [float(row[k]) for row in history] for k in curves}, os.path.join(out, "losses.png"))
+        save_grid(grid, os.path.join(out, "samples", f"epoch_{epoch:03d}.png"), nrow=10)
+        for name, images in pictures:
+            save_grid(images, os.path.join(out, name), nrow=10)
+        frames = sorted(f for f in os.listdir(os.path.join(out, "samples")) if f.endswith(".png"))
+        save_gif([os.path.join(out, "samples", f) for f in frames], os.path.join(out, "progress.gif"))
+        save_checkpoint(os.path.join(out, "checkpoint.pt"), checkpoint)
+    except OSError as e:
+        raise DataError(f"cannot write epoch {epoch}'s files into {out} ({e.strerror or e}); "
+                        f"checkpoint.pt still holds epoch {epoch - 1}") from None
+
+
+def save_samples(out, images, labels=None):
+    """--generate's files: OUT/samples.npz (key images, uint8 [N, H, W, C]; labels, int64 [N], if given) and a grid
+    of the first 100 in OUT/samples.png. images: uint8 [N, C, H, W]."""
+    path = os.path.join(out, "samples.npz")
+    arrays = {"images": images.permute(0, 2, 3, 1).numpy(), **({} if labels is None else {"labels": labels.numpy()})}
+    try:
+        write_atomic(path, lambda f: np.savez(f, **arrays))
+        save_grid(images[:100], os.path.join(out, "samples.png"), nrow=10)
+    except OSError as e:
+        raise DataError(f"cannot write the samples into {out} ({e.strerror or e})") from None
+    print(f"wrote {len(images)} images to {path} and a grid to {os.path.join(out, 'samples.png')}")
+
+
+def report_fid(make_fakes, dataset, device):
+    """--fid: print the FID of make_fakes() (uint8 [N, C, H, W]) against dataset's images, whose Inception statistics
+    are cached in dataset.cache_dir. fid.py is imported only here: it stands alone, and only --fid needs it."""
+    import fid
+
+    try:
+        inception = fid.load_inception(device=device)  # loaded once for both sides
+        fake = make_fakes()
+        cache = os.path.join(dataset.cache_dir, f"fid_stats_{dataset.image_shape[-1]}px_{len(dataset.images)}.npz")
+        mu_real, sigma_real = fid.cached_statistics(cache, lambda: dataset.images, weights=inception)
+        mu_fake, sigma_fake = fid.compute_statistics(fake, weights=inception)
+    except fid.FIDError as e:
+        raise DataError(f"--fid: {e}") from None
+    print(f"FID: {fid.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake):.6g} "
+          f"({len(fake)} generated vs {len(dataset.images)} real images, 2048-d pytorch-fid Inception features)")

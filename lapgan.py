@@ -16,13 +16,12 @@ The pyramid of one image, as drawn in the README (assets/lapgan_pyramid.png):
 """
 import argparse
 import copy
-import csv
 import math
 import os
+import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -31,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 
+# Copied from gan.SCRIPT
 SCRIPT = os.path.basename(__file__)
 COARSEST = 8  # side of the pyramid's top level, generated from z alone
 
@@ -292,38 +292,120 @@ def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler):
     return torch.cat([torch.stack([losses_d.detach().sum(), losses_g.detach().sum()]), *per_level])
 
 
-def average_gradients(model):
-    """Under torchrun: replace every gradient by its mean over the processes, so that all replicas take the same step.
-
-    This is what DistributedDataParallel does, done by hand (as StyleGAN2-ADA does) because a GAN step does not fit
-    DDP's one-forward-one-backward pattern: D runs forward on reals and on fakes before one backward, and G's
-    backward passes through a frozen D. One flat all-reduce per update, for all levels together."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(mean.view_as(grad))
-
-
-def autocast(device, scaler):
-    """Mixed precision when --amp is on: float16 with loss scaling on CUDA, bfloat16 (no scaling needed) on CPU."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=scaler.amp)
-
-
+# Copied from gan.update_average
 @torch.no_grad()
 def update_average(G_average, G, step, decay):
-    """Exponential moving average of G's weights (every level's). Samples from the average are much cleaner than
-    from the last step's weights, which oscillate around it (Yazici et al. 2019). The decay ramps up over the
-    first steps so that the average does not drag the random initial weights along for thousands of steps."""
+    """Exponential moving average of G's weights, the decay ramped up over the first steps (why: gan.py)."""
     decay = min(decay, (1 + step) / (10 + step))
     for average, current in zip(G_average.parameters(), G.parameters()):
         average.lerp_(current, 1 - decay)
     for average, current in zip(G_average.buffers(), G.buffers()):  # BatchNorm running statistics
         average.copy_(current)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training, sampling and the command line
+
+def train(args, rank=0, world_size=1):
+    device = torch.device(args.device)
+    checkpoint, dataset, held_out = start_run(args, rank)
+    torch.manual_seed(args.seed)
+    G, D = build_models(args, dataset.image_shape, dataset.num_classes)  # the same initial weights in every process
+    if args.sync_bn:  # BatchNorm statistics over the global batch instead of each process's share
+        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
+    if device.type == "cuda":  # speed only, never on the CPU: cuDNN autotuning and NHWC for the tensor cores
+        torch.backends.cudnn.benchmark = True
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    G, D = G.to(device), D.to(device)
+    G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
+    opt_g, opt_d = make_optimizers(args, G, D)  # one for every level's G, one for every D: Adam works per weight
+    parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
+    # --compile: the compiled modules share their parameters with G and D, which are what gets saved. Their
+    # forward() is the training path, every level on the real pyramid; sampling stays eager.
+    G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    scaler.amp = args.amp
+
+    history = data.read_metrics(os.path.join(args.out, "metrics.csv"), start_epoch) if rank == 0 else []
+    batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
+    num_classes = dataset.num_classes if args.conditional else 0
+    sizes = level_sizes(args.image_size)
+    names = metric_names(sizes)
+    columns, groups = 10, (num_classes or 4)
+    grid_classes = grid_labels(num_classes, columns, device)
+    # Unconditional: 4 groups of 10 samples. Conditional: one group per class, the same 10 noises in each, so that
+    # a column is one z (and one set of noise planes) drawn as every class.
+    grid_z, grid_planes = cascade_noise(columns if num_classes else columns * groups, args.latent_dim,
+                                        args.image_size, torch.Generator().manual_seed(args.seed), device)
+    if num_classes:
+        grid_z, grid_planes = grid_z.repeat(groups, 1), [plane.repeat(groups, 1, 1, 1) for plane in grid_planes]
+    real_sets = {"d_acc_real_train": (batches.images, batches.labels),  # D's accuracy on up to 1,000 of each
+                 "d_acc_real_test": (held_out.images.to(device), held_out.labels.to(device)) if held_out else None}
+    if rank == 0:
+        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, pyramid levels "
+              f"{'/'.join(map(str, sizes))} px, {len(batches)} steps per epoch, device {device}"
+              + (f" x {world_size} processes" if world_size > 1 else "") +
+              f", epochs {start_epoch + 1}..{args.epochs}")
+
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        if rank > 0:  # every process draws its own noise, from a stream fixed by (seed, rank, epoch) for --resume
+            torch.manual_seed(hash((args.seed, rank, epoch)))
+        started, seen = time.time(), 0
+        totals = torch.zeros(len(names), device=device)
+        for i, (real, labels) in enumerate(batches.epoch(epoch), 1):
+            seen += len(real)
+            if world_size > 1:  # this process's share: disjoint slices of the same global batch
+                real, labels = real.tensor_split(world_size)[rank], labels.tensor_split(world_size)[rank]
+            if device.type == "cuda":
+                real = real.contiguous(memory_format=torch.channels_last)
+            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels if num_classes else None,
+                                 args.latent_dim, scaler)
+            update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
+            if i % args.log_every == 0 or i == len(batches):
+                means = totals / i
+                if world_size > 1:
+                    dist.all_reduce(means)
+                    means /= world_size
+                means = means.tolist()  # the only sync with the device, every log_every steps
+                if not all(map(math.isfinite, means)):
+                    raise FloatingPointError(f"loss became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch} step {i}")
+                elapsed = time.time() - started
+                steps_left = len(batches) - i + (args.epochs - epoch) * len(batches)
+                if rank == 0:
+                    levels = " | ".join(f"{size}px d {means[2 + 4 * k]:.2f} g {means[3 + 4 * k]:.2f}"
+                                        for k, size in enumerate(sizes))
+                    print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | {levels} | "
+                          f"{seen / elapsed:.0f} img/s | {steps_left * elapsed / i / 60:.1f} min left ",
+                          end="\r" if sys.stdout.isatty() else "\n", flush=True)
+        if world_size > 1 and not replicas_agree(G, D):
+            raise FloatingPointError(f"the processes' weights differ at the end of epoch {epoch}")
+        if rank > 0:
+            continue
+        if sys.stdout.isatty():
+            print()
+        seconds = time.time() - started
+        accuracy = d_accuracy(D, G, real_sets, args.latent_dim, num_classes, sizes)
+
+        def shares(name):
+            return "/".join(accuracy[f"{name}_{size}"] or "-" for size in sizes)
+        print(f"epoch {epoch}: D calls real {shares('d_acc_real_train')} of training images, "
+              f"{shares('d_acc_real_test')} of held-out ones; calls fake {shares('d_acc_fake')} of fakes "
+              f"(levels {'/'.join(map(str, sizes))} px)")
+        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+        # Per level, D's and G's loss; at most 6 curves (the plot's colours): the coarsest and the two finest levels.
+        curves = [f"{loss}_{size}" for size in sorted({sizes[0], *sizes[-2:]}) for loss in ("d_loss", "g_loss")]
+        grid = level_grid(G_average, grid_z, grid_classes, grid_planes, columns)
+        data.save_epoch(args.out, epoch, history, curves, grid, {
+            "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
+            "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
+            **data.random_states(device)})
+
+    if args.fid and rank == 0:
+        labels = torch.arange(args.fid) % dataset.num_classes  # every class equally often, like the grid
+        data.report_fid(lambda: generate_images(G_average, labels, args.latent_dim, args.image_size, device,
+                                                seed=args.seed + 1), dataset, device)
 
 
 @torch.no_grad()
@@ -362,13 +444,6 @@ def d_accuracy(D, G, real_sets, latent_dim, num_classes, sizes, n=1000):
     return accuracy
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Running it: training, sampling, checkpoints
-
-class UsageError(Exception):
-    """Bad flags, an unusable output folder or checkpoint: reported as one line, exit status 2."""
-
-
 def build_models(args, image_shape, num_classes):
     channels, image_size = image_shape[0], image_shape[-1]
     num_classes = num_classes if args.conditional else 0
@@ -379,9 +454,10 @@ def build_models(args, image_shape, num_classes):
     return G, D
 
 
+
+# Copied from gan.make_optimizers
 def make_optimizers(args, G, D):
-    """Radford et al.: Adam with lr 2e-4 and beta1 = 0.5. One optimizer holds every level's G (and one every level's
-    D): Adam's update is per weight, so this is the same as one optimizer per level."""
+    """Adam with beta1 = 0.5 (DCGAN's setting): the default 0.9 makes the two players' momentum overshoot."""
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     return opt_g, opt_d
@@ -458,309 +534,12 @@ def save_pyramid_picture(dataset="fashion-mnist", path="assets/lapgan_pyramid.pn
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Several processes (torchrun): one process per GPU, the same weights everywhere, a share of each batch each
-
-def setup_distributed(args):
-    """Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK): join the process group, NCCL on CUDA with one GPU
-    per process, gloo on the CPU. Returns (rank, world_size); (0, 1) without torchrun, where nothing changes."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1
-    if args.batch_size % world_size:
-        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
-    if args.device.startswith("cuda"):
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible")
-        args.device = f"cuda:{local_rank}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world_size
-
-
-def load_data(args, rank, split="train"):
-    """The dataset, read by every process. Rank 0 goes first (it may download) and passes on its error, if any, so
-    that the others stop with the same one line instead of waiting. The test split is optional: None if absent."""
-    def load():  # only the training split is worth a download; the test split only adds held-out figures
-        return data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size,
-                                 download=split == "train")
-
-    dataset, error = None, None
-    if rank == 0:
-        try:
-            dataset = load()
-        except data.DataError as e:
-            error = str(e)
-    if dist.is_initialized():
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
-    if error:
-        if split == "test":
-            return None
-        raise data.DataError(error)
-    return dataset if dataset is not None else load()
-
-
-def replicas_agree(*models):
-    """True when every process holds the same weights: a float64 checksum per process, compared in one all-reduce."""
-    checksum = sum(p.detach().double().sum() for model in models for p in model.parameters())
-    extremes = torch.stack([checksum, -checksum])
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    return bool(extremes[0] == -extremes[1])  # max == min
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Files: checkpoints, metrics, the output folder
-
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so not even a power cut leaves a torn checkpoint
-        os.replace(tmp, path)  # atomic: a crash, kill -9 or Ctrl-C mid-save leaves the previous checkpoint intact
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-MODEL_SETTINGS = ("image_size", "width", "latent_dim", "conditional")  # what the weights were made for
-
-
-def load_checkpoint(out):
-    path = os.path.join(out, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: train first (or pass the run's --out)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file: torch raises several types, all mean "not a checkpoint of ours"
-        raise UsageError(f"cannot load {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
-    if not isinstance(checkpoint, dict) or "generator" not in checkpoint or "args" not in checkpoint:
-        raise UsageError(f"{path} is not a checkpoint written by a training script")
-    written_by = checkpoint.get("script", "dcgan.py")  # checkpoints from before the field existed were dcgan.py's
-    if written_by != SCRIPT:
-        saved = checkpoint["args"]
-        settings = " ".join(f"--{k.replace('_', '-')} {saved[k]}"
-                            for k in ("image_size", "width", "latent_dim", "conditional", "loss") if k in saved)
-        raise UsageError(f"{path} was written by {written_by} with {settings}; this is {SCRIPT}")
-    checkpoint["path"] = path
-    return checkpoint
-
-
-def restore(module, state, checkpoint, what):
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as e:  # wrong shapes or names: the file is not this model's
-        raise UsageError(f"{checkpoint['path']}: the {what} does not fit this model ({str(e).splitlines()[0][:120]})"
-                         ) from None
-
-
-def resume_settings(args, checkpoint):
-    """The run's own settings win over the defaults; a flag given with another value is refused, not ignored."""
-    defaults = vars(parse_args([]))
-    for key in (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay"):
-        saved = checkpoint["args"].get(key, defaults[key])
-        if getattr(args, key) not in (saved, defaults[key]):
-            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: {checkpoint['path']} was written "
-                             f"with --{key.replace('_', '-')} {saved}, which --resume keeps")
-        setattr(args, key, saved)
-    if args.epochs <= checkpoint["epoch"]:
-        raise UsageError(f"--epochs {args.epochs}: {checkpoint['path']} is already at epoch {checkpoint['epoch']}; "
-                         f"--epochs counts the total")
-
-
-def prepare_out(out):
-    """Create the run's folder and check that it takes files, before any data is loaded or time spent."""
-    try:
-        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        with open(os.path.join(out, ".write_test"), "wb") as f:
-            f.write(b"ok")
-        os.remove(os.path.join(out, ".write_test"))
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-
-
-def write_metrics(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def read_metrics(path, up_to_epoch):
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-
-def train(args, rank=0, world_size=1):
-    device = torch.device(args.device)
-    checkpoint = load_checkpoint(args.out) if args.resume else None
-    if checkpoint:
-        resume_settings(args, checkpoint)
-    args.image_size = args.image_size or default_size(args)
-    if rank == 0:
-        prepare_out(args.out)
-    dataset = load_data(args, rank)
-    held_out = load_data(args, rank, split="test") if args.dataset in data.DATASETS else None
-    torch.manual_seed(args.seed)
-    G, D = build_models(args, dataset.image_shape, dataset.num_classes)  # the same initial weights in every process
-    if args.sync_bn:  # BatchNorm statistics over the global batch instead of each process's share
-        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
-    if device.type == "cuda":  # speed only, never on the CPU: cuDNN autotuning and NHWC for the tensor cores
-        torch.backends.cudnn.benchmark = True
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    G, D = G.to(device), D.to(device)
-    G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
-    opt_g, opt_d = make_optimizers(args, G, D)
-    start_epoch = 0
-    if checkpoint:
-        for module, key in ((G, "generator"), (G_average, "generator_average"), (D, "discriminator"),
-                            (opt_g, "opt_g"), (opt_d, "opt_d")):
-            restore(module, checkpoint[key], checkpoint, key.replace("_", " "))
-        start_epoch = checkpoint["epoch"]
-        torch.set_rng_state(checkpoint["rng"])
-    # --compile: the compiled modules share their parameters with G and D, which are what gets saved. Their
-    # forward() is the training path, every level on the real pyramid; sampling stays eager.
-    G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
-    scaler.amp = args.amp
-
-    metrics_path = os.path.join(args.out, "metrics.csv")
-    history = read_metrics(metrics_path, start_epoch) if rank == 0 else []
-    batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
-    num_classes = dataset.num_classes if args.conditional else 0
-    sizes = level_sizes(args.image_size)
-    names = metric_names(sizes)
-    columns, groups = 10, (num_classes or 4)
-    grid_classes = grid_labels(num_classes, columns, device)
-    # Unconditional: 4 groups of 10 samples. Conditional: one group per class, the same 10 noises in each, so that
-    # a column is one z (and one set of noise planes) drawn as every class.
-    grid_z, grid_planes = cascade_noise(columns if num_classes else columns * groups, args.latent_dim,
-                                        args.image_size, torch.Generator().manual_seed(args.seed), device)
-    if num_classes:
-        grid_z, grid_planes = grid_z.repeat(groups, 1), [plane.repeat(groups, 1, 1, 1) for plane in grid_planes]
-    real_sets = {"d_acc_real_train": (batches.images, batches.labels),  # D's accuracy on up to 1,000 of each
-                 "d_acc_real_test": (held_out.images.to(device), held_out.labels.to(device)) if held_out else None}
-    if rank == 0:
-        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, pyramid levels "
-              f"{'/'.join(map(str, sizes))} px, {len(batches)} steps per epoch, device {device}"
-              + (f" x {world_size} processes" if world_size > 1 else "") +
-              f", epochs {start_epoch + 1}..{args.epochs}")
-
-    for epoch in range(start_epoch + 1, args.epochs + 1):
-        if rank > 0:  # every process draws its own noise, from a stream fixed by (seed, rank, epoch) for --resume
-            torch.manual_seed(hash((args.seed, rank, epoch)))
-        started, seen = time.time(), 0
-        totals = torch.zeros(len(names), device=device)
-        for i, (real, labels) in enumerate(batches.epoch(epoch), 1):
-            seen += len(real)
-            if world_size > 1:  # this process's share: disjoint slices of the same global batch
-                real, labels = real.tensor_split(world_size)[rank], labels.tensor_split(world_size)[rank]
-            if device.type == "cuda":
-                real = real.contiguous(memory_format=torch.channels_last)
-            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels if num_classes else None,
-                                 args.latent_dim, scaler)
-            update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
-            if i % args.log_every == 0 or i == len(batches):
-                means = totals / i
-                if world_size > 1:
-                    dist.all_reduce(means)
-                    means /= world_size
-                means = means.tolist()  # the only sync with the device, every log_every steps
-                if not all(map(math.isfinite, means)):
-                    raise FloatingPointError(f"loss became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch} step {i}")
-                elapsed = time.time() - started
-                steps_left = len(batches) - i + (args.epochs - epoch) * len(batches)
-                if rank == 0:
-                    levels = " | ".join(f"{size}px d {means[2 + 4 * k]:.2f} g {means[3 + 4 * k]:.2f}"
-                                        for k, size in enumerate(sizes))
-                    print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | {levels} | "
-                          f"{seen / elapsed:.0f} img/s | {steps_left * elapsed / i / 60:.1f} min left ",
-                          end="\r" if sys.stdout.isatty() else "\n", flush=True)
-        if world_size > 1 and not replicas_agree(G, D):
-            raise FloatingPointError(f"the processes' weights differ at the end of epoch {epoch}")
-        if rank > 0:
-            continue
-        if sys.stdout.isatty():
-            print()
-        seconds = time.time() - started
-        accuracy = d_accuracy(D, G, real_sets, args.latent_dim, num_classes, sizes)
-
-        def shares(name):
-            return "/".join(accuracy[f"{name}_{size}"] or "-" for size in sizes)
-        print(f"epoch {epoch}: D calls real {shares('d_acc_real_train')} of training images, "
-              f"{shares('d_acc_real_test')} of held-out ones; calls fake {shares('d_acc_fake')} of fakes "
-              f"(levels {'/'.join(map(str, sizes))} px)")
-        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
-        save_epoch(args, epoch, history, sizes, level_grid(G_average, grid_z, grid_classes, grid_planes, columns), {
-            "script": SCRIPT, "generator": G.state_dict(), "generator_average": G_average.state_dict(),
-            "discriminator": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "epoch": epoch, "args": vars(args), "image_shape": list(dataset.image_shape),
-            "classes": dataset.classes, "rng": torch.get_rng_state()})
-
-    if args.fid and rank == 0:
-        report_fid(G_average, args, dataset, device)
-
-
-def save_epoch(args, epoch, history, sizes, grid, checkpoint):
-    """Everything an epoch leaves on disk, checkpoint last. A full disk or a vanished folder is one line (exit 2);
-    the checkpoint of the previous epoch stays intact, since the new one replaces it only once it is whole."""
-    try:
-        write_metrics(os.path.join(args.out, "metrics.csv"), history)
-        # Per level, D's and G's loss; at most 6 curves (the plot's colours): the coarsest and the two finest levels.
-        shown = sorted({sizes[0], *sizes[-2:]})
-        data.plot_curves({f"{loss}_{size}": [float(row[f"{loss}_{size}"]) for row in history]
-                          for size in shown for loss in ("d_loss", "g_loss")}, os.path.join(args.out, "losses.png"))
-        data.save_grid(grid, os.path.join(args.out, "samples", f"epoch_{epoch:03d}.png"), nrow=10)
-        frames = sorted(f for f in os.listdir(os.path.join(args.out, "samples")) if f.endswith(".png"))
-        data.save_gif([os.path.join(args.out, "samples", f) for f in frames], os.path.join(args.out, "progress.gif"))
-        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), checkpoint)
-    except OSError as e:
-        raise UsageError(f"cannot write epoch {epoch}'s files into {args.out} ({e.strerror or e}); "
-                         f"checkpoint.pt still holds epoch {epoch - 1}") from None
-
-
-def default_size(args):
-    """32x32 for the 28x28 named datasets (a power of two keeps every level of the pyramid exact), 64 for a folder."""
-    return 32 if args.dataset in data.DATASETS else 64
-
-
-def report_fid(G, args, dataset, device):
-    """Print the FID of args.fid images from the whole cascade against the real training images (cached stats)."""
-    import fid  # only needed here; fid.py stands alone
-
-    try:
-        inception = fid.load_inception(device=device)  # loaded once for both sides
-        labels = torch.arange(args.fid) % dataset.num_classes  # every class equally often, like the grid
-        fake = generate_images(G, labels, args.latent_dim, args.image_size, device, seed=args.seed + 1)
-        cache = os.path.join(dataset.cache_dir, f"fid_stats_{dataset.image_shape[-1]}px_{len(dataset.images)}.npz")
-        mu_real, sigma_real = fid.cached_statistics(cache, lambda: dataset.images, weights=inception)
-        mu_fake, sigma_fake = fid.compute_statistics(fake, weights=inception)
-    except fid.FIDError as e:
-        raise UsageError(f"--fid: {e}") from None
-    print(f"FID: {fid.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake):.6g} "
-          f"({args.fid} generated vs {len(dataset.images)} real images, 2048-d pytorch-fid Inception features)")
-
-
 def generate(args):
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UsageError("--generate runs in one process: start it with python, not torchrun")
     checkpoint = load_checkpoint(args.out)
     saved = argparse.Namespace(**checkpoint["args"])
     classes = checkpoint["classes"]
     G, _ = build_models(saved, checkpoint["image_shape"], len(classes))
-    restore(G, checkpoint["generator_average"], checkpoint, "generator")
+    data.restore(G, checkpoint["generator_average"], checkpoint, "generator")
     if args.label is not None and not (saved.conditional and 0 <= args.label < len(classes)):
         raise UsageError(f"--label {args.label}: the model is " + (
             f"conditional on classes 0..{len(classes) - 1}" if saved.conditional else "not conditional"))
@@ -768,29 +547,18 @@ def generate(args):
     labels = labels % len(classes)  # without --label: classes in turn
     images = generate_images(G.to(args.device), labels, saved.latent_dim, saved.image_size, args.device,
                              seed=args.seed)
-    path = os.path.join(args.out, "samples.npz")
-    tmp = path + ".tmp.npz"
-    arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
-    if saved.conditional:
-        arrays["labels"] = labels.numpy()
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-        data.save_grid(images[:100], os.path.join(args.out, "samples.png"), nrow=10)
-    except OSError as e:
-        raise UsageError(f"cannot write the samples into {args.out} ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    print(f"wrote {len(images)} images to {path} and a grid to {os.path.join(args.out, 'samples.png')}")
+    data.save_samples(args.out, images, labels if saved.conditional else None)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
+def default_size(args):
+    """32x32 for the 28x28 named datasets (a power of two keeps every level of the pyramid exact), 64 for a folder."""
+    return 32 if args.dataset in data.DATASETS else 64
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+
+MODEL_SETTINGS = ("image_size", "width", "latent_dim", "conditional")  # what the weights were made for
+# Copied from gan.RESUME_SETTINGS
+RESUME_SETTINGS = (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay")  # what --resume keeps
+SIDE = (lambda value: value >= 32 and not value & (value - 1), "must be a power of two, at least 32")
 
 
 def parse_args(argv):
@@ -824,27 +592,49 @@ def parse_args(argv):
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the "
                                                           "global batch (default: each process's own share)")
     args = p.parse_args(argv)
-    check_args(args)
+    check_args(args, {"epochs": at_least(1), "batch_size": at_least(1), "latent_dim": at_least(1),
+                      "width": at_least(1), "log_every": at_least(1), "generate": at_least(1), "fid": at_least(2),
+                      "seed": SEED, "lr": POSITIVE, "average_decay": DECAY, "image_size": SIDE})
+    if args.label is not None and args.generate is None:
+        raise UsageError(f"--label {args.label}: only with --generate N")
     return args
 
 
-def check_args(args):
-    """Every number, the device and the flag combinations, before anything is loaded: one line naming the flag."""
-    for name, least in (("epochs", 1), ("batch_size", 1), ("latent_dim", 1), ("width", 1), ("log_every", 1),
-                        ("generate", 1), ("fid", 2)):
+# ================================================================================================================
+# Run machinery: checked copies of gan.py's originals, where it is explained; test_gans.py fails when one drifts.
+
+# Copied from gan.UsageError
+class UsageError(Exception):
+    """Bad flags, an unusable checkpoint: reported as one line, exit status 2."""
+
+
+# Copied from gan.ArgumentParser
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# Copied from gan.at_least
+def at_least(least):
+    return lambda value: value >= least, f"must be at least {least}"
+
+
+# Copied from gan.POSITIVE
+POSITIVE = (lambda value: math.isfinite(value) and value > 0, "must be a positive number")
+# Copied from gan.DECAY
+DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
+# Copied from gan.SEED
+SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
+
+
+# Copied from gan.check_args
+def check_args(args, rules):
+    """Before anything is loaded: every number flag against its rule (flag -> (test, what it must be); an unset flag
+    passes), then the device, and --sync-bn only where it works. One line naming the flag."""
+    for name, (test, must) in rules.items():
         value = getattr(args, name)
-        if value is not None and value < least:
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
-    if not 0 <= args.seed < 2 ** 32:
-        raise UsageError(f"--seed {args.seed}: must be in 0..{2 ** 32 - 1}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise UsageError(f"--lr {args.lr}: must be a positive number")
-    if not 0 <= args.average_decay < 1:
-        raise UsageError(f"--average-decay {args.average_decay}: must be in [0, 1)")
-    if args.image_size is not None and (args.image_size < 32 or args.image_size & (args.image_size - 1)):
-        raise UsageError(f"--image-size {args.image_size}: must be a power of two, at least 32")
-    if args.label is not None and args.generate is None:
-        raise UsageError(f"--label {args.label}: only with --generate N")
+        if value is not None and not test(value):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: {must}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -859,39 +649,142 @@ def check_args(args):
         raise UsageError("--sync-bn: needs CUDA and torchrun (PyTorch's SyncBatchNorm has no CPU version)")
 
 
+# Copied from gan.setup_distributed
+def setup_distributed(args):
+    """Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK): join the process group, NCCL on CUDA with one GPU
+    per process, gloo on the CPU. Returns (rank, world_size); (0, 1) without torchrun, where nothing changes."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
+    if args.device.startswith("cuda"):
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible")
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world_size
+
+
+# Copied from gan.average_gradients
+def average_gradients(model):
+    """Under torchrun: replace every gradient by its mean over the processes, in one flat all-reduce."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(mean.view_as(grad))
+
+
+# Copied from gan.replicas_agree
+def replicas_agree(*models):
+    """True when every process holds the same weights: a float64 checksum per process, compared in one all-reduce."""
+    checksum = sum(p.detach().double().sum() for model in models for p in model.parameters())
+    extremes = torch.stack([checksum, -checksum])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return bool(extremes[0] == -extremes[1])  # max == min
+
+
+# Copied from gan.autocast
+def autocast(device, scaler):
+    """Mixed precision when --amp is on: float16 with loss scaling on CUDA, bfloat16 (no scaling needed) on CPU."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=scaler.amp)
+
+
+# Copied from gan.start_run
+def start_run(args, rank):
+    """The checkpoint to resume (its settings applied to args), the output folder checked, then the training data
+    and the held-out split (None for a folder of images)."""
+    checkpoint = load_checkpoint(args.out) if args.resume else None
+    if checkpoint:
+        resume_settings(args, checkpoint)
+    args.image_size = args.image_size or default_size(args)
+    if rank == 0:
+        data.prepare_out(args.out)
+    dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
+    held_out = (data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
+                if args.dataset in data.DATASETS else None)
+    return checkpoint, dataset, held_out
+
+
+# Copied from gan.load_checkpoint
+def load_checkpoint(out):
+    """OUT/checkpoint.pt, refused (one line naming both scripts) unless its "script" field names this script."""
+    checkpoint = data.read_checkpoint(out)
+    written_by = checkpoint.get("script")
+    if written_by != SCRIPT:
+        saved = checkpoint["args"]
+        settings = " ".join(f"--{k.replace('_', '-')} {saved[k]}"
+                            for k in ("image_size", "width", "latent_dim", "conditional", "loss") if k in saved)
+        raise UsageError(f"{checkpoint['path']} was written by {written_by or 'an unknown script (no script field)'}"
+                         f" with {settings}; this is {SCRIPT}")
+    return checkpoint
+
+
+# Copied from gan.resume_settings
+def resume_settings(args, checkpoint):
+    """The run's own settings win over the defaults; a flag given with another value is refused, not ignored."""
+    defaults = vars(parse_args([]))
+    for key in RESUME_SETTINGS:
+        saved = checkpoint["args"].get(key, defaults[key])
+        if getattr(args, key) not in (saved, defaults[key]):
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: {checkpoint['path']} was written "
+                             f"with --{key.replace('_', '-')} {saved}, which --resume keeps")
+        setattr(args, key, saved)
+    if args.epochs <= checkpoint["epoch"]:
+        raise UsageError(f"--epochs {args.epochs}: {checkpoint['path']} is already at epoch {checkpoint['epoch']}; "
+                         f"--epochs counts the total")
+
+
+# Copied from gan.Stopped
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, a scheduler's stop: unwinds like Ctrl-C, with exit status 143 (128 + 15)."""
+
+
+# Copied from gan.stop
+def stop(signum, frame):
+    raise Stopped
+
+
+# Copied from gan.main
 def main(argv=None):
     rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 reports, so one error is one line
-    args = None
+    args, status, message = None, 0, None
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         args = parse_args(argv)
-        if args.generate is not None:
-            generate(args)
+        if args.generate is None:
+            train(args, *setup_distributed(args))
+        elif int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise UsageError("--generate runs in one process: start it with python, not torchrun")
         else:
-            rank, world_size = setup_distributed(args)
-            train(args, rank, world_size)
+            generate(args)
     except (data.DataError, UsageError) as e:
-        if rank == 0:
-            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2
+        status, message = 2, f"{SCRIPT}: error: {e}"
     except FloatingPointError as e:
-        if rank == 0:
-            print(f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}",
-                  file=sys.stderr)
-        return 1
+        status, message = 1, f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}"
     except torch.cuda.OutOfMemoryError:
-        if rank == 0:
-            print(f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size or --width",
-                  file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",
-                  file=sys.stderr)
-        return 130
+        status, message = 2, (f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size"
+                              + (" or --width" if hasattr(args, "width") else ""))
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM by way of stop(), at any moment, start-up included
+        status, what = (143, "stopped by SIGTERM") if isinstance(e, Stopped) else (130, "interrupted")
+        message = f"\n{what}"
+        if args is not None and args.generate is None:  # training, or starting to
+            message += (f": {args.out}/checkpoint.pt holds the last finished epoch; --resume continues"
+                        if os.path.isfile(os.path.join(args.out, "checkpoint.pt")) else ": no epoch was finished")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    if message and rank == 0:
+        print(message, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

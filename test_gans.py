@@ -3,6 +3,7 @@
     python -m pytest test_gans.py            # everything (about a minute on 2 cores)
     python -m pytest test_gans.py -m "not slow"
 """
+import ast
 import copy
 import csv
 import functools
@@ -2744,6 +2745,69 @@ def test_began_torchrun_two_processes_keep_one_k_and_write_every_output_once(beg
     assert 0 <= checkpoint["k"] <= 1
 
 
+# began.py --preset paper (issue 17)
+
+def test_began_preset_paper_builds_the_papers_networks_and_one_step_runs_at_64px():
+    args = began.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.convs, args.latent_dim, args.batch_size, args.lr, args.gamma,
+            args.lambda_k) == (64, 64, 2, 64, 16, 1e-4, 0.5, 0.001)
+    G, D = began.build_models(args, (3, 64, 64))
+    # By hand, n = 64, RGB, 64x64 (4 resolutions, 8 to 64, two 3x3 convolutions each): decoder = fc 64 -> 64*8*8
+    # (266,240) + 8 convs 64->64 (8 x 36,928) + output conv 64->3 (1,731) = 563,395. Encoder = input conv 3->64
+    # (1,792) + two convs at 64, 128, 192, 256 channels (73,856 + 295,168 + 663,936 + 1,180,160) + stride-2 convs
+    # 64->128, 128->192, 192->256 (73,856 + 221,376 + 442,624) + fc 256*8*8 -> 64 (1,048,640) = 4,001,408.
+    assert sum(p.numel() for p in G.parameters()) == 563_395
+    assert sum(p.numel() for p in D.encoder.parameters()) == 4_001_408
+    assert sum(p.numel() for p in D.parameters()) == 4_001_408 + 563_395
+    assert D.encoder.fc.in_features == 256 * 8 * 8 and G.decoder.fc.out_features == 64 * 8 * 8
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler.amp = False
+    opt_g, opt_d = began.make_optimizers(args, G, D)
+    k = torch.zeros(())
+    real = torch.rand(2, 3, 64, 64) * 2 - 1
+    stats = began.train_step(G, D, opt_g, opt_d, real, k, args.latent_dim, args.gamma, args.lambda_k, scaler)
+    assert stats.shape == (len(began.METRICS) - 1,) and torch.isfinite(stats).all() and 0 <= k <= 1
+
+
+def test_began_a_flag_given_with_the_preset_wins_over_it():
+    args = began.parse_args(["--width", "32", "--preset", "paper", "--lr", "5e-5"])
+    assert (args.width, args.lr, args.convs, args.image_size) == (32, 5e-5, 2, 64)
+    assert began.parse_args([]).width == 16 and began.parse_args(["--preset", "cpu"]).convs == 1  # today's defaults
+
+
+def test_began_a_bad_preset_name_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        began.main(["--preset", "gpu"])
+    assert exit_info.value.code == 2
+    one_line_error(capsys, "began.py: error:", "--preset", "paper")
+
+
+def test_began_help_lists_the_preset_and_what_it_changes(capsys):
+    with pytest.raises(SystemExit):
+        began.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--preset {cpu,paper}" in text and "paper: --image-size 64 --width 64 --convs 2" in text
+
+
+def test_began_a_paper_run_resumes_with_or_without_the_preset_and_refuses_another(began_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    small = ["--width", 4, "--convs", 1, "--image-size", 32, "--latent-dim", 8, "--batch-size", 16, "--log-every", 1]
+    argv = ["--data-dir", began_mnist, "--out", out, *small]
+    assert run_script(began, [*argv, "--preset", "paper", "--epochs", 1]) == 0
+    assert run_script(began, [*argv, "--epochs", 2, "--resume"]) == 0  # without it: the run's own settings
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["preset"] == "paper" and checkpoint["args"]["lr"] == 1e-4
+    assert run_script(began, [*argv, "--preset", "paper", "--epochs", 3, "--resume"]) == 0  # or with it
+    capsys.readouterr()
+    assert run_script(began, [*argv, "--preset", "cpu", "--lr", "3e-4", "--epochs", 4, "--resume"]) == 2
+    one_line_error(capsys, "--lr 0.0003", "--resume keeps")
+    mine = tmp_path / "cpu-run"
+    assert began_run(began_mnist, mine, "--epochs", 1) == 0
+    capsys.readouterr()
+    assert began_run(began_mnist, mine, "--epochs", 2, "--resume", "--preset", "paper") == 2  # no silent change
+    one_line_error(capsys, "--preset paper", "written with --preset cpu")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # acgan.py: the two-headed D, the paper's log-likelihoods against hand-computed values, and the run contract
 def acgan_run(*argv):
@@ -3655,3 +3719,321 @@ def test_fid_and_score_name_no_path_of_this_machine():
             with open(path, encoding="utf-8") as f:
                 text = f.read()
             assert not re.search(r"/work/|/home/\w|/Users/\w", text), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 18: files through data.py, checked copies of gan.py's machinery, and faults from the environment
+
+SCRIPT_MODULES = [gan, cgan, dcgan, wgan_gp, infogan, acgan, began, lapgan]
+PORTED_SCRIPTS = [gan, cgan, acgan, infogan, began, lapgan]  # in the shape of issue 18; each script joins this list as it is ported
+COPY_MARKER = re.compile(r"# Copied from gan\.(\w+)(?: with (.+))?$")
+
+
+def top_level_definitions(source):
+    """name -> text of every top-level def, class and NAME = ... in source (decorators included)."""
+    lines, found = source.splitlines(), {}
+    for node in ast.parse(source).body:
+        names = ([node.name] if hasattr(node, "name") else
+                 [t.id for t in getattr(node, "targets", []) if type(t).__name__ == "Name"])
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        for name in names:
+            found[name] = "\n".join(lines[first - 1:node.end_lineno])
+    return found
+
+
+def copy_problems(script, source, originals):
+    """Every `# Copied from gan.NAME [with A->B, C->D]` line in source must stand right above a definition that
+    equals gan.py's NAME after the replacements, to the character (docstrings and comments included). Returns one
+    line per problem, naming the script, the definition and the first line that differs."""
+    lines, problems = source.splitlines(), []
+    for number, line in enumerate(lines, 1):
+        match = COPY_MARKER.fullmatch(line)
+        if not match:
+            if line.startswith("# Copied from"):
+                problems.append(f"{script}:{number}: not a copy marker: {line!r}")
+            continue
+        name, replacements = match.groups()
+        if name not in originals:
+            problems.append(f"{script}:{number}: gan.py has no {name} to copy")
+            continue
+        expected = expected_copy(originals[name], replacements).splitlines()
+        copy = lines[number:number + len(expected)]
+        after = lines[number + len(expected)] if number + len(expected) < len(lines) else ""
+        for offset, (want, got) in enumerate(itertools.zip_longest(expected, copy, fillvalue="<end of file>")):
+            if want != got:
+                problems.append(f"{script}:{number + 1 + offset}: the copy of gan.{name} differs from gan.py's: "
+                                f"{got.strip()!r}, expected {want.strip()!r}")
+                break
+        else:
+            if after.strip() and after[0] in " \t)]}":  # the copy goes on where the original ends
+                problems.append(f"{script}:{number + len(expected) + 1}: the copy of gan.{name} is longer than "
+                                f"gan.py's: {after.strip()!r}")
+    return problems
+
+
+def expected_copy(original, replacements):
+    """The original's text after a marker's `with A->B, C->D` replacements, made in that order."""
+    for pair in replacements.split(", ") if replacements else []:
+        old, new = pair.split("->")
+        original = original.replace(old, new)
+    return original
+
+
+def script_source(module):
+    with open(module.__file__) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("script", SCRIPT_MODULES[1:], ids=lambda m: m.__name__)
+def test_marked_copies_equal_their_original_in_gan_py(script):
+    problems = copy_problems(os.path.basename(script.__file__), script_source(script),
+                             top_level_definitions(script_source(gan)))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("script", PORTED_SCRIPTS[1:], ids=lambda m: m.__name__)
+def test_a_ported_script_marks_every_definition_it_shares_with_gan_py(script):
+    source, originals = script_source(script), top_level_definitions(script_source(gan))
+    marked = {match.group(1) for match in map(COPY_MARKER.fullmatch, source.splitlines()) if match}
+    unmarked = [name for name, text in top_level_definitions(source).items()
+                if originals.get(name) == text and name not in marked]
+    assert not unmarked, f"{script.__name__}.py: the same as in gan.py but without a copy marker: {unmarked}"
+    assert len(marked) >= 20
+
+
+@pytest.mark.parametrize("script", PORTED_SCRIPTS[1:], ids=lambda m: m.__name__)
+def test_removing_any_one_character_of_a_copy_fails_the_copy_check(script):
+    name, source = os.path.basename(script.__file__), script_source(script)
+    originals, lines = top_level_definitions(script_source(gan)), source.splitlines(keepends=True)
+    assert not copy_problems(name, source, originals)
+    checked = 0
+    for number, line in enumerate(lines):
+        match = COPY_MARKER.fullmatch(line.rstrip("\n"))
+        if not match:
+            continue
+        start = sum(map(len, lines[:number + 1]))  # the copy's first character
+        length = len(expected_copy(originals[match.group(1)], match.group(2)))
+        for position in {start, start + length // 2, start + length - 1}:  # first, middle and last character
+            mutated = source[:position] + source[position + 1:]
+            problems = copy_problems(name, mutated, originals)
+            assert problems and f"gan.{match.group(1)}" in problems[0], (match.group(1), position)
+            checked += 1
+    assert checked >= 60
+
+
+def test_the_copy_check_names_the_script_the_definition_and_the_first_differing_line():
+    originals = {"first": 'def first():\n    """Doc."""\n    return 1'}
+    good = '# Copied from gan.first\ndef first():\n    """Doc."""\n    return 1\n'
+    assert copy_problems("x.py", good, originals) == []
+    drifted = good.replace("Doc.", "Dc.")
+    assert copy_problems("x.py", drifted, originals) == [
+        "x.py:3: the copy of gan.first differs from gan.py's: '\"\"\"Dc.\"\"\"', expected '\"\"\"Doc.\"\"\"'"]
+    renamed = '# Copied from gan.first with first->second, 1->2\ndef second():\n    """Doc."""\n    return 2\n'
+    assert copy_problems("x.py", renamed, originals) == []  # plain text replacements, in order (as transformers)
+    assert "longer" in copy_problems("x.py", good + "    return 2\n", originals)[0]
+    assert "has no h" in copy_problems("x.py", "# Copied from gan.h\ndef h(): pass\n", originals)[0]
+    assert "not a copy marker" in copy_problems("x.py", "# Copied from gan.first, roughly\n", originals)[0]
+
+
+# data.py: every file through one atomic write
+
+def test_write_atomic_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"old")
+    data.write_atomic(str(path), lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["file.bin"]
+    data.write_atomic(str(tmp_path / "text.csv"), lambda f: f.write("a,b\n"), mode="w")
+    assert (tmp_path / "text.csv").read_text() == "a,b\n"
+
+
+@pytest.mark.parametrize("where", ["while writing", "at fsync", "Ctrl-C"])
+def test_write_atomic_failing_keeps_the_old_file_and_removes_the_temporary(where, tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"the previous epoch")
+
+    def write(f):
+        f.write(b"half a file")
+        if where == "while writing":
+            raise OSError(28, "No space left on device")
+        if where == "Ctrl-C":
+            raise KeyboardInterrupt
+    if where == "at fsync":
+        monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(KeyboardInterrupt if where == "Ctrl-C" else OSError):
+        data.write_atomic(str(path), write)
+    assert path.read_bytes() == b"the previous epoch" and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_every_file_of_a_run_goes_through_write_atomic(tmp_path, tiny_data_dir, monkeypatch):
+    written, real_write = [], data.write_atomic
+    monkeypatch.setattr(data, "write_atomic", lambda path, *a, **k: written.append(os.path.basename(path))
+                        or real_write(path, *a, **k))
+    assert run(cgan, tmp_path, tiny_data_dir, "--epochs", "1") == 0
+    assert run(cgan, tmp_path, tiny_data_dir, "--generate", "4") == 0
+    assert {"metrics.csv", "losses.png", "epoch_001.png", "progress.gif", "checkpoint.pt", "samples.npz",
+            "samples.png"} <= set(written)
+
+
+# A checkpoint without a "script" field: refused by every script, with the same line
+
+@pytest.mark.parametrize("script", PORTED_SCRIPTS, ids=lambda m: m.__name__)
+def test_a_checkpoint_that_names_no_script_is_refused_with_one_line(script, tmp_path, tiny_data_dir, capsys):
+    other = cgan if script is gan else gan  # same settings, another script: settings cannot tell them apart
+    assert run(other, tmp_path, tiny_data_dir, "--epochs", "1") == 0
+    path = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["script"]
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    for flags in (["--epochs", "2", "--resume"], ["--generate", "4"]):
+        assert run(script, tmp_path, tiny_data_dir, *flags) == 2
+        err = one_line_error(capsys, str(path), "was written by an unknown script (no script field)",
+                             f"this is {script.__name__}.py")
+        assert err == (f"{script.__name__}.py: error: {path} was written by an unknown script (no script field) "
+                       f"with --image-size 28 --latent-dim 64 --loss non-saturating; this is {script.__name__}.py\n")
+
+
+# --resume exact on CUDA: the GPU's random state is saved and restored too
+
+def test_a_cuda_run_saves_and_restores_the_cuda_random_state(monkeypatch):
+    cuda_state, restored = torch.tensor([7, 8, 9], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: cuda_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    states = data.random_states(torch.device("cuda:1"))
+    assert torch.equal(states["rng"], torch.get_rng_state()) and torch.equal(states["cuda_rng"], cuda_state)
+    assert "cuda_rng" not in data.random_states(torch.device("cpu"))
+    checkpoint = {"path": "checkpoint.pt", "epoch": 3, "generator": {"weight": torch.ones(2)}, **states}
+    torch.manual_seed(1)  # moved on since the save
+    assert data.resume(checkpoint, {"generator": types.SimpleNamespace(load_state_dict=lambda s: None)},
+                       torch.device("cuda:1")) == 3
+    assert torch.equal(torch.get_rng_state(), states["rng"])
+    assert restored == [(cuda_state, torch.device("cuda:1"))]
+
+
+def test_training_writes_the_random_states_into_every_checkpoint(tmp_path, tiny_data_dir, monkeypatch):
+    real_states = data.random_states
+    monkeypatch.setattr(data, "random_states", lambda device: {**real_states(device), "cuda_rng": torch.ones(3)})
+    assert run(gan, tmp_path, tiny_data_dir, "--epochs", "1") == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert torch.equal(checkpoint["cuda_rng"], torch.ones(3)) and checkpoint["rng"].dtype == torch.uint8
+
+
+# Ctrl-C at any moment of start-up, and SIGTERM
+
+@pytest.mark.parametrize("script", PORTED_SCRIPTS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("moment", ["parse_args", "data load"])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(script, moment, tmp_path, tiny_data_dir, monkeypatch,
+                                                         capsys):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(*((script, "parse_args") if moment == "parse_args" else (data, "load_dataset")), ctrl_c)
+    assert run(script, tmp_path, tiny_data_dir, "--epochs", "1") == 130
+    one_line_error(capsys, "interrupted")
+
+
+def test_sigterm_mid_training_exits_143_with_one_line_and_the_finished_epoch_resumable(tiny_data_dir, tmp_path):
+    import random
+    import signal
+    out = tmp_path / "run"
+    argv = ["--data-dir", tiny_data_dir, "--out", str(out), "--epochs", "500", *MLP_TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, os.path.abspath(gan.__file__), *argv], env=env, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 0.5))  # then somewhere in a later epoch: training, or writing files
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143, err
+    assert len(err.strip().splitlines()) == 1 and "SIGTERM" in err and "--resume continues" in err, err
+    epoch = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert epoch >= 1
+    assert run_script(gan, [*argv[:4], "--epochs", epoch + 1, "--resume", *MLP_TINY]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 17: --preset paper gives the paper's networks and hyper-parameters; flags still win; --resume keeps the preset
+
+def parameter_count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_acgan_preset_paper_builds_the_papers_cifar_generator_and_one_step_runs():
+    args = acgan.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.latent_dim, args.width, args.batch_size, args.lr, args.class_loss) == (
+        32, 100, 96, 100, 2e-4, "paper")
+    torch.manual_seed(0)
+    G, D = acgan.build_models(args, (3, 32, 32), 10)
+    # G: convT 116->384 (4x4) 712,704 + 384->192 1,179,648 + 192->96 294,912 + 96->3 4,611, BatchNorms 1,344,
+    # embedding 160. D: conv 3->96 4,704, 96->192 294,912, 192->384 1,179,648, BatchNorms 1,152, heads 6,145 + 61,450.
+    assert (parameter_count(G), parameter_count(D)) == (2_193_379, 1_548_011)
+    assert [m.out_channels for m in G.net if isinstance(m, nn.ConvTranspose2d)] == [384, 192, 96, 3]  # the paper's G
+    assert D.twin is None  # the paper's D: the class head learns the class of fakes itself
+    opt_g, opt_d = acgan.make_optimizers(args, G, D)
+    metrics = acgan.train_step(G, D, opt_g, opt_d, torch.rand(4, 3, 32, 32) * 2 - 1, torch.arange(4), args.latent_dim,
+                               no_scaler())
+    assert metrics.shape == (len(acgan.metric_names("paper")),) and torch.isfinite(metrics).all()
+
+
+def test_infogan_preset_paper_builds_the_papers_mnist_networks_and_one_step_runs():
+    args = infogan.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.latent_dim, args.categories, args.continuous, args.batch_size,
+            args.lr, args.lr_g, args.lambda_cat) == (28, 64, 62, 10, 2, 128, 2e-4, 1e-3, 1.0)
+    torch.manual_seed(0)
+    G, D = infogan.build_models(args, (1, 28, 28))
+    # G: fc 74->1024 75,776, fc 1024->6272 6,422,528, convT 128->64 131,072, 64->1 1,025, BatchNorms 14,720.
+    # D: conv 1->64 1,088, 64->128 131,072, fc 6272->1024 6,422,528, logit 1,025, BatchNorms 2,304;
+    # Q: fc 1024->128 131,072, BatchNorm 256, fc 128->12 1,548.
+    assert (parameter_count(G), parameter_count(D)) == (6_645_121, 6_690_893)
+    assert [m.out_features for m in G.net if isinstance(m, nn.Linear)] == [1024, 128 * 7 * 7]
+    assert [m.out_channels for m in D.body if isinstance(m, nn.Conv2d)] == [64, 128]
+    assert [m.out_features for m in D.q if isinstance(m, nn.Linear)] == [128, 12]
+    opt_g, opt_d = infogan.make_optimizers(args, G, D)
+    metrics = infogan.train_step(G, D, opt_g, opt_d, torch.rand(4, 1, 28, 28) * 2 - 1, no_scaler())
+    assert metrics.shape == (len(infogan.METRICS),) and torch.isfinite(metrics).all()
+
+
+@pytest.mark.parametrize("script", [acgan, infogan], ids=lambda m: m.__name__)
+def test_a_flag_given_with_a_preset_wins_over_it_in_either_order(script):
+    paper = script.parse_args(["--preset", "paper"])
+    for argv in (["--preset", "paper", "--width", "8"], ["--width", "8", "--preset", "paper"]):
+        args = script.parse_args(argv)
+        assert args.width == 8 and args.batch_size == paper.batch_size and args.lr == paper.lr
+    assert vars(script.parse_args(["--preset", "cpu"])) == vars(script.parse_args([]))  # cpu: today's defaults
+
+
+@pytest.mark.parametrize("script", [acgan, infogan], ids=lambda m: m.__name__)
+def test_a_bad_preset_name_is_one_line_and_exit_2(script, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--preset", "gpu"])
+    assert exit_.value.code == 2
+    one_line_error(capsys, f"{script.__name__}.py: error: ", "--preset", "gpu")
+
+
+@pytest.mark.parametrize("script", [acgan, infogan], ids=lambda m: m.__name__)
+def test_help_lists_the_presets_and_what_paper_changes(script, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    assert "--preset{cpu,paper}" in help_text
+    assert "".join(f"--{k.replace('_', '-')}{v}" for k, v in script.PRESETS["paper"].items()) in help_text
+
+
+@pytest.mark.parametrize("script", [acgan, infogan], ids=lambda m: m.__name__)
+def test_a_paper_preset_run_resumes_with_or_without_the_preset_and_a_cpu_run_refuses_it(script, tiny_mnist, tmp_path,
+                                                                                       capsys):
+    small = ["--width", "4", "--latent-dim", "8", "--batch-size", "16", "--log-every", "5"]
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_mnist, "--out", out, "--device", "cpu"]
+    assert run_script(script, [*common, "--epochs", 1, "--preset", "paper", *small]) == 0
+    assert run_script(script, [*common, "--epochs", 2, "--resume"]) == 0  # the preset and small flags kept
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["preset"] == "paper"
+    assert checkpoint["args"]["lr"] == script.PRESETS["paper"]["lr"] and checkpoint["args"]["width"] == 4
+    assert run_script(script, [*common, "--epochs", 3, "--resume", "--preset", "paper", *small]) == 0
+    cpu_out = tmp_path / "cpu"
+    assert run_script(script, [*common, "--out", cpu_out, "--epochs", 1, *small]) == 0
+    capsys.readouterr()
+    assert run_script(script, [*common, "--out", cpu_out, "--epochs", 2, "--resume", "--preset", "paper"]) == 2
+    one_line_error(capsys, "--preset paper", "--preset cpu", "which --resume keeps")
