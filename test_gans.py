@@ -3392,7 +3392,7 @@ def test_lapgan_refuses_another_scripts_checkpoint_and_a_label_on_an_uncondition
 # Issue 18: files through data.py, checked copies of gan.py's machinery, and faults from the environment
 
 SCRIPT_MODULES = [gan, cgan, dcgan, wgan_gp, infogan, acgan, began, lapgan]
-PORTED_SCRIPTS = [gan, cgan, dcgan]  # in the shape of issue 18; each script joins this list as it is ported
+PORTED_SCRIPTS = [gan, cgan, dcgan, wgan_gp]  # in the shape of issue 18; each script joins this list as it is ported
 COPY_MARKER = re.compile(r"# Copied from gan\.(\w+)(?: with (.+))?$")
 
 
@@ -3622,6 +3622,9 @@ def test_sigterm_mid_training_exits_143_with_one_line_and_the_finished_epoch_res
 # ----------------------------------------------------------------------------------------------------------------
 # Issue 17: --preset paper gives the paper's networks and settings at their size; flags given win over a preset
 
+PRESET_SCRIPTS = [dcgan, wgan_gp]
+
+
 def parameter_count(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -3641,20 +3644,38 @@ def test_dcgan_preset_paper_builds_the_papers_networks_and_one_step_runs():
     assert torch.isfinite(metrics).all() and G(torch.randn(2, 100)).shape == (2, 1, 64, 64)
 
 
-@pytest.mark.parametrize("script", [dcgan], ids=lambda m: m.__name__)
+def test_wgan_gp_preset_paper_builds_the_papers_networks_and_one_step_runs():
+    args = wgan_gp.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.latent_dim, args.batch_size, args.lr) == (32, 128, 128, 64, 1e-4)
+    assert (args.n_critic, args.gp_weight, args.lipschitz) == (5, 10.0, "gp")
+    G, D = wgan_gp.build_models(args, (1, 32, 32), 10)
+    # G: 128*512*16 + 512*256*16 + 256*128*16 conv weights, 2*(512+256+128) BatchNorm, 128*16+1 output conv
+    # critic: 16*128+128, 128*256*16+256, 256*512*16+512 convs with biases, 2*(256+512) layer norm, 512*16+1 linear
+    assert (parameter_count(G), parameter_count(D)) == (3_673_857, 2_634_113)
+    assert G.net[0].weight.shape == (128, 512, 4, 4) and D.score.in_features == 512 * 4 * 4  # DIM 128: 4*DIM at 4x4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())  # layer norm in the critic
+    opt_g, opt_d = wgan_gp.make_optimizers(args, G, D)
+    assert opt_d.defaults["betas"] == (0.0, 0.9)
+    reals = [torch.rand(2, 1, 32, 32) * 2 - 1 for _ in range(args.n_critic)]
+    metrics = wgan_gp.train_step(G, D, opt_g, opt_d, reals, [None] * args.n_critic, args.latent_dim, args.gp_weight,
+                                 no_scaler())
+    assert torch.isfinite(metrics).all() and G(torch.randn(2, 128)).shape == (2, 1, 32, 32)
+
+
+@pytest.mark.parametrize("script", PRESET_SCRIPTS, ids=lambda m: m.__name__)
 def test_a_flag_given_with_a_preset_wins_over_it(script):
     args = script.parse_args(["--preset", "paper", "--width", "16", "--lr", "1e-3"])
     assert (args.width, args.lr) == (16, 1e-3)
     assert args.latent_dim == script.PRESETS["paper"]["latent_dim"] != script.parse_args([]).latent_dim
 
 
-@pytest.mark.parametrize("script", [dcgan], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("script", PRESET_SCRIPTS, ids=lambda m: m.__name__)
 def test_a_bad_preset_name_is_one_line_and_exit_2(script, capsys):
     assert script.main(["--preset", "gpu"]) == 2
     one_line_error(capsys, "--preset", "'gpu'")
 
 
-@pytest.mark.parametrize("script", [dcgan], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("script", PRESET_SCRIPTS, ids=lambda m: m.__name__)
 def test_help_lists_the_presets_and_what_paper_changes(script, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
@@ -3663,7 +3684,7 @@ def test_help_lists_the_presets_and_what_paper_changes(script, capsys):
     assert all(f"--{k.replace('_', '-')} {v}" in out for k, v in script.PRESETS["paper"].items())
 
 
-@pytest.mark.parametrize("script", [dcgan], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("script", PRESET_SCRIPTS, ids=lambda m: m.__name__)
 def test_a_preset_run_resumes_with_or_without_the_preset_and_a_preset_cannot_change_a_run(script, tiny_mnist,
                                                                                           tmp_path, capsys):
     out, small = tmp_path / "run", ["--width", 4, "--image-size", 32, "--batch-size", 16]
