@@ -3671,8 +3671,8 @@ def test_a_flag_given_with_a_preset_wins_over_it(script):
 
 @pytest.mark.parametrize("script", PRESET_SCRIPTS, ids=lambda m: m.__name__)
 def test_a_bad_preset_name_is_one_line_and_exit_2(script, capsys):
-    assert script.main(["--preset", "gpu"]) == 2
-    one_line_error(capsys, "--preset", "'gpu'")
+    assert exit_code(script, ["--preset", "gpu"]) == 2
+    one_line_error(capsys, f"{script.__name__}.py: error:", "--preset", "'gpu'")
 
 
 @pytest.mark.parametrize("script", PRESET_SCRIPTS, ids=lambda m: m.__name__)
