@@ -3725,7 +3725,7 @@ def test_fid_and_score_name_no_path_of_this_machine():
 # Issue 18: files through data.py, checked copies of gan.py's machinery, and faults from the environment
 
 SCRIPT_MODULES = [gan, cgan, dcgan, wgan_gp, infogan, acgan, began, lapgan]
-PORTED_SCRIPTS = [gan, cgan, acgan, infogan, began, lapgan]  # in the shape of issue 18; each script joins this list as it is ported
+PORTED_SCRIPTS = [gan, cgan, dcgan, wgan_gp, acgan, infogan, began, lapgan]  # in the shape of issue 18
 COPY_MARKER = re.compile(r"# Copied from gan\.(\w+)(?: with (.+))?$")
 
 
@@ -3955,6 +3955,9 @@ def test_sigterm_mid_training_exits_143_with_one_line_and_the_finished_epoch_res
 # ----------------------------------------------------------------------------------------------------------------
 # Issue 17: --preset paper gives the paper's networks and hyper-parameters; flags still win; --resume keeps the preset
 
+PRESET_SCRIPTS = [dcgan, wgan_gp]
+
+
 def parameter_count(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -4004,7 +4007,7 @@ def test_a_flag_given_with_a_preset_wins_over_it_in_either_order(script):
 
 
 @pytest.mark.parametrize("script", [acgan, infogan], ids=lambda m: m.__name__)
-def test_a_bad_preset_name_is_one_line_and_exit_2(script, capsys):
+def test_a_bad_preset_name_is_one_line_and_exit_2_in_acgan_and_infogan(script, capsys):
     with pytest.raises(SystemExit) as exit_:
         script.main(["--preset", "gpu"])
     assert exit_.value.code == 2
@@ -4012,7 +4015,7 @@ def test_a_bad_preset_name_is_one_line_and_exit_2(script, capsys):
 
 
 @pytest.mark.parametrize("script", [acgan, infogan], ids=lambda m: m.__name__)
-def test_help_lists_the_presets_and_what_paper_changes(script, capsys):
+def test_help_lists_the_presets_and_what_paper_changes_in_acgan_and_infogan(script, capsys):
     with pytest.raises(SystemExit):
         script.main(["--help"])
     help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
@@ -4037,3 +4040,79 @@ def test_a_paper_preset_run_resumes_with_or_without_the_preset_and_a_cpu_run_ref
     capsys.readouterr()
     assert run_script(script, [*common, "--out", cpu_out, "--epochs", 2, "--resume", "--preset", "paper"]) == 2
     one_line_error(capsys, "--preset paper", "--preset cpu", "which --resume keeps")
+
+
+def test_dcgan_preset_paper_builds_the_papers_networks_and_one_step_runs():
+    args = dcgan.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.latent_dim, args.batch_size, args.lr) == (64, 128, 100, 128, 2e-4)
+    G, D = dcgan.build_models(args, (1, 64, 64), 10)
+    # G: 100*1024*16 + 1024*512*16 + 512*256*16 + 256*128*16 conv weights, 2*(1024+512+256+128) BatchNorm, 128*16+1
+    # D: 16*128+128, 128*256*16 + 256*512*16 + 512*1024*16 convs, 2*(256+512+1024) BatchNorm, 1024*16+1 linear
+    assert (parameter_count(G), parameter_count(D)) == (12_654_337, 11_032_193)
+    assert G.net[0].weight.shape == (100, 1024, 4, 4) and D.logit.in_features == 1024 * 4 * 4  # Figure 1's 4x4x1024
+    opt_g, opt_d = dcgan.make_optimizers(args, G, D)
+    assert opt_d.defaults["betas"] == (0.5, 0.999)
+    real = torch.rand(2, 1, 64, 64) * 2 - 1
+    metrics = dcgan.train_step(G, D, opt_g, opt_d, real, None, args.latent_dim, no_scaler())
+    assert torch.isfinite(metrics).all() and G(torch.randn(2, 100)).shape == (2, 1, 64, 64)
+
+
+def test_wgan_gp_preset_paper_builds_the_papers_networks_and_one_step_runs():
+    args = wgan_gp.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.latent_dim, args.batch_size, args.lr) == (32, 128, 128, 64, 1e-4)
+    assert (args.n_critic, args.gp_weight, args.lipschitz) == (5, 10.0, "gp")
+    G, D = wgan_gp.build_models(args, (1, 32, 32), 10)
+    # G: 128*512*16 + 512*256*16 + 256*128*16 conv weights, 2*(512+256+128) BatchNorm, 128*16+1 output conv
+    # critic: 16*128+128, 128*256*16+256, 256*512*16+512 convs with biases, 2*(256+512) layer norm, 512*16+1 linear
+    assert (parameter_count(G), parameter_count(D)) == (3_673_857, 2_634_113)
+    assert G.net[0].weight.shape == (128, 512, 4, 4) and D.score.in_features == 512 * 4 * 4  # DIM 128: 4*DIM at 4x4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())  # layer norm in the critic
+    opt_g, opt_d = wgan_gp.make_optimizers(args, G, D)
+    assert opt_d.defaults["betas"] == (0.0, 0.9)
+    reals = [torch.rand(2, 1, 32, 32) * 2 - 1 for _ in range(args.n_critic)]
+    metrics = wgan_gp.train_step(G, D, opt_g, opt_d, reals, [None] * args.n_critic, args.latent_dim, args.gp_weight,
+                                 no_scaler())
+    assert torch.isfinite(metrics).all() and G(torch.randn(2, 128)).shape == (2, 1, 32, 32)
+
+
+@pytest.mark.parametrize("script", PRESET_SCRIPTS, ids=lambda m: m.__name__)
+def test_a_flag_given_with_a_preset_wins_over_it(script):
+    args = script.parse_args(["--preset", "paper", "--width", "16", "--lr", "1e-3"])
+    assert (args.width, args.lr) == (16, 1e-3)
+    assert args.latent_dim == script.PRESETS["paper"]["latent_dim"] != script.parse_args([]).latent_dim
+
+
+@pytest.mark.parametrize("script", PRESET_SCRIPTS, ids=lambda m: m.__name__)
+def test_a_bad_preset_name_is_one_line_and_exit_2(script, capsys):
+    assert exit_code(script, ["--preset", "gpu"]) == 2
+    one_line_error(capsys, f"{script.__name__}.py: error:", "--preset", "'gpu'")
+
+
+@pytest.mark.parametrize("script", PRESET_SCRIPTS, ids=lambda m: m.__name__)
+def test_help_lists_the_presets_and_what_paper_changes(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    out = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside a flag's name
+    assert "--preset{cpu,paper}" in out
+    assert all(f"--{k.replace('_', '-')}{v}" in out for k, v in script.PRESETS["paper"].items())
+
+
+@pytest.mark.parametrize("script", PRESET_SCRIPTS, ids=lambda m: m.__name__)
+def test_a_preset_run_resumes_with_or_without_the_preset_and_a_preset_cannot_change_a_run(script, tiny_mnist,
+                                                                                          tmp_path, capsys):
+    out, small = tmp_path / "run", ["--width", 4, "--image-size", 32, "--batch-size", 16]
+    assert run_script(script, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, "--preset", "paper", *small]) == 0
+    assert run_script(script, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 2, "--resume"]) == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["args"]
+    paper = script.PRESETS["paper"]
+    assert saved["preset"] == "paper" and saved["width"] == 4 and saved["latent_dim"] == paper["latent_dim"]
+    assert saved["average_decay"] == paper.get("average_decay", script.parse_args([]).average_decay)
+    assert run_script(script, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 3, "--resume", "--preset", "paper",
+                               *small]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    cpu_run = tmp_path / "cpu"
+    assert run_script(script, ["--data-dir", tiny_mnist, "--out", cpu_run, "--epochs", 1, *TINY]) == 0
+    capsys.readouterr()
+    assert run_script(script, ["--data-dir", tiny_mnist, "--out", cpu_run, "--epochs", 2, "--resume",
+                               "--preset", "paper"]) == 2
+    one_line_error(capsys, "--preset paper", "--preset cpu, which --resume keeps")

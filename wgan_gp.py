@@ -3,25 +3,26 @@
     python wgan_gp.py --epochs 20                                    # MNIST 32x32; grids, GIF, metrics in runs/wgan_gp/
     python wgan_gp.py --dataset fashion-mnist --conditional --out runs/wgan_gp-cond   # one row per class in the grids
     python wgan_gp.py --generate 1000                                # runs/wgan_gp/samples.npz and samples.png
+    python wgan_gp.py --preset paper --device cuda                   # the paper's CIFAR-10 model and settings
 
 Watch the Wasserstein estimate (column `wasserstein` of metrics.csv, drawn in losses.png): it falls as the samples
 improve and then settles. The losses themselves are not comparable between runs.
 """
 import argparse
 import copy
-import csv
 import math
 import os
+import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 import data
 
+# Copied from gan.SCRIPT
 SCRIPT = os.path.basename(__file__)
 
 
@@ -170,34 +171,10 @@ def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_w
     return torch.stack([means[0], loss_g.detach().float(), means[1], means[2]])
 
 
-def average_gradients(model):
-    """Under torchrun: replace every gradient by its mean over the processes, so that all replicas take the same step.
-
-    This is what DistributedDataParallel does, done by hand (as StyleGAN2-ADA does) because a GAN step does not fit
-    DDP's one-forward-one-backward pattern: the critic runs forward on reals, fakes and the points between them
-    before one backward, the penalty differentiates the critic twice (DDP does not support that), and G's backward
-    passes through a frozen critic. One flat all-reduce per update."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(mean.view_as(grad))
-
-
-def autocast(device, scaler):
-    """Mixed precision when --amp is on: float16 with loss scaling on CUDA, bfloat16 (no scaling needed) on CPU."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=scaler.amp)
-
-
+# Copied from gan.update_average
 @torch.no_grad()
 def update_average(G_average, G, step, decay):
-    """Exponential moving average of G's weights. Samples from the average are much cleaner than from the last
-    step's weights, which oscillate around it (Yazici et al. 2019). The decay ramps up over the first steps so
-    that the average does not drag the random initial weights along for thousands of steps."""
+    """Exponential moving average of G's weights, the decay ramped up over the first steps (why: gan.py)."""
     decay = min(decay, (1 + step) / (10 + step))
     for average, current in zip(G_average.parameters(), G.parameters()):
         average.lerp_(current, 1 - decay)
@@ -206,6 +183,7 @@ def update_average(G_average, G, step, decay):
 
 
 METRICS = ["d_loss", "g_loss", "wasserstein", "gradient_penalty"]  # wasserstein = E[D(real)] - E[D(fake)]
+
 
 
 @torch.no_grad()
@@ -235,203 +213,11 @@ def critic_scores(D, G, real_sets, latent_dim, num_classes, n=1000):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Running it: training, sampling, checkpoints
-
-class UsageError(Exception):
-    """Bad flags, an unusable output folder or checkpoint: reported as one line, exit status 2."""
-
-
-def build_models(args, image_shape, num_classes):
-    channels, image_size = image_shape[0], image_shape[-1]
-    num_classes = num_classes if args.conditional else 0
-    G = Generator(args.latent_dim, image_size, channels, args.width, num_classes)
-    D = Critic(image_size, channels, args.width, num_classes)
-    G.apply(init_weights)
-    D.apply(init_weights)
-    return G, D
-
-
-def make_optimizers(args, G, D):
-    """WGAN-GP: Adam with the paper's betas (0, 0.9), no momentum, which the critic's fast-moving target does not
-    tolerate well. Weight clipping: RMSprop, as Arjovsky et al. found momentum-based optimizers unstable with it."""
-    if args.lipschitz == "clip":
-        return torch.optim.RMSprop(G.parameters(), lr=args.lr), torch.optim.RMSprop(D.parameters(), lr=args.lr)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.9))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.9))
-    return opt_g, opt_d
-
-
-def grid_labels(num_classes, columns, device):
-    """Labels of the per-epoch grid: one row per class (None for unconditional models)."""
-    return torch.arange(num_classes, device=device).repeat_interleave(columns) if num_classes else None
-
-
-@torch.no_grad()
-def generate_images(G, labels, latent_dim, device, seed, batch_size=500):
-    """len(labels) images as uint8 [n, C, H, W], made in batches by G in eval mode (BatchNorm uses its running
-    averages). labels: int64 [n] on the CPU; only conditional models read it."""
-    G.eval()
-    noise = torch.Generator().manual_seed(seed)
-    conditional = G.label_embedding is not None
-    images = [data.to_uint8(G(torch.randn(len(chunk), latent_dim, generator=noise).to(device),
-                              chunk.to(device) if conditional else None)).cpu()
-              for chunk in labels.split(batch_size)]
-    return torch.cat(images)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Several processes (torchrun): one process per GPU, the same weights everywhere, a share of each batch each
-
-def setup_distributed(args):
-    """Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK): join the process group, NCCL on CUDA with one GPU
-    per process, gloo on the CPU. Returns (rank, world_size); (0, 1) without torchrun, where nothing changes."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1
-    if args.batch_size % world_size:
-        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
-    if args.device.startswith("cuda"):
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible")
-        args.device = f"cuda:{local_rank}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world_size
-
-
-def load_data(args, rank, split="train"):
-    """The dataset, read by every process. Rank 0 goes first (it may download) and passes on its error, if any, so
-    that the others stop with the same one line instead of waiting. The test split is optional: None if absent."""
-    def load():  # only the training split is worth a download; the test split only adds held-out figures
-        return data.load_dataset(args.dataset, args.data_dir, split=split, image_size=args.image_size,
-                                 download=split == "train")
-
-    dataset, error = None, None
-    if rank == 0:
-        try:
-            dataset = load()
-        except data.DataError as e:
-            error = str(e)
-    if dist.is_initialized():
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
-    if error:
-        if split == "test":
-            return None
-        raise data.DataError(error)
-    return dataset if dataset is not None else load()
-
-
-def replicas_agree(*models):
-    """True when every process holds the same weights: a float64 checksum per process, compared in one all-reduce."""
-    checksum = sum(p.detach().double().sum() for model in models for p in model.parameters())
-    extremes = torch.stack([checksum, -checksum])
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    return bool(extremes[0] == -extremes[1])  # max == min
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Files: checkpoints, metrics, the output folder
-
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so not even a power cut leaves a torn checkpoint
-        os.replace(tmp, path)  # atomic: a crash, kill -9 or Ctrl-C mid-save leaves the previous checkpoint intact
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-MODEL_SETTINGS = ("image_size", "width", "latent_dim", "conditional", "lipschitz")  # what the weights were made for
-
-
-def load_checkpoint(out):
-    path = os.path.join(out, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: train first (or pass the run's --out)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file: torch raises several types, all mean "not a checkpoint of ours"
-        raise UsageError(f"cannot load {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
-    if not isinstance(checkpoint, dict) or "generator" not in checkpoint or "args" not in checkpoint:
-        raise UsageError(f"{path} is not a checkpoint written by a training script")
-    written_by = checkpoint.get("script", SCRIPT)  # checkpoints from before the field existed were our own
-    if written_by != SCRIPT:
-        saved = checkpoint["args"]
-        settings = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in MODEL_SETTINGS if k in saved)
-        raise UsageError(f"{path} was written by {written_by} with {settings}; this is {SCRIPT}")
-    checkpoint["path"] = path
-    return checkpoint
-
-
-def restore(module, state, checkpoint, what):
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as e:  # wrong shapes or names: the file is not this model's
-        raise UsageError(f"{checkpoint['path']}: the {what} does not fit this model ({str(e).splitlines()[0][:120]})"
-                         ) from None
-
-
-def resume_settings(args, checkpoint):
-    """The run's own settings win over the defaults; a flag given with another value is refused, not ignored."""
-    defaults = vars(parse_args([]))
-    for key in (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "n_critic", "gp_weight", "clip_value"):
-        saved = checkpoint["args"].get(key, defaults[key])
-        if getattr(args, key) not in (saved, defaults[key]):
-            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: {checkpoint['path']} was written "
-                             f"with --{key.replace('_', '-')} {saved}, which --resume keeps")
-        setattr(args, key, saved)
-    if args.epochs <= checkpoint["epoch"]:
-        raise UsageError(f"--epochs {args.epochs}: {checkpoint['path']} is already at epoch {checkpoint['epoch']}; "
-                         f"--epochs counts the total")
-
-
-def prepare_out(out):
-    """Create the run's folder and check that it takes files, before any data is loaded or time spent."""
-    try:
-        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        with open(os.path.join(out, ".write_test"), "wb") as f:
-            f.write(b"ok")
-        os.remove(os.path.join(out, ".write_test"))
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-
-
-def write_metrics(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def read_metrics(path, up_to_epoch):
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training
+# Training, sampling and the command line
 
 def train(args, rank=0, world_size=1):
     device = torch.device(args.device)
-    checkpoint = load_checkpoint(args.out) if args.resume else None
-    if checkpoint:
-        resume_settings(args, checkpoint)
-    args.image_size = args.image_size or default_size(args)
-    if rank == 0:
-        prepare_out(args.out)
-    dataset = load_data(args, rank)
-    held_out = load_data(args, rank, split="test") if args.dataset in data.DATASETS else None
+    checkpoint, dataset, held_out = start_run(args, rank)
     torch.manual_seed(args.seed)
     G, D = build_models(args, dataset.image_shape, dataset.num_classes)  # the same initial weights in every process
     if args.sync_bn:  # BatchNorm statistics over the global batch instead of each process's share
@@ -442,29 +228,23 @@ def train(args, rank=0, world_size=1):
     G, D = G.to(device), D.to(device)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)
-    start_epoch = 0
-    if checkpoint:
-        for module, key in ((G, "generator"), (G_average, "generator_average"), (D, "discriminator"),
-                            (opt_g, "opt_g"), (opt_d, "opt_d")):
-            restore(module, checkpoint[key], checkpoint, key.replace("_", " "))
-        start_epoch = checkpoint["epoch"]
-        torch.set_rng_state(checkpoint["rng"])
+    parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled module shares its parameters with G, which is what gets saved. The critic stays eager:
     # the gradient penalty differentiates through it twice, which torch.compile does not support.
     G_fast, D_fast = (torch.compile(G), D) if args.compile else (G, D)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     scaler.amp = args.amp
 
-    metrics_path = os.path.join(args.out, "metrics.csv")
-    history = read_metrics(metrics_path, start_epoch) if rank == 0 else []
+    history = data.read_metrics(os.path.join(args.out, "metrics.csv"), start_epoch) if rank == 0 else []
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
     num_classes = dataset.num_classes if args.conditional else 0
     names = METRICS
     clip_value = args.clip_value if args.lipschitz == "clip" else None
     steps = -(-len(batches) // args.n_critic)  # generator steps per epoch; the last may follow fewer critic steps
+    # The grid: one row per class for a conditional model, the same noise down each column (one z, every class).
     columns = 10 if num_classes else 100
-    grid_classes = grid_labels(num_classes, columns, device)
-    # The same noise in every column: in a conditional grid each column is one z drawn as every class.
+    grid_classes = torch.arange(num_classes, device=device).repeat_interleave(columns) if num_classes else None
     grid_noise = torch.randn(columns, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     grid_noise = grid_noise.repeat(max(num_classes, 1), 1).to(device)
     real_sets = {"critic_real_train": (batches.images, batches.labels),  # the critic's mean score on 1,000 of each
@@ -518,32 +298,17 @@ def train(args, rank=0, world_size=1):
               f"{scores['critic_real_test'] or '-'} on held-out ones, {scores['critic_fake']} on fakes")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **scores,
                         "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
-        save_epoch(args, epoch, history, G_average, grid_noise, grid_classes, {
-            "script": SCRIPT, "generator": G.state_dict(), "generator_average": G_average.state_dict(),
-            "discriminator": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "epoch": epoch, "args": vars(args), "image_shape": list(dataset.image_shape),
-            "classes": dataset.classes, "rng": torch.get_rng_state()})
+        with torch.no_grad():
+            grid = G_average.eval()(grid_noise, grid_classes)
+        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss", "wasserstein"), grid, {
+            "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
+            "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
+            **data.random_states(device)})
 
     if args.fid and rank == 0:
-        report_fid(G_average, args, dataset, device)
-
-
-def save_epoch(args, epoch, history, G_average, grid_noise, grid_classes, checkpoint):
-    """Everything an epoch leaves on disk, checkpoint last. A full disk or a vanished folder is one line (exit 2);
-    the checkpoint of the previous epoch stays intact, since the new one replaces it only once it is whole."""
-    try:
-        write_metrics(os.path.join(args.out, "metrics.csv"), history)
-        data.plot_curves({k: [float(row[k]) for row in history] for k in ("d_loss", "g_loss", "wasserstein")},
-                         os.path.join(args.out, "losses.png"))
-        with torch.no_grad():
-            data.save_grid(G_average.eval()(grid_noise, grid_classes),
-                           os.path.join(args.out, "samples", f"epoch_{epoch:03d}.png"), nrow=10)
-        frames = sorted(f for f in os.listdir(os.path.join(args.out, "samples")) if f.endswith(".png"))
-        data.save_gif([os.path.join(args.out, "samples", f) for f in frames], os.path.join(args.out, "progress.gif"))
-        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), checkpoint)
-    except OSError as e:
-        raise UsageError(f"cannot write epoch {epoch}'s files into {args.out} ({e.strerror or e}); "
-                         f"checkpoint.pt still holds epoch {epoch - 1}") from None
+        labels = torch.arange(args.fid) % dataset.num_classes  # every class equally often, like the grid
+        data.report_fid(lambda: generate_images(G_average, labels, args.latent_dim, device, seed=args.seed + 1),
+                        dataset, device)
 
 
 def critic_groups(batches, n_critic):
@@ -558,69 +323,86 @@ def critic_groups(batches, n_critic):
         yield group
 
 
-def default_size(args):
-    """32x32 for the 28x28 named datasets (a power of two keeps the up/down-sampling exact), 64 for a folder."""
-    return 32 if args.dataset in data.DATASETS else 64
+def build_models(args, image_shape, num_classes):
+    channels, image_size = image_shape[0], image_shape[-1]
+    num_classes = num_classes if args.conditional else 0
+    G = Generator(args.latent_dim, image_size, channels, args.width, num_classes)
+    D = Critic(image_size, channels, args.width, num_classes)
+    G.apply(init_weights)
+    D.apply(init_weights)
+    return G, D
 
 
-def report_fid(G, args, dataset, device):
-    """Print the FID of args.fid generated images against the real training images (their statistics cached)."""
-    import fid  # only needed here; fid.py stands alone
+def make_optimizers(args, G, D):
+    """WGAN-GP: Adam with the paper's betas (0, 0.9), no momentum, which the critic's fast-moving target does not
+    tolerate well. Weight clipping: RMSprop, as Arjovsky et al. found momentum-based optimizers unstable with it."""
+    if args.lipschitz == "clip":
+        return torch.optim.RMSprop(G.parameters(), lr=args.lr), torch.optim.RMSprop(D.parameters(), lr=args.lr)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.9))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.9))
+    return opt_g, opt_d
 
-    try:
-        inception = fid.load_inception(device=device)  # loaded once for both sides
-        labels = torch.arange(args.fid) % dataset.num_classes  # every class equally often, like the grid
-        fake = generate_images(G, labels, args.latent_dim, device, seed=args.seed + 1)
-        cache = os.path.join(dataset.cache_dir, f"fid_stats_{dataset.image_shape[-1]}px_{len(dataset.images)}.npz")
-        mu_real, sigma_real = fid.cached_statistics(cache, lambda: dataset.images, weights=inception)
-        mu_fake, sigma_fake = fid.compute_statistics(fake, weights=inception)
-    except fid.FIDError as e:
-        raise UsageError(f"--fid: {e}") from None
-    print(f"FID: {fid.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake):.6g} "
-          f"({args.fid} generated vs {len(dataset.images)} real images, 2048-d pytorch-fid Inception features)")
+
+@torch.no_grad()
+def generate_images(G, labels, latent_dim, device, seed, batch_size=500):
+    """len(labels) images as uint8 [n, C, H, W], made in batches by G in eval mode (BatchNorm uses its running
+    averages). labels: int64 [n] on the CPU; only conditional models read it."""
+    G.eval()
+    noise = torch.Generator().manual_seed(seed)
+    conditional = G.label_embedding is not None
+    images = [data.to_uint8(G(torch.randn(len(chunk), latent_dim, generator=noise).to(device),
+                              chunk.to(device) if conditional else None)).cpu()
+              for chunk in labels.split(batch_size)]
+    return torch.cat(images)
 
 
 def generate(args):
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UsageError("--generate runs in one process: start it with python, not torchrun")
     checkpoint = load_checkpoint(args.out)
     saved = argparse.Namespace(**checkpoint["args"])
     classes = checkpoint["classes"]
     G, _ = build_models(saved, checkpoint["image_shape"], len(classes))
-    restore(G, checkpoint["generator_average"], checkpoint, "generator")
+    data.restore(G, checkpoint["generator_average"], checkpoint, "generator")
     if args.label is not None and not (saved.conditional and 0 <= args.label < len(classes)):
         raise UsageError(f"--label {args.label}: the model is " + (
             f"conditional on classes 0..{len(classes) - 1}" if saved.conditional else "not conditional"))
     labels = torch.full((args.generate,), args.label) if args.label is not None else torch.arange(args.generate)
     labels = labels % len(classes)  # without --label: classes in turn
-    images = generate_images(G.to(args.device), labels, saved.latent_dim, args.device, seed=args.seed)
-    path = os.path.join(args.out, "samples.npz")
-    tmp = path + ".tmp.npz"
-    arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
-    if saved.conditional:
-        arrays["labels"] = labels.numpy()
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-        data.save_grid(images[:100], os.path.join(args.out, "samples.png"), nrow=10)
-    except OSError as e:
-        raise UsageError(f"cannot write the samples into {args.out} ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    print(f"wrote {len(images)} images to {path} and a grid to {os.path.join(args.out, 'samples.png')}")
+    data.save_samples(args.out, generate_images(G.to(args.device), labels, saved.latent_dim, args.device,
+                                                seed=args.seed), labels if saved.conditional else None)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
+def default_size(args):
+    """32x32 for the 28x28 named datasets (a power of two keeps the up/down-sampling exact), 64 for a folder."""
+    return 32 if args.dataset in data.DATASETS else 64
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+
+MODEL_SETTINGS = ("image_size", "width", "latent_dim", "conditional", "lipschitz")  # what the weights were made for
+RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "n_critic", "gp_weight",
+                   "clip_value")  # what --resume keeps
+
+# --preset: "cpu" is the defaults below (a recognisable grid in minutes on a laptop CPU). "paper" is Gulrajani et al.'s
+# DCGAN-like CIFAR-10 model at its size, for a GPU; what it keeps from the defaults is the paper's too: n_critic 5,
+# lambda 10, Adam betas (0, 0.9) (Algorithm 1), BatchNorm in G and layer normalization in the critic (section 4:
+# "we recommend layer normalization as a drop-in replacement"). Flags given on the command line win over the preset.
+PRESETS = {
+    "cpu": {},
+    "paper": {
+        "image_size": 32,  # CIFAR-10's 32x32 (section 5)
+        "width": 128,  # G 512, 256, 128 channels at 4..16 px, the critic 128, 256, 512 (authors' gan_cifar.py, DIM 128)
+        "latent_dim": 128,  # a 128-d z (authors' gan_cifar.py)
+        "batch_size": 64,  # m = 64 (Algorithm 1)
+        "lr": 1e-4,  # alpha = 0.0001 (Algorithm 1)
+        "average_decay": 0.0,  # samples from G's own weights: the paper keeps no moving average (0 = a plain copy)
+    },
+}
+POWER_OF_TWO = (lambda value: value >= 32 and not value & (value - 1), "must be a power of two, at least 32")
 
 
 def parse_args(argv):
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help=(
+        "cpu (default): the defaults below; paper: Gulrajani et al.'s architecture and settings, for a GPU: "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper"].items()) + "; flags given win"))
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=int, default=20, help="total passes over the training set (default 20)")
@@ -659,34 +441,56 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile G (pays off on GPUs)")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the "
                                                           "global batch (default: each process's own share)")
+    p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])  # the preset's values, under the flags given
     args = p.parse_args(argv)
-    check_args(args)
+    check_args(args, {"epochs": at_least(1), "batch_size": at_least(1), "latent_dim": at_least(1),
+                      "width": at_least(1), "log_every": at_least(1), "n_critic": at_least(1), "generate": at_least(1),
+                      "fid": at_least(2), "seed": SEED, "lr": POSITIVE, "gp_weight": NON_NEGATIVE,
+                      "clip_value": POSITIVE, "average_decay": DECAY, "image_size": POWER_OF_TWO})
+    if args.label is not None and args.generate is None:
+        raise UsageError(f"--label {args.label}: only with --generate N")
     if args.lr is None:
         args.lr = 5e-5 if args.lipschitz == "clip" else 2e-4
     return args
 
 
-def check_args(args):
-    """Every number, the device and the flag combinations, before anything is loaded: one line naming the flag."""
-    for name, least in (("epochs", 1), ("batch_size", 1), ("latent_dim", 1), ("width", 1), ("log_every", 1),
-                        ("n_critic", 1), ("generate", 1), ("fid", 2)):
+# ================================================================================================================
+# Run machinery: checked copies of gan.py's originals, where it is explained; test_gans.py fails when one drifts.
+
+# Copied from gan.UsageError
+class UsageError(Exception):
+    """Bad flags, an unusable checkpoint: reported as one line, exit status 2."""
+
+
+# Copied from gan.ArgumentParser
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# Copied from gan.at_least
+def at_least(least):
+    return lambda value: value >= least, f"must be at least {least}"
+
+
+# Copied from gan.POSITIVE
+POSITIVE = (lambda value: math.isfinite(value) and value > 0, "must be a positive number")
+# Copied from gan.NON_NEGATIVE
+NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, "must be a number >= 0")  # penalty weights (conv scripts)
+# Copied from gan.DECAY
+DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
+# Copied from gan.SEED
+SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
+
+
+# Copied from gan.check_args
+def check_args(args, rules):
+    """Before anything is loaded: every number flag against its rule (flag -> (test, what it must be); an unset flag
+    passes), then the device, and --sync-bn only where it works. One line naming the flag."""
+    for name, (test, must) in rules.items():
         value = getattr(args, name)
-        if value is not None and value < least:
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
-    if not 0 <= args.seed < 2 ** 32:
-        raise UsageError(f"--seed {args.seed}: must be in 0..{2 ** 32 - 1}")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise UsageError(f"--lr {args.lr}: must be a positive number")
-    if not (math.isfinite(args.gp_weight) and args.gp_weight >= 0):
-        raise UsageError(f"--gp-weight {args.gp_weight}: must be a number >= 0")
-    if not (math.isfinite(args.clip_value) and args.clip_value > 0):
-        raise UsageError(f"--clip-value {args.clip_value}: must be a positive number")
-    if not 0 <= args.average_decay < 1:
-        raise UsageError(f"--average-decay {args.average_decay}: must be in [0, 1)")
-    if args.image_size is not None and (args.image_size < 32 or args.image_size & (args.image_size - 1)):
-        raise UsageError(f"--image-size {args.image_size}: must be a power of two, at least 32")
-    if args.label is not None and args.generate is None:
-        raise UsageError(f"--label {args.label}: only with --generate N")
+        if value is not None and not test(value):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: {must}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -701,39 +505,142 @@ def check_args(args):
         raise UsageError("--sync-bn: needs CUDA and torchrun (PyTorch's SyncBatchNorm has no CPU version)")
 
 
+# Copied from gan.setup_distributed
+def setup_distributed(args):
+    """Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK): join the process group, NCCL on CUDA with one GPU
+    per process, gloo on the CPU. Returns (rank, world_size); (0, 1) without torchrun, where nothing changes."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
+    if args.device.startswith("cuda"):
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible")
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world_size
+
+
+# Copied from gan.average_gradients
+def average_gradients(model):
+    """Under torchrun: replace every gradient by its mean over the processes, in one flat all-reduce."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(mean.view_as(grad))
+
+
+# Copied from gan.replicas_agree
+def replicas_agree(*models):
+    """True when every process holds the same weights: a float64 checksum per process, compared in one all-reduce."""
+    checksum = sum(p.detach().double().sum() for model in models for p in model.parameters())
+    extremes = torch.stack([checksum, -checksum])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return bool(extremes[0] == -extremes[1])  # max == min
+
+
+# Copied from gan.autocast
+def autocast(device, scaler):
+    """Mixed precision when --amp is on: float16 with loss scaling on CUDA, bfloat16 (no scaling needed) on CPU."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=scaler.amp)
+
+
+# Copied from gan.start_run
+def start_run(args, rank):
+    """The checkpoint to resume (its settings applied to args), the output folder checked, then the training data
+    and the held-out split (None for a folder of images)."""
+    checkpoint = load_checkpoint(args.out) if args.resume else None
+    if checkpoint:
+        resume_settings(args, checkpoint)
+    args.image_size = args.image_size or default_size(args)
+    if rank == 0:
+        data.prepare_out(args.out)
+    dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
+    held_out = (data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
+                if args.dataset in data.DATASETS else None)
+    return checkpoint, dataset, held_out
+
+
+# Copied from gan.load_checkpoint
+def load_checkpoint(out):
+    """OUT/checkpoint.pt, refused (one line naming both scripts) unless its "script" field names this script."""
+    checkpoint = data.read_checkpoint(out)
+    written_by = checkpoint.get("script")
+    if written_by != SCRIPT:
+        saved = checkpoint["args"]
+        settings = " ".join(f"--{k.replace('_', '-')} {saved[k]}"
+                            for k in ("image_size", "width", "latent_dim", "conditional", "loss") if k in saved)
+        raise UsageError(f"{checkpoint['path']} was written by {written_by or 'an unknown script (no script field)'}"
+                         f" with {settings}; this is {SCRIPT}")
+    return checkpoint
+
+
+# Copied from gan.resume_settings
+def resume_settings(args, checkpoint):
+    """The run's own settings win over the defaults; a flag given with another value is refused, not ignored."""
+    defaults = vars(parse_args([]))
+    for key in RESUME_SETTINGS:
+        saved = checkpoint["args"].get(key, defaults[key])
+        if getattr(args, key) not in (saved, defaults[key]):
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: {checkpoint['path']} was written "
+                             f"with --{key.replace('_', '-')} {saved}, which --resume keeps")
+        setattr(args, key, saved)
+    if args.epochs <= checkpoint["epoch"]:
+        raise UsageError(f"--epochs {args.epochs}: {checkpoint['path']} is already at epoch {checkpoint['epoch']}; "
+                         f"--epochs counts the total")
+
+
+# Copied from gan.Stopped
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, a scheduler's stop: unwinds like Ctrl-C, with exit status 143 (128 + 15)."""
+
+
+# Copied from gan.stop
+def stop(signum, frame):
+    raise Stopped
+
+
+# Copied from gan.main
 def main(argv=None):
     rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 reports, so one error is one line
-    args = None
+    args, status, message = None, 0, None
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         args = parse_args(argv)
-        if args.generate is not None:
-            generate(args)
+        if args.generate is None:
+            train(args, *setup_distributed(args))
+        elif int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise UsageError("--generate runs in one process: start it with python, not torchrun")
         else:
-            rank, world_size = setup_distributed(args)
-            train(args, rank, world_size)
+            generate(args)
     except (data.DataError, UsageError) as e:
-        if rank == 0:
-            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2
+        status, message = 2, f"{SCRIPT}: error: {e}"
     except FloatingPointError as e:
-        if rank == 0:
-            print(f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}",
-                  file=sys.stderr)
-        return 1
+        status, message = 1, f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}"
     except torch.cuda.OutOfMemoryError:
-        if rank == 0:
-            print(f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size"
-                  + (" or --width" if hasattr(args, "width") else ""), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"\ninterrupted: {args.out}/checkpoint.pt holds the last finished epoch; --resume continues",
-                  file=sys.stderr)
-        return 130
+        status, message = 2, (f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size"
+                              + (" or --width" if hasattr(args, "width") else ""))
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM by way of stop(), at any moment, start-up included
+        status, what = (143, "stopped by SIGTERM") if isinstance(e, Stopped) else (130, "interrupted")
+        message = f"\n{what}"
+        if args is not None and args.generate is None:  # training, or starting to
+            message += (f": {args.out}/checkpoint.pt holds the last finished epoch; --resume continues"
+                        if os.path.isfile(os.path.join(args.out, "checkpoint.pt")) else ": no epoch was finished")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    if message and rank == 0:
+        print(message, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
