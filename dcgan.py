@@ -343,9 +343,8 @@ def build_models(args, image_shape, num_classes):
 
 
 def make_optimizers(args, G, D):
-    """Adam with beta1 = 0.5 (DCGAN's setting): the default 0.9 makes the two players' momentum overshoot. G takes the
-    larger step (--lr-g 1e-3 against D's --lr 2e-4, InfoGAN's authors' rates): at 2e-4 for both, D wins as training
-    goes on and the samples stop improving after 2 epochs."""
+    """Adam with beta1 = 0.5 (DCGAN's setting): the default 0.9 makes the two players' momentum overshoot. G's rate is
+    its own flag: with --lr-g 1e-3 (InfoGAN's authors' rate for G) G keeps up with D for longer."""
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     return opt_g, opt_d
@@ -415,18 +414,16 @@ def parse_args(argv):
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=int, default=5, help="total passes over the training set (default 5)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step, over all processes (default 64)")
-    # G 1e-3 / D 2e-4 and width 32 (the paper: 2e-4 for both, width 128 at 64 px, --preset paper): score.py's feature
-    # FID on Fashion-MNIST after 5 epochs 44.2 (old defaults: 52.6); lr 5e-4 for both gave 48.9, spectral norm or
-    # no normalisation in D 89-93 at 2 epochs (BatchNorm: 60). Width 32 makes a step 3x cheaper on a CPU, which fits
-    # 5 epochs into 10 minutes on 2 cores. docs/cpu-training.md.
+    # Unconditional, --width 32 --lr-g 1e-3 gave score.py's feature FID 44.2 on Fashion-MNIST in 10 minutes on 2 cores
+    # (these defaults: 52.6), but with --conditional 55.0 (these defaults: 30.8): docs/cpu-training.md.
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of D (default 2e-4)")
-    p.add_argument("--lr-g", type=float, default=1e-3, help="Adam learning rate of G (default 1e-3)")
+    p.add_argument("--lr-g", type=float, default=2e-4, help="Adam learning rate of G (default 2e-4)")
     p.add_argument("--latent-dim", type=int, default=64, help="size of the noise vector z (default 64)")
     p.add_argument("--image-size", type=int, help="side of the square images, a power of two >= 32 "
                                                   "(default 32 for mnist/fashion-mnist, 64 for a folder)")
-    p.add_argument("--width", type=int, default=32, help="channels of G's last and D's first layer; they double "
-                                                         "per halving of the resolution (default 32; 64 is 3x "
-                                                         "slower on a CPU)")
+    p.add_argument("--width", type=int, default=64, help="channels of G's last and D's first layer; they double "
+                                                         "per halving of the resolution (default 64; 32 is 3x "
+                                                         "faster on a CPU)")
     p.add_argument("--conditional", action="store_true", help="condition G and D on the class label")
     p.add_argument("--loss", default="non-saturating", choices=list(LOSSES), metavar="LOSS", help=(
         "the GAN loss (default non-saturating). non-saturating: G minimises -log D(G(z)); "
