@@ -1503,7 +1503,7 @@ def test_wgan_weight_clipping_keeps_every_critic_weight_within_c_and_uses_rmspro
     assert "square_avg" in checkpoint["opt_d"]["state"][0]  # RMSprop's state, not Adam's exp_avg
     assert float(rows[0]["gradient_penalty"]) == 0.0
     args = wgan_gp.parse_args(["--lipschitz", "clip", "--lr", "1e-4"])
-    assert args.lr == 1e-4 and wgan_gp.parse_args([]).lr == 2e-4
+    assert args.lr == 1e-4 and wgan_gp.parse_args([]).lr == 5e-4  # Adam with gp: the default since issue 17
 
 
 def test_clip_step_clamps_after_each_critic_update():
