@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 import zlib
 
 import numpy as np
@@ -560,7 +561,7 @@ def test_conditional_gan_puts_the_bar_where_the_label_says():
 
 
 @pytest.mark.slow
-def test_fid_flag_prints_the_fid_and_caches_the_real_statistics(tmp_path, monkeypatch, capsys):
+def test_fid_flag_prints_fid_and_kid_and_caches_the_real_features(tmp_path, monkeypatch, capsys):
     data_dir = make_tiny_mnist(tmp_path / "data", n=16)
     # A random-weights Inception where torch.hub keeps pytorch-fid's file, so nothing is downloaded.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -569,9 +570,10 @@ def test_fid_flag_prints_the_fid_and_caches_the_real_statistics(tmp_path, monkey
     with pytest.warns(UserWarning, match="singular"):  # 8 and 16 images: the warning users get for too few
         assert run(cgan, tmp_path, data_dir, "--epochs", "1", "--fid", "8") == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("FID: ")][0]
-    assert float(line.split()[1]) > 0
-    cached = np.load(os.path.join(data_dir, "mnist", "fid_stats_28px_16.npz"))
+    assert float(line.split()[1]) > 0 and "KID: " in line and "[8 vs 16 reference images (mnist train)" in line
+    cached = np.load(os.path.join(data_dir, "mnist", "fid_features_28px_16.npz"))
     assert cached["mu"].shape == (2048,) and cached["sigma"].shape == (2048, 2048)
+    assert cached["features"].shape == (16, 2048) and int(cached["num_images"]) == 16
 
 
 def test_fid_flag_without_weights_offline_exits_2_saying_where_to_put_them(tmp_path, tiny_data_dir, monkeypatch,
@@ -580,6 +582,39 @@ def test_fid_flag_without_weights_offline_exits_2_saying_where_to_put_them(tmp_p
     monkeypatch.setattr(fid, "WEIGHTS_URL", "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
     assert run(gan, tmp_path, tiny_data_dir, "--epochs", "1", "--fid", "8") == 2
     one_line_error(capsys, "--fid", fid.default_cache_dir())
+
+
+def mock_inception(monkeypatch):
+    """fid.py's feature functions replaced by cheap deterministic ones: returns the list of image batches the run
+    scores and a function giving the "FID: ... KID: ..." figures expected for them (from fid.py's own formulas)."""
+    import fid
+
+    scored, sides = [], {}
+
+    def features(images, rows_of):
+        return torch.stack([torch.arange(3.0) * (i % 7) for i in range(len(images))]).add(rows_of).sin()
+
+    def fake_features(images, **kwargs):
+        scored.append(images)
+        sides["fake"] = features(images, 0.5)
+        return sides["fake"]
+
+    def real_features(cache_file, images_fn, **kwargs):
+        sides["real"] = features(images_fn(), 0.0)
+        return sides["real"]
+
+    def expected():
+        frechet = fid.frechet_distance(*fid.statistics_of_features(sides["real"]),
+                                       *fid.statistics_of_features(sides["fake"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kid = fid.kernel_inception_distance(sides["fake"], sides["real"])[0]
+        return f"FID: {frechet:.6g}  KID: {kid:.6g} "
+
+    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
+    monkeypatch.setattr(fid, "compute_features", fake_features)
+    monkeypatch.setattr(fid, "cached_features", real_features)
+    return scored, expected
 
 
 # ================================================================================================================
@@ -889,20 +924,10 @@ def test_ctrl_c_exits_130_with_the_last_epoch_saved(script, tiny_mnist, tmp_path
 
 @pytest.mark.parametrize("script", CONV_SCRIPTS)
 def test_fid_flag_prints_the_fid_of_generated_images(script, tiny_mnist, tmp_path, monkeypatch, capsys):
-    import fid
-
-    scored = []
-
-    def fake_statistics(images, **kwargs):
-        scored.append(images)
-        return np.zeros(3), np.eye(3)
-
-    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
-    monkeypatch.setattr(fid, "compute_statistics", fake_statistics)
-    monkeypatch.setattr(fid, "cached_statistics", lambda cache_file, images_fn, **kwargs: (np.ones(3), np.eye(3)))
+    scored, expected = mock_inception(monkeypatch)
     argv = ["--data-dir", tiny_mnist, "--out", tmp_path / "run", "--epochs", 1, "--conditional", "--fid", 30, *TINY]
     assert run_script(script, argv) == 0
-    assert "FID: 3 (" in capsys.readouterr().out  # |mu1 - mu2|^2 = 3, equal covariances
+    assert expected() in capsys.readouterr().out  # |mu1 - mu2|^2 = 3, equal covariances
     assert scored[0].shape == (30, 1, 32, 32) and scored[0].dtype == torch.uint8
 
 
@@ -2398,19 +2423,9 @@ def test_infogan_ctrl_c_exits_130_with_the_last_epoch_saved(tiny_mnist, tmp_path
 
 
 def test_infogan_fid_flag_scores_images_of_every_code(tiny_mnist, tmp_path, monkeypatch, capsys):
-    import fid
-
-    scored = []
-
-    def fake_statistics(images, **kwargs):
-        scored.append(images)
-        return np.zeros(3), np.eye(3)
-
-    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
-    monkeypatch.setattr(fid, "compute_statistics", fake_statistics)
-    monkeypatch.setattr(fid, "cached_statistics", lambda cache_file, images_fn, **kwargs: (np.ones(3), np.eye(3)))
+    scored, expected = mock_inception(monkeypatch)
     assert info_run(tiny_mnist, tmp_path / "run", "--epochs", 1, "--fid", 30) == 0
-    assert "FID: 3 (" in capsys.readouterr().out
+    assert expected() in capsys.readouterr().out
     assert scored[0].shape == (30, 1, 28, 28) and scored[0].dtype == torch.uint8
 
 
@@ -2659,19 +2674,9 @@ def test_began_ctrl_c_exits_130_with_the_last_epoch_saved(began_mnist, tmp_path,
 
 
 def test_began_fid_flag_prints_the_fid_of_generated_images(began_mnist, tmp_path, monkeypatch, capsys):
-    import fid
-
-    scored = []
-
-    def fake_statistics(images, **kwargs):
-        scored.append(images)
-        return np.zeros(3), np.eye(3)
-
-    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
-    monkeypatch.setattr(fid, "compute_statistics", fake_statistics)
-    monkeypatch.setattr(fid, "cached_statistics", lambda cache_file, images_fn, **kwargs: (np.ones(3), np.eye(3)))
+    scored, expected = mock_inception(monkeypatch)
     assert began_run(began_mnist, tmp_path / "run", "--epochs", 1, "--fid", 30) == 0
-    assert "FID: 3 (" in capsys.readouterr().out
+    assert expected() in capsys.readouterr().out
     assert scored[0].shape == (30, 1, 32, 32) and scored[0].dtype == torch.uint8
 
 
@@ -3139,19 +3144,9 @@ def test_acgan_amp_run_gives_finite_losses(tiny_mnist, tmp_path):
 
 
 def test_acgan_fid_flag_scores_every_class_equally_often(tiny_mnist, tmp_path, monkeypatch, capsys):
-    import fid
-
-    scored = []
-
-    def fake_statistics(images, **kwargs):
-        scored.append(images)
-        return np.zeros(3), np.eye(3)
-
-    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
-    monkeypatch.setattr(fid, "compute_statistics", fake_statistics)
-    monkeypatch.setattr(fid, "cached_statistics", lambda cache_file, images_fn, **kwargs: (np.ones(3), np.eye(3)))
+    scored, expected = mock_inception(monkeypatch)
     assert acgan_run("--data-dir", tiny_mnist, "--out", tmp_path / "run", "--epochs", 1, "--fid", 30, *TINY) == 0
-    assert "FID: 3 (" in capsys.readouterr().out
+    assert expected() in capsys.readouterr().out
     assert scored[0].shape == (30, 1, 32, 32) and scored[0].dtype == torch.uint8
 
 
@@ -3348,16 +3343,10 @@ def test_lapgan_generate_runs_the_whole_cascade_into_samples_npz_and_png(lapgan_
 
 
 def test_lapgan_fid_flag_scores_images_from_the_whole_cascade(lapgan_mnist, tmp_path, monkeypatch, capsys):
-    import fid
-
-    scored = []
-    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
-    monkeypatch.setattr(fid, "compute_statistics", lambda images, **kwargs: scored.append(images) or
-                        (np.zeros(3), np.eye(3)))
-    monkeypatch.setattr(fid, "cached_statistics", lambda cache_file, images_fn, **kwargs: (np.ones(3), np.eye(3)))
+    scored, expected = mock_inception(monkeypatch)
     argv = ["--data-dir", lapgan_mnist, "--out", tmp_path / "run", "--epochs", 1, "--fid", 30, *LAPGAN_TINY]
     assert lapgan_run(argv) == 0
-    assert "FID: 3 (" in capsys.readouterr().out
+    assert expected() in capsys.readouterr().out
     assert scored[0].shape == (30, 1, 32, 32) and scored[0].dtype == torch.uint8
 
 
