@@ -372,8 +372,14 @@ def save_grid(images, path, nrow, scale=1):
     save_atomic(picture, path, "PNG")
 
 
-def save_gif(png_paths, path, duration_ms=250):
-    """An animated GIF from PNG frames (the per-epoch grids), the last frame held a little longer."""
+GIF_FRAMES = 50  # at most: a run of hundreds of short epochs (a small dataset) would re-encode them all each epoch
+
+
+def save_gif(png_paths, path, duration_ms=250, max_frames=GIF_FRAMES):
+    """An animated GIF from PNG frames (the per-epoch grids), the last frame held a little longer. Longer runs show
+    max_frames of them, evenly spaced from the first to the last."""
+    if len(png_paths) > max_frames:
+        png_paths = [png_paths[round(i * (len(png_paths) - 1) / (max_frames - 1))] for i in range(max_frames)]
     frames = [Image.open(p).convert("RGB") for p in png_paths]
     if not frames:
         return

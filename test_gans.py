@@ -296,6 +296,20 @@ def test_to_uint8_rounds_like_saving_a_png():
     assert torch.equal(data.to_uint8(x), expected) and data.to_uint8(x).tolist() == [0, 0, 128, 191, 255, 255]
 
 
+def test_gif_of_a_long_run_keeps_evenly_spaced_frames_from_first_to_last(tmp_path):
+    paths = []
+    for k in range(7):  # frame k is filled with grey level 30 k, so each kept frame says which epoch it is
+        paths.append(str(tmp_path / f"epoch_{k}.png"))
+        Image.new("L", (4, 4), 30 * k).save(paths[-1])
+    data.save_gif(paths, str(tmp_path / "progress.gif"), max_frames=4)
+    gif = Image.open(tmp_path / "progress.gif")
+    levels = []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        levels.append(gif.convert("L").getpixel((0, 0)))
+    assert levels == [0, 60, 120, 180]  # epochs 0, 2, 4, 6
+
+
 def test_grid_gif_and_loss_plot_are_written(tmp_path):
     images = torch.rand(12, 3, 8, 8) * 2 - 1
     grid = data.make_grid(images, nrow=5, padding=2)
