@@ -30,14 +30,24 @@ SCRIPT = os.path.basename(__file__)
 LOW_TRUNCATION = 0.5  # the second grid, written beside the usual one: fewer, more typical images
 
 
+def spectrally_normed(layer):
+    """layer with its weight divided by its largest singular value (Miyato et al. 2018), estimated by one power
+    iteration per forward pass in training mode; a kernel is taken as the matrix (c_out, c_in * k * k). The weight
+    is drawn first, from N(0, 0.02) with biases 0 (the authors' CIFAR-10 run, G_init/D_init N02), so that the power
+    iterations spectral_norm makes at the start estimate the weight actually trained. With spectral norm the scale
+    of the init hardly matters: what the weights start as is their direction."""
+    nn.init.normal_(layer.weight, mean=0.0, std=0.02)
+    if getattr(layer, "bias", None) is not None:
+        nn.init.zeros_(layer.bias)
+    return spectral_norm(layer)
+
+
 def sn_conv(c_in, c_out, kernel_size, bias=True):
-    """A convolution whose weight is divided by its largest singular value (Miyato et al. 2018), estimated by one
-    power iteration per forward pass in training mode; a kernel is taken as the matrix (c_out, c_in * k * k)."""
-    return spectral_norm(nn.Conv2d(c_in, c_out, kernel_size=kernel_size, padding=kernel_size // 2, bias=bias))
+    return spectrally_normed(nn.Conv2d(c_in, c_out, kernel_size=kernel_size, padding=kernel_size // 2, bias=bias))
 
 
 def sn_linear(n_in, n_out, bias=True):
-    return spectral_norm(nn.Linear(n_in, n_out, bias=bias))
+    return spectrally_normed(nn.Linear(n_in, n_out, bias=bias))
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -125,6 +135,8 @@ class Generator(nn.Module):
         num_blocks = image_size.bit_length() - 3  # 4x4 -> image_size: 3 blocks at 32x32, 4 at 64x64
         self.num_classes = num_classes
         self.shared = nn.Embedding(num_classes, shared_dim) if num_classes and shared_dim else None
+        if self.shared is not None:  # N(0, 0.02) like every other weight; the only one without spectral norm
+            nn.init.normal_(self.shared.weight, mean=0.0, std=0.02)
         class_dim = (shared_dim or num_classes) if num_classes else 0
         self.z_chunks = [len(c) for c in torch.arange(latent_dim).tensor_split(num_blocks + 1 if hier else 1)]
         self.hier, self.width = hier, width
@@ -174,7 +186,7 @@ class Discriminator(nn.Module):
         self.attention_after = resolutions.index(attention) + 1 if attention else 0  # the first block at that size
         self.attention = SelfAttention(width) if attention else None
         self.linear = sn_linear(width, 1)
-        self.projection = spectral_norm(nn.Embedding(num_classes, width)) if num_classes else None
+        self.projection = spectrally_normed(nn.Embedding(num_classes, width)) if num_classes else None
 
     def forward(self, images, labels=None):  # (B, C, S, S), (B,) -> (B,)
         h = images
@@ -187,16 +199,6 @@ class Discriminator(nn.Module):
         if self.projection is not None:
             scores = scores + (self.projection(labels) * h).sum(dim=1)
         return scores
-
-
-def init_weights(module):
-    """Every conv, linear and embedding weight from N(0, 0.02), biases 0 (the authors' CIFAR-10 run, G_init/D_init
-    N02). With spectral norm the scale hardly matters: what the weights start as is their direction."""
-    if isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):
-        weight = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
-        nn.init.normal_(weight, mean=0.0, std=0.02)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
 
 
 def sample_z(n, latent_dim, truncation=None, generator=None):
@@ -447,8 +449,6 @@ def build_models(args, image_shape, num_classes):
     G = Generator(args.latent_dim, image_size, channels, args.width, num_classes, args.shared_dim, args.hier,
                   args.attention)
     D = Discriminator(image_size, channels, args.width, num_classes, args.attention)
-    G.apply(init_weights)
-    D.apply(init_weights)
     return G, D
 
 
