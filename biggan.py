@@ -538,7 +538,9 @@ def parse_args(argv):
         + "; flags given win"))
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
-    p.add_argument("--epochs", type=int, default=6, help="total passes over the training set (default 6)")
+    # About 0.5 s per step of 64 at these defaults on 2 CPU cores (G and D 2x dcgan.py's cost at its width 64): two
+    # epochs of Fashion-MNIST, 1,876 steps, fit in ~18 minutes.
+    p.add_argument("--epochs", type=int, default=2, help="total passes over the training set (default 2)")
     p.add_argument("--batch-size", type=int, default=64, help="images per D step, over all processes (default 64)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of D (default 2e-4)")
     p.add_argument("--lr-g", type=float, default=2e-4, help="Adam learning rate of G (default 2e-4)")
