@@ -91,7 +91,8 @@ class SelfAttention(nn.Module):
 
 
 class GBlock(nn.Module):
-    """cBN-ReLU-upsample-conv3x3-cBN-ReLU-conv3x3, plus the upsampled input through a 1x1 conv (BigGAN's ResBlock up)."""
+    """cBN-ReLU-upsample-conv3x3-cBN-ReLU-conv3x3, plus the upsampled input through a 1x1 conv (BigGAN's ResBlock
+    up)."""
 
     def __init__(self, c_in, c_out, condition_dim):
         super().__init__()
