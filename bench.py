@@ -29,6 +29,7 @@ from PIL import Image
 
 import acgan
 import began
+import biggan
 import cgan
 import data
 import dcgan
@@ -39,7 +40,7 @@ import lapgan
 import wgan_gp
 
 SCRIPTS = {"gan": gan, "cgan": cgan, "dcgan": dcgan, "wgan_gp": wgan_gp, "infogan": infogan, "acgan": acgan,
-           "began": began, "lapgan": lapgan}
+           "began": began, "lapgan": lapgan, "biggan": biggan}
 # Targets (issue 5). Feeding can only matter as much as it costs next to the step: more for the cheap MLP steps.
 FEED_TARGET = {name: 2.0 if name in ("gan", "cgan") else 1.3 for name in SCRIPTS}
 LOOP_OVERHEAD = 0.10  # the real loop may take at most 10% longer per step than train_step on a fixed batch
@@ -84,6 +85,9 @@ def build_run(name, device, options):
         if name == "acgan":
             return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler,
                                      args.class_weight)
+        if name == "biggan":
+            return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler,
+                                     args.ortho_beta)
         if name == "lapgan":
             return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler)
         if name == "gan":
@@ -98,7 +102,7 @@ def build_run(name, device, options):
 
     return argparse.Namespace(name=name, module=module, args=args, device=device, dataset=dataset, G=G,
                               G_average=copy.deepcopy(G).requires_grad_(False), step=step,
-                              conditional=name in ("cgan", "acgan") or getattr(args, "conditional", False),
+                              conditional=name in ("cgan", "acgan", "biggan") or getattr(args, "conditional", False),
                               conv=conv)
 
 
@@ -141,17 +145,19 @@ def tutorial_batches(run):
 
 def script_inputs(run, batches):
     """What the script's loop hands to train_step: NHWC on CUDA for the conv models, None labels when unconditional,
-    and for wgan_gp lists of n_critic batches (one list per generator step)."""
+    and for wgan_gp (biggan) lists of n_critic (d_steps) batches, one list per generator step."""
     batches = ((real.contiguous(memory_format=torch.channels_last) if run.conv and run.device.type == "cuda" else real,
                 labels if run.conditional else None) for real, labels in batches)
-    if run.name != "wgan_gp":
+    if run.name not in ("wgan_gp", "biggan"):
         return batches
+    per_step = run.args.n_critic if run.name == "wgan_gp" else run.args.d_steps
     return (([real for real, _ in group], [labels for _, labels in group])
-            for group in wgan_gp.critic_groups(batches, run.args.n_critic))
+            for group in wgan_gp.critic_groups(batches, per_step))
 
 
 def num_images(real):
-    """Images per step as the scripts' img/s counts them: for wgan_gp, the real images of all n_critic batches."""
+    """Images per step as the scripts' img/s counts them: for wgan_gp (biggan), the real images of all n_critic
+    (d_steps) batches."""
     return sum(len(r) for r in real) if isinstance(real, list) else len(real)
 
 

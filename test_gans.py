@@ -33,6 +33,7 @@ from PIL import Image
 import acgan
 import bench
 import began
+import biggan
 import cgan
 import data
 import dcgan
@@ -1626,7 +1627,7 @@ def test_every_bad_number_exits_2_with_one_line_before_any_data_is_loaded(script
         assert err.startswith(f"{script.__name__}.py: error: "), err
 
 
-@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, acgan, began, lapgan])
+@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, acgan, began, lapgan, biggan])
 @pytest.mark.parametrize("bad", [["--epochs", "ten"], ["--loss", "wasserstein"], ["--lipschitz", "both"],
                                  ["--no-such-flag"]])
 def test_argparse_errors_are_one_line_too(script, bad, capsys):
@@ -1635,7 +1636,7 @@ def test_argparse_errors_are_one_line_too(script, bad, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only case")
-@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, acgan, began, lapgan, bench])
+@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, acgan, began, lapgan, biggan, bench])
 def test_asking_for_a_gpu_that_is_not_there_exits_2_naming_device(script, capsys):
     assert exit_code(script, ["--device", "cuda"]) == 2
     one_line_error(capsys, "--device cuda", "CUDA")
@@ -3729,8 +3730,8 @@ def test_fid_and_score_name_no_path_of_this_machine():
 # ----------------------------------------------------------------------------------------------------------------
 # Issue 18: files through data.py, checked copies of gan.py's machinery, and faults from the environment
 
-SCRIPT_MODULES = [gan, cgan, dcgan, wgan_gp, infogan, acgan, began, lapgan]
-PORTED_SCRIPTS = [gan, cgan, dcgan, wgan_gp, acgan, infogan, began, lapgan]  # in the shape of issue 18
+SCRIPT_MODULES = [gan, cgan, dcgan, wgan_gp, infogan, acgan, began, lapgan, biggan]
+PORTED_SCRIPTS = [gan, cgan, dcgan, wgan_gp, acgan, infogan, began, lapgan, biggan]  # in the shape of issue 18
 COPY_MARKER = re.compile(r"# Copied from gan\.(\w+)(?: with (.+))?$")
 
 
@@ -3960,7 +3961,7 @@ def test_sigterm_mid_training_exits_143_with_one_line_and_the_finished_epoch_res
 # ----------------------------------------------------------------------------------------------------------------
 # Issue 17: --preset paper gives the paper's networks and hyper-parameters; flags still win; --resume keeps the preset
 
-PRESET_SCRIPTS = [dcgan, wgan_gp]
+PRESET_SCRIPTS = [dcgan, wgan_gp, biggan]
 
 
 def parameter_count(module):
@@ -4121,3 +4122,328 @@ def test_a_preset_run_resumes_with_or_without_the_preset_and_a_preset_cannot_cha
     assert run_script(script, ["--data-dir", tiny_mnist, "--out", cpu_run, "--epochs", 2, "--resume",
                                "--preset", "paper"]) == 2
     one_line_error(capsys, "--preset paper", "--preset cpu, which --resume keeps")
+
+
+# ================================================================================================================
+# biggan.py: ResNet G and D, spectral norm, orthogonal regularisation, truncation, the presets and the run contract
+
+BIGGAN_TINY = ["--width", "4", "--latent-dim", "8", "--batch-size", "16", "--log-every", "1"]
+BIGGAN_COLUMNS = [*biggan.METRICS, "d_acc_real_train", "d_acc_real_test", "d_acc_fake"]
+
+
+def biggan_run(*argv):
+    return biggan.main([str(a) for a in argv])
+
+
+def biggan_models(image_size=32, channels=1, num_classes=10, width=4, latent_dim=8, **options):
+    torch.manual_seed(0)
+    G = biggan.Generator(latent_dim, image_size, channels, width, num_classes, **options)
+    D = biggan.Discriminator(image_size, channels, width, num_classes, options.get("attention", 0))
+    return G, D
+
+
+def spectrally_normed(model):
+    return [m for m in model.modules() if hasattr(m, "parametrizations")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models, truncation, spectral norm, the orthogonal penalty
+
+@pytest.mark.parametrize("image_size, channels", [(32, 1), (64, 3)])
+@pytest.mark.parametrize("num_classes", [10, 0])
+def test_biggan_shapes_at_32_and_64px_one_block_per_doubling(image_size, channels, num_classes):
+    G, D = biggan_models(image_size, channels, num_classes, attention=16)
+    labels = torch.arange(6) % 10 if num_classes else None
+    fake = G(torch.randn(6, 8), labels)
+    assert fake.shape == (6, channels, image_size, image_size) and fake.abs().max() <= 1
+    assert D(fake, labels).shape == (6,)
+    blocks = image_size.bit_length() - 3  # 4x4 -> 32x32: 3 blocks up; D: 2 down at 32x32 and 2 without
+    assert len(G.blocks) == blocks and len(D.blocks) == blocks + 1
+    assert sum(1 for b in D.blocks if not b.downsample) == 2
+    assert len(G.z_chunks) == blocks + 1 and sum(G.z_chunks) == 8  # hierarchical z: a chunk per block + the linear
+    assert (G.shared is not None, D.projection is not None) == (bool(num_classes), bool(num_classes))
+
+
+def test_biggan_batchnorm_in_g_reads_the_class_and_its_own_chunk_of_z():
+    G, _ = biggan_models()
+    G.eval()
+    z, labels = torch.randn(2, 8), torch.tensor([3, 3])
+    base = G(z, labels)
+    assert not torch.allclose(base, G(z, torch.tensor([4, 4])))  # the class changes the image
+    for chunk in range(4):  # each chunk of z (the linear layer's and each block's) changes it too
+        moved = z.clone()
+        moved[:, 2 * chunk:2 * chunk + 2] += 1
+        assert not torch.allclose(base, G(moved, labels)), chunk
+    assert [b.bn1.gain.in_features for b in G.blocks] == [2 + 128] * 3  # chunk of 2 + the shared embedding
+    G_flat, _ = biggan_models(shared_dim=0, hier=False)
+    assert G_flat.linear.in_features == 8 and [b.bn1.gain.in_features for b in G_flat.blocks] == [10] * 3  # one-hot
+
+
+def test_biggan_attention_sits_at_the_resolution_asked_and_starts_as_the_identity():
+    G, D = biggan_models(attention=16)
+    seen = {}
+    for name, module in (("G", G.attention), ("D", D.attention)):
+        module.register_forward_hook(lambda m, inputs, out, name=name: seen.__setitem__(name, (inputs[0], out)))
+    labels = torch.arange(2)
+    D(G(torch.randn(2, 8), labels), labels)
+    assert seen["G"][0].shape[-1] == seen["D"][0].shape[-1] == 16
+    assert all(torch.equal(x, out) for x, out in seen.values())  # gamma = 0 at the start
+    assert G.attention.gamma.requires_grad and G.attention.gamma.item() == 0.0
+    G0, D0 = biggan_models(attention=0)
+    assert not any(isinstance(m, biggan.SelfAttention) for m in [*G0.modules(), *D0.modules()])
+
+
+def test_biggan_truncation_zero_gives_the_same_image_for_every_z_in_each_class():
+    G, _ = biggan_models()
+    G.train()  # generate_images switches to eval itself
+    labels = torch.tensor([0, 0, 0, 5, 5, 5])
+    images = biggan.generate_images(G, labels, 8, "cpu", seed=1, truncation=0)
+    assert torch.equal(images[0], images[1]) and torch.equal(images[0], images[2])
+    assert torch.equal(images[3], images[4]) and not torch.equal(images[0], images[3])
+    untruncated = biggan.generate_images(G, labels, 8, "cpu", seed=1)
+    assert not torch.equal(untruncated[0], untruncated[1])
+
+
+def test_biggan_truncated_z_is_the_normal_with_every_entry_beyond_t_resampled():
+    z = biggan.sample_z(20000, 5, truncation=0.5, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (20000, 5) and z.abs().max() <= 0.5
+    normal = torch.randn(2_000_000, generator=torch.Generator().manual_seed(1))
+    kept = normal[normal.abs() <= 0.5]  # what resampling until inside leaves: the normal restricted to [-T, T]
+    quantiles = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
+    torch.testing.assert_close(torch.quantile(z.flatten(), quantiles), torch.quantile(kept[:100000], quantiles),
+                               atol=0.01, rtol=0)
+    assert torch.equal(biggan.sample_z(3, 4, truncation=0.0), torch.zeros(3, 4))
+    assert biggan.sample_z(4000, 5).abs().max() > 2  # None: not truncated
+
+
+def test_biggan_spectral_norm_keeps_each_layers_largest_singular_value_near_1_after_training():
+    G, D = biggan_models(width=8, attention=16)
+    opt_g, opt_d = biggan.make_optimizers(types.SimpleNamespace(lr=2e-4, lr_g=2e-4), G, D)  # the authors' rates
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        real = torch.rand(8, 1, 32, 32, generator=generator) * 2 - 1
+        biggan.train_step(G, D, opt_g, opt_d, [real], [torch.arange(8)], 8, no_scaler())
+    layers = spectrally_normed(G) + spectrally_normed(D)
+    # G: linear, 3 blocks of 3 convs and 4 cBN maps, attention's 4 convs, output conv; D: 3 + 3 + 2 + 2 block convs,
+    # attention, linear, projection embedding
+    assert len(layers) == (1 + 3 * 7 + 4 + 1) + (3 + 3 + 2 + 2 + 4 + 1 + 1)
+    assert not any(isinstance(m, nn.Embedding) for m in spectrally_normed(G))  # G's shared embedding: no SN
+    G.eval(), D.eval()  # the weight as the networks use it, from the last power iteration's vectors
+    for layer in layers:
+        effective = layer.weight.detach().flatten(1)
+        raw = layer.parametrizations.weight.original.detach().flatten(1)
+        assert abs(torch.linalg.matrix_norm(effective, ord=2).item() - 1) < 0.05, layer
+        assert torch.linalg.matrix_norm(raw, ord=2).item() < 0.8  # N(0, 0.02) init: SN, not the init, gives 1
+
+
+def test_biggan_orthogonal_penalty_matches_the_hand_computed_value_and_gradient():
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 1.0]], requires_grad=True)
+    # W W^T = [[5, 11, 2], [11, 25, 4], [2, 4, 1]]: off the diagonal 2 * (11^2 + 2^2 + 4^2) = 282
+    kernel = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 1.0]]]])  # (2, 1, 1, 2) -> rows [1, 0], [1, 1]: 2 * 1^2
+    penalty = biggan.orthogonal_penalty([w, kernel])
+    assert penalty.item() == 282 + 2
+    penalty.backward()
+    off_diagonal = torch.tensor([[0.0, 11, 2], [11, 0, 4], [2, 4, 0]])
+    torch.testing.assert_close(w.grad, 4 * off_diagonal @ w.detach())  # d/dW ||W W^T * (1 - I)||^2
+    orthogonal_rows = torch.tensor([[3.0, 0.0], [0.0, -2.0]])
+    assert biggan.orthogonal_penalty([orthogonal_rows]).item() == 0  # norms are free, only overlaps count
+    G, _ = biggan_models(attention=16)
+    names = {id(p): n for n, p in G.named_parameters()}
+    chosen = [names[id(p)] for p in G.orthogonal_weights()]
+    assert chosen and all(n.endswith("parametrizations.weight.original") for n in chosen)  # raw, before SN
+    assert not [n for n in chosen if n.startswith("shared.")] and "shared.weight" in names.values()
+    assert len(chosen) == len(spectrally_normed(G))
+
+
+def test_biggan_ortho_beta_changes_only_gs_update():
+    results = []
+    for beta in (0.0, 1.0):
+        G, D = biggan_models()
+        opt_g, opt_d = biggan.make_optimizers(types.SimpleNamespace(lr=1e-3, lr_g=1e-3), G, D)
+        torch.manual_seed(1)
+        metrics = biggan.train_step(G, D, opt_g, opt_d, [torch.rand(4, 1, 32, 32) * 2 - 1], [torch.arange(4)], 8,
+                                    no_scaler(), ortho_beta=beta)
+        results.append((G.state_dict(), D.state_dict(), metrics))
+    (g0, d0, m0), (g1, d1, m1) = results
+    assert all(torch.equal(d0[k], d1[k]) for k in d0)
+    assert not all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert m0[4] == 0 and m1[4] > 0  # the penalty column: computed only when it is used
+
+
+def test_biggan_every_image_reaches_d_through_discriminate_in_both_steps(monkeypatch):
+    G, D = biggan_models()
+    opt_g, opt_d = biggan.make_optimizers(types.SimpleNamespace(lr=1e-3, lr_g=1e-3), G, D)
+    forward_calls, through = [], []
+    D.register_forward_hook(lambda module, inputs, out: forward_calls.append(len(inputs[0])))
+    real_discriminate = biggan.discriminate
+    monkeypatch.setattr(biggan, "discriminate", lambda D_, images, labels: through.append(len(images))
+                        or real_discriminate(D_, images, labels))
+    reals = [torch.rand(4, 1, 32, 32) * 2 - 1 for _ in range(2)]
+    biggan.train_step(G, D, opt_g, opt_d, reals, [torch.arange(4)] * 2, 8, no_scaler())
+    assert through == forward_calls == [8, 8, 4]  # two D steps on reals + fakes, then G's step on fakes
+
+
+def test_biggan_d_steps_groups_batches_and_makes_one_d_update_per_batch(monkeypatch):
+    groups = list(biggan.d_step_groups(iter(range(7)), 3))
+    assert groups == [[0, 1, 2], [3, 4, 5], [6]]
+    G, D = biggan_models()
+    opt_g, opt_d = biggan.make_optimizers(types.SimpleNamespace(lr=1e-3, lr_g=1e-3), G, D)
+    steps = {"g": 0, "d": 0}
+    for key, opt in (("g", opt_g), ("d", opt_d)):
+        opt.register_step_post_hook(lambda *a, key=key: steps.__setitem__(key, steps[key] + 1))
+    biggan.train_step(G, D, opt_g, opt_d, [torch.rand(2, 1, 32, 32)] * 3, [torch.arange(2)] * 3, 8, no_scaler())
+    assert steps == {"g": 1, "d": 3}
+
+
+def test_biggan_preset_paper_builds_the_authors_cifar_networks_and_one_step_runs():
+    args = biggan.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.latent_dim, args.batch_size, args.lr, args.lr_g, args.d_steps) == (
+        32, 256, 128, 50, 2e-4, 2e-4, 4)
+    assert (args.shared_dim, args.hier, args.attention, args.ortho_beta, args.average_decay) == (0, False, 0, 0, 0.9999)
+    torch.manual_seed(0)
+    G, D = biggan.build_models(args, (3, 32, 32), 10)
+    # G: linear 128 -> 4*4*256 (524,288 + 4,096); per block: two 3x3 convs 2 * (589,824 + 256), 1x1 shortcut
+    # 65,536 + 256, two cBNs of gain and bias embeddings 2 * 2 * 10 * 256; output BN 2 * 256, conv 256 -> 3 6,915.
+    block = 2 * (589_824 + 256) + 65_536 + 256 + 2 * 2 * 10 * 256
+    assert parameter_count(G) == 524_288 + 4_096 + 3 * block + 512 + 6_912 + 3 == 4_304_387
+    # D: block 1: convs 3 -> 256 (6,912 + 256) and 256 -> 256, shortcut 3 -> 256 (768 + 256); block 2 down with a 1x1
+    # shortcut; blocks 3 and 4: two convs each, identity shortcut; linear 256 + 1; projection 10 x 256.
+    conv = 589_824 + 256
+    assert parameter_count(D) == (7_168 + conv + 1_024) + (2 * conv + 65_792) + 2 * 2 * conv + 257 + 2_560 == 4_207_361
+    assert G.shared is None and not G.hier and G.attention_after == 0 and D.attention is None
+    opt_g, opt_d = biggan.make_optimizers(args, G, D)
+    assert opt_g.defaults["betas"] == opt_d.defaults["betas"] == (0.0, 0.999)
+    reals = [torch.rand(1, 3, 32, 32) * 2 - 1 for _ in range(args.d_steps)]  # one image per D step: a second
+    metrics = biggan.train_step(G, D, opt_g, opt_d, reals, [torch.tensor([k]) for k in range(4)], args.latent_dim,
+                                no_scaler(), args.ortho_beta)
+    assert metrics.shape == (len(biggan.METRICS),) and torch.isfinite(metrics).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: the contract outputs, conditional and unconditional, resume, generate, errors
+
+def test_biggan_conditional_run_writes_every_output_and_both_grids(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert biggan_run("--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *BIGGAN_TINY) == 0
+    assert "10 classes" in capsys.readouterr().out
+    _, checkpoint = assert_run_outputs(out, 1, BIGGAN_COLUMNS)
+    assert checkpoint["script"] == "biggan.py" and checkpoint["args"]["image_size"] == 32
+    assert "shared.weight" in checkpoint["generator"] and "projection.parametrizations.weight.original" in (
+        checkpoint["discriminator"])
+    for grid in ("samples/epoch_001.png", "truncation_0.5.png"):  # one row per class, 10 columns
+        assert Image.open(out / grid).size == (2 + 10 * 34, 2 + 10 * 34), grid
+    assert biggan_run("--out", out, "--generate", 25, "--truncation", 1.0) == 0
+    samples = np.load(out / "samples.npz")
+    assert samples["images"].shape == (25, 32, 32, 1) and samples["images"].dtype == np.uint8
+    assert list(samples["labels"][:12]) == [*range(10), 0, 1]
+    assert Image.open(out / "samples_truncation_0.5.png").size == (2 + 10 * 34, 2 + 10 * 34)
+    assert biggan_run("--out", out, "--generate", 4, "--label", 7, "--truncation", 0) == 0
+    samples = np.load(out / "samples.npz")
+    assert (samples["labels"] == 7).all() and (samples["images"] == samples["images"][0]).all()  # T = 0
+
+
+def test_biggan_folder_of_loose_images_trains_unconditional(tmp_path, capsys):
+    folder = tmp_path / "loose"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    assert biggan_run("--dataset", folder, "--out", out, "--epochs", 1, *BIGGAN_TINY, "--batch-size", 8,
+                      "--image-size", 32) == 0
+    assert "unconditional" in capsys.readouterr().out
+    rows, checkpoint = assert_run_outputs(out, 1, [*biggan.METRICS, "d_acc_fake"])
+    assert rows[0]["d_acc_real_test"] == ""  # a folder has no held-out split
+    assert not [k for k in checkpoint["generator"] if k.startswith("shared.")]
+    assert not [k for k in checkpoint["discriminator"] if k.startswith("projection.")]
+    assert Image.open(out / "samples" / "epoch_001.png").size == (2 + 10 * 34, 2 + 10 * 34)  # 100, not 10 a class
+    assert biggan_run("--out", out, "--generate", 3) == 0
+    assert set(np.load(out / "samples.npz")) == {"images"}
+    capsys.readouterr()
+    assert biggan_run("--out", out, "--generate", 3, "--label", 0) == 2
+    one_line_error(capsys, "--label 0", "not conditional")
+
+
+def test_biggan_resume_gives_exactly_the_uninterrupted_run(tiny_mnist, tmp_path, capsys):
+    common = ["--data-dir", tiny_mnist, *BIGGAN_TINY, "--d-steps", 2]
+    assert biggan_run(*common, "--out", tmp_path / "straight", "--epochs", 2) == 0
+    assert biggan_run(*common, "--out", tmp_path / "resumed", "--epochs", 1) == 0
+    capsys.readouterr()
+    assert biggan_run("--data-dir", tiny_mnist, "--out", tmp_path / "resumed", "--epochs", 2, "--resume") == 0
+    assert "epochs 2..2" in capsys.readouterr().out  # the run's own width, d-steps, ... kept
+    straight, resumed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+                         for name in ("straight", "resumed"))
+    for key in ("generator", "generator_average", "discriminator"):  # spectral norm's vectors included
+        assert all(torch.equal(straight[key][k], resumed[key][k]) for k in straight[key]), key
+    assert read_rows(tmp_path / "straight" / "metrics.csv")[1]["d_loss"] == read_rows(
+        tmp_path / "resumed" / "metrics.csv")[1]["d_loss"]
+    assert biggan_run(*common, "--out", tmp_path / "resumed", "--epochs", 3, "--resume", "--d-steps", 3) == 2
+    one_line_error(capsys, "--d-steps 3", "--d-steps 2, which --resume keeps")
+
+
+BIGGAN_BAD = [["--epochs", 0], ["--batch-size", 0], ["--lr", 0], ["--lr-g", "nan"], ["--latent-dim", 0],
+              ["--width", 0], ["--log-every", 0], ["--generate", 0], ["--fid", 1], ["--average-decay", 1],
+              ["--seed", -1], ["--image-size", 48], ["--d-steps", 0], ["--ortho-beta", -1], ["--truncation", -0.5],
+              ["--shared-dim", -1], ["--attention", 12], ["--attention", 32], ["--attention", 4], ["--label", 3],
+              ["--device", "tpu"]]
+
+
+def test_biggan_every_bad_number_exits_2_with_one_line_before_any_data_is_loaded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the flags were checked"))
+    for bad in BIGGAN_BAD:
+        assert exit_code(biggan, ["--out", tmp_path / "run", *bad]) == 2, bad
+        assert one_line_error(capsys, bad[0]).startswith("biggan.py: error: "), bad
+    assert biggan.parse_args(["--attention", "32", "--image-size", "64"]).attention == 32
+
+
+def test_biggan_nan_loss_stops_the_run_and_ctrl_c_keeps_the_last_epoch(tiny_mnist, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_mnist, "--out", out, *BIGGAN_TINY]
+    calls, real_step = [], biggan.train_step
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) > 5:  # during epoch 2 (80 images in batches of 16: 5 steps per epoch)
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(biggan, "train_step", interrupted_step)
+    assert biggan_run(*common, "--epochs", 3) == 130
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(biggan, "train_step", real_step)
+    good = (out / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(biggan, "g_loss_hinge", lambda outputs: outputs.float().mean() * float("nan"))
+    capsys.readouterr()
+    assert biggan_run(*common, "--epochs", 3, "--resume") == 1
+    assert "diverged" in capsys.readouterr().err and (out / "checkpoint.pt").read_bytes() == good
+
+
+def test_biggan_amp_run_gives_finite_losses(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert biggan_run("--data-dir", tiny_mnist, "--out", out, "--epochs", 1, "--amp", *BIGGAN_TINY) == 0
+    assert_run_outputs(out, 1, BIGGAN_COLUMNS)
+
+
+def test_biggan_fid_flag_scores_every_class_equally_often(tiny_mnist, tmp_path, monkeypatch, capsys):
+    import fid
+
+    scored = []
+    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
+    monkeypatch.setattr(fid, "compute_statistics", lambda images, **kwargs: scored.append(images) or (
+        np.zeros(3), np.eye(3)))
+    monkeypatch.setattr(fid, "cached_statistics", lambda cache_file, images_fn, **kwargs: (np.ones(3), np.eye(3)))
+    assert biggan_run("--data-dir", tiny_mnist, "--out", tmp_path / "run", "--epochs", 1, "--fid", 30,
+                      *BIGGAN_TINY) == 0
+    assert "FID: 3 (" in capsys.readouterr().out
+    assert scored[0].shape == (30, 1, 32, 32) and scored[0].dtype == torch.uint8
+
+
+@pytest.mark.slow
+def test_biggan_torchrun_two_processes_write_every_output_once(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data-dir", tiny_mnist, "--out", out, "--device", "cpu", *BIGGAN_TINY]
+    result = torchrun(["biggan.py", *flags, "--epochs", 2])  # replicas compared after each epoch
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout and result.stdout.count("epoch 2: ") == 1  # only rank 0 reports
+    assert_run_outputs(out, 2, BIGGAN_COLUMNS)  # one row and one grid per epoch: written once
+    assert biggan_run("--out", out, "--generate", 4) == 0
