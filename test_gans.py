@@ -4425,16 +4425,10 @@ def test_biggan_amp_run_gives_finite_losses(tiny_mnist, tmp_path):
 
 
 def test_biggan_fid_flag_scores_every_class_equally_often(tiny_mnist, tmp_path, monkeypatch, capsys):
-    import fid
-
-    scored = []
-    monkeypatch.setattr(fid, "load_inception", lambda **kwargs: None)
-    monkeypatch.setattr(fid, "compute_statistics", lambda images, **kwargs: scored.append(images) or (
-        np.zeros(3), np.eye(3)))
-    monkeypatch.setattr(fid, "cached_statistics", lambda cache_file, images_fn, **kwargs: (np.ones(3), np.eye(3)))
+    scored, expected = mock_inception(monkeypatch)
     assert biggan_run("--data-dir", tiny_mnist, "--out", tmp_path / "run", "--epochs", 1, "--fid", 30,
                       *BIGGAN_TINY) == 0
-    assert "FID: 3 (" in capsys.readouterr().out
+    assert expected() in capsys.readouterr().out
     assert scored[0].shape == (30, 1, 32, 32) and scored[0].dtype == torch.uint8
 
 
