@@ -135,26 +135,32 @@ def metric_names(loss):
     return ["d_loss", "g_loss", *outputs]
 
 
-def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, loss="non-saturating"):
+def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, loss="non-saturating", augment=None):
     """One D update, then one G update against the D just improved. The fakes are made for the real batch's
-    labels, so D sees the same classes in both halves and can only tell them apart by the images."""
-    d_loss_fn, g_loss_fn, _ = LOSSES[loss]
+    labels, so D sees the same classes in both halves and can only tell them apart by the images.
+    augment (--augment; None: off) is a data.Augmentation: every image D sees, real or fake, in both updates, goes
+    through it, each call with fresh random draws; G learns through it (it is differentiable). ADA's p then moves by
+    what D said of the (augmented) reals."""
+    d_loss_fn, g_loss_fn, threshold = LOSSES[loss]
+    shown = augment or (lambda images: images)  # what D is shown of an image
     z = torch.randn(len(real), latent_dim, device=real.device)
     with autocast(real.device, scaler):
         fake = G(z, labels)
         # Discriminator: fake is detached so this loss does not reach into G.
-        real_logits, fake_logits = D(real, labels), D(fake.detach(), labels)
+        real_logits, fake_logits = D(shown(real), labels), D(shown(fake.detach()), labels)
         loss_d = d_loss_fn(real_logits, fake_logits)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d).backward()
     average_gradients(D)
     scaler.step(opt_d)
+    if augment:
+        augment.observe(real_logits.detach().float() - threshold)
 
     # Generator: the same fake batch, scored again by the updated D. D's weights are frozen meanwhile, so the
     # backward pass computes only what G needs (gradients flow through D to the image, not into D's weights).
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        loss_g = g_loss_fn(D(fake, labels))
+        loss_g = g_loss_fn(D(shown(fake), labels))
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
     average_gradients(G)
@@ -194,6 +200,10 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
     G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
@@ -225,7 +235,8 @@ def train(args, rank=0, world_size=1):
             seen += len(real)
             if world_size > 1:  # this process's share: disjoint slices of the same global batch
                 real, labels = real.tensor_split(world_size)[rank], labels.tensor_split(world_size)[rank]
-            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler, args.loss)
+            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler, args.loss,
+                                 augmentation)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = totals / i
@@ -254,10 +265,12 @@ def train(args, rank=0, world_size=1):
         print(f"epoch {epoch}: D calls real {accuracy['d_acc_real_train']} of training images, "
               f"{accuracy['d_acc_real_test'] or '-'} of held-out ones; calls fake {accuracy['d_acc_fake']} of fakes")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         with torch.no_grad():
             grid = G_average.eval()(grid_noise, grid_classes)
-        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss"), grid, {
+        curves = ("d_loss", "g_loss") + (("augment_p",) if args.augment == "ada" else ())
+        data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
             "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             **data.random_states(device)})
