@@ -129,19 +129,25 @@ def clip_weights(D, clip_value):
             p.clamp_(-clip_value, clip_value)
 
 
-def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_weight, scaler, clip_value=None):
+def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_weight, scaler, clip_value=None,
+               augment=None):
     """n_critic critic updates, one per real batch given, then one generator update (Algorithm 1 of the paper).
 
     label_batches holds None per batch for unconditional models. clip_value: weight clipping instead of the
-    gradient penalty (--lipschitz clip)."""
+    gradient penalty (--lipschitz clip). augment (--augment; None: off) is a data.Augmentation: every image the
+    critic sees, real or fake, in both updates, goes through it with fresh random draws, and the penalty is taken
+    between the augmented images, the ones the critic is asked to be 1-Lipschitz on. A critic has no real/fake
+    threshold: ADA's sign(D(x)) is taken against the mean score of the same step's fakes."""
+    shown = augment or (lambda images: images)  # what the critic is shown of an image
     totals = torch.zeros(3, device=real_batches[0].device)
     for real, labels in zip(real_batches, label_batches):
         with autocast(real.device, scaler):
             # Critic: fake made without a graph, this loss must not reach into G (it would only waste a backward).
             with torch.no_grad():
                 fake = G(torch.randn(len(real), latent_dim, device=real.device), labels)
-            real_scores, fake_scores = D(real, labels), D(fake, labels)
-            penalty = (gradient_penalty(D, real, fake, labels) if clip_value is None
+            real_shown, fake_shown = shown(real), shown(fake)
+            real_scores, fake_scores = D(real_shown, labels), D(fake_shown, labels)
+            penalty = (gradient_penalty(D, real_shown, fake_shown, labels) if clip_value is None
                        else torch.zeros((), device=real.device))  # weight clipping instead
             loss_d = critic_loss(real_scores, fake_scores) + gp_weight * penalty
         opt_d.zero_grad(set_to_none=True)
@@ -151,6 +157,8 @@ def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_w
         scaler.update()
         if clip_value is not None:
             clip_weights(D, clip_value)
+        if augment:
+            augment.observe(real_scores.detach().float() - fake_scores.detach().float().mean())
         totals += torch.stack([loss_d.detach(), (real_scores.mean() - fake_scores.mean()).detach(),
                                penalty.detach()]).float()
 
@@ -158,7 +166,7 @@ def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_w
     # weights are frozen meanwhile: the backward pass computes only what G needs.
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        loss_g = g_loss(D(G(torch.randn(len(real), latent_dim, device=real.device), labels), labels))
+        loss_g = g_loss(D(shown(G(torch.randn(len(real), latent_dim, device=real.device), labels)), labels))
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
     average_gradients(G)
@@ -229,6 +237,10 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled module shares its parameters with G, which is what gets saved. The critic stays eager:
     # the gradient penalty differentiates through it twice, which torch.compile does not support.
@@ -269,7 +281,7 @@ def train(args, rank=0, world_size=1):
             real_batches = [real for real, _ in group]
             label_batches = [labels if num_classes else None for _, labels in group]
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real_batches, label_batches, args.latent_dim,
-                                 args.gp_weight, scaler, clip_value)
+                                 args.gp_weight, scaler, clip_value, augmentation)
             update_average(G_average, G, (epoch - 1) * steps + i, args.average_decay)
             if i % args.log_every == 0 or i == steps:
                 means = totals / i
@@ -297,10 +309,12 @@ def train(args, rank=0, world_size=1):
         print(f"epoch {epoch}: mean critic score {scores['critic_real_train']} on training images, "
               f"{scores['critic_real_test'] or '-'} on held-out ones, {scores['critic_fake']} on fakes")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **scores,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         with torch.no_grad():
             grid = G_average.eval()(grid_noise, grid_classes)
-        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss", "wasserstein"), grid, {
+        curves = ("d_loss", "g_loss", "wasserstein") + (("augment_p",) if args.augment == "ada" else ())
+        data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
             "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             **data.random_states(device)})
