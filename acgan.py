@@ -140,28 +140,33 @@ def metric_names(class_loss_kind):
             *(["twin_loss_fake"] if class_loss_kind == "tac" else [])]
 
 
-def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, class_weight=1.0):
+def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, class_weight=1.0, augment=None):
     """One D update, then one G update against the D just improved. The fakes are drawn for the labels of the real
     batch, so every class is asked for as often as the data holds it. D decides the variant: with a twin head it is
-    TAC-GAN, without one the paper's AC-GAN."""
+    TAC-GAN, without one the paper's AC-GAN. augment (--augment; None: off) is a data.Augmentation: every image D
+    sees, real or fake, in both updates, goes through it with fresh random draws (the class heads learn the class
+    of augmented images too); ADA's p moves by what the source head said of the reals."""
+    shown = augment or (lambda images: images)  # what D is shown of an image
     z = torch.randn(len(real), latent_dim, device=real.device)
     with autocast(real.device, scaler):
         fake = G(z, labels)
         # Discriminator: fake is detached so this loss does not reach into G.
         (real_logits, real_class_logits, _), (fake_logits, fake_class_logits, fake_twin_logits) = (
-            D(real), D(fake.detach()))
+            D(shown(real)), D(shown(fake.detach())))
         loss_d = d_loss(real_logits, fake_logits, real_class_logits,
                         fake_class_logits if fake_twin_logits is None else fake_twin_logits, labels, class_weight)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d).backward()
     average_gradients(D)
     scaler.step(opt_d)
+    if augment:
+        augment.observe(real_logits.detach().float())  # a logit: real above 0
 
     # Generator: the same fake batch, scored again by the updated D. D's weights are frozen meanwhile, so the
     # backward pass computes only what G needs (gradients flow through D to the image, not into D's weights).
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        g_logits, g_class_logits, g_twin_logits = D(fake)
+        g_logits, g_class_logits, g_twin_logits = D(shown(fake))
         loss_g = g_loss(g_logits, g_class_logits, labels, class_weight, g_twin_logits)
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
@@ -208,6 +213,10 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
     G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
@@ -241,7 +250,7 @@ def train(args, rank=0, world_size=1):
             if device.type == "cuda":
                 real = real.contiguous(memory_format=torch.channels_last)
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler,
-                                 args.class_weight)
+                                 args.class_weight, augment=augmentation)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = totals / i
@@ -273,10 +282,12 @@ def train(args, rank=0, world_size=1):
               f"names the class of {accuracy['d_class_acc_test'] or '-'} of held-out images, "
               f"{accuracy['d_class_acc_fake']} of fakes")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         with torch.no_grad():
             grid = G_average.eval()(grid_noise, grid_classes)
-        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss"), grid, {
+        curves = ("d_loss", "g_loss") + (("augment_p",) if args.augment == "ada" else ())
+        data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
             "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             **data.random_states(device)})
