@@ -177,30 +177,36 @@ def information_loss(q, code_cat, code_cont, lambda_cat, lambda_cont):
 METRICS = ["d_loss", "g_loss", "d_real", "d_fake", "info_cat", "info_cont", "code_acc"]
 
 
-def train_step(G, D, opt_g, opt_d, real, scaler, lambda_cat=1.0, lambda_cont=0.1):
+def train_step(G, D, opt_g, opt_d, real, scaler, lambda_cat=1.0, lambda_cont=0.1, augment=None):
     """One D-and-Q update, then one G update against the D and Q just improved. The dataset's labels never come
-    in: InfoGAN is unsupervised. Returns METRICS (the GAN losses without the information term, which has its own)."""
+    in: InfoGAN is unsupervised. Returns METRICS (the GAN losses without the information term, which has its own).
+    augment (--augment; None: off) is a data.Augmentation: every image D sees, real or fake, in both updates, goes
+    through it with fresh random draws. Q shares D's body and reads the codes from the same augmented fakes, so a
+    code cannot live in what the augmentation scrambles (position, brightness): it must survive it."""
+    shown = augment or (lambda images: images)  # what D is shown of an image
     z, code_cat, code_cont = sample_latent(len(real), G, real.device)
     with autocast(real.device, scaler):
         fake = G(z, code_cat, code_cont)
         # D and Q: D tells real from fake; Q (D's body plus its head) reads the codes back from the fakes. The
         # information term is computed on fakes only: real images have no codes, so D's real path never sees it.
         # fake is detached so that this loss does not reach into G.
-        real_logits = D(real)
-        fake_logits, q = D(fake.detach(), recognise=True)
+        real_logits = D(shown(real))
+        fake_logits, q = D(shown(fake.detach()), recognise=True)
         info_d, _, _ = information_loss(q, code_cat, code_cont, lambda_cat, lambda_cont)
         loss_d = d_loss(real_logits, fake_logits)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d + info_d).backward()
     average_gradients(D)
     scaler.step(opt_d)
+    if augment:
+        augment.observe(real_logits.detach().float())  # a logit: real above 0
 
     # Generator: the same fakes, scored and read again by the updated D and Q. G minimises the information term
     # too, which is what makes it draw the codes visibly. D and Q are frozen meanwhile, so the backward pass
     # computes only what G needs.
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        fake_logits_g, q = D(fake, recognise=True)
+        fake_logits_g, q = D(shown(fake), recognise=True)
         loss_g = g_loss(fake_logits_g)
         info_g, info_cat, info_cont = information_loss(q, code_cat, code_cont, lambda_cat, lambda_cont)
     opt_g.zero_grad(set_to_none=True)
@@ -250,6 +256,10 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
     G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
@@ -278,7 +288,8 @@ def train(args, rank=0, world_size=1):
                 real = real.tensor_split(world_size)[rank]
             if device.type == "cuda":
                 real = real.contiguous(memory_format=torch.channels_last)
-            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, scaler, args.lambda_cat, args.lambda_cont)
+            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, scaler, args.lambda_cat, args.lambda_cont,
+                                 augment=augmentation)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = totals / i
@@ -308,11 +319,13 @@ def train(args, rank=0, world_size=1):
         print(f"epoch {epoch}: D calls real {accuracy['d_acc_real_train']} of training images, "
               f"{accuracy['d_acc_real_test'] or '-'} of held-out ones; calls fake {accuracy['d_acc_fake']} of fakes")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(METRICS, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         with torch.no_grad():
             G_average.eval()
             grid, pictures = G_average(*grid_latent), [(name, G_average(*z)) for name, z in sweeps.items()]
-        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss", "info_cat", "info_cont"), grid, {
+        curves = ("d_loss", "g_loss", "info_cat", "info_cont") + (("augment_p",) if args.augment == "ada" else ())
+        data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
             "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             **data.random_states(device)}, pictures)
