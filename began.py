@@ -161,16 +161,24 @@ def convergence_measure(l_real, l_fake, gamma):
 METRICS = ["d_loss", "g_loss", "l_real", "l_fake", "m_global", "k"]  # per-step columns of metrics.csv (k: last)
 
 
-def train_step(G, D, opt_g, opt_d, real, k, latent_dim, gamma, lambda_k, scaler):
+def train_step(G, D, opt_g, opt_d, real, k, latent_dim, gamma, lambda_k, scaler, augment=None):
     """One D update, one G update against the D just improved, then the k_t update from D's step's two losses.
 
-    k: float32 scalar tensor on the device, updated in place (reading it would sync with the device each step)."""
+    k: float32 scalar tensor on the device, updated in place (reading it would sync with the device each step).
+    augment (--augment; None: off) is a data.Augmentation: every image the autoencoder D sees, real or fake, in both
+    updates, goes through it with fresh random draws, and D reconstructs the augmented image. ADA's overfitting
+    signal: a real image counts as "called real" when D reconstructs it better than the batch's fakes on average,
+    sign(mean L(G(z)) - L(x)). The balance keeps L(G(z)) near gamma L(x) < L(x), so this stays negative until D
+    reconstructs the training images better than its control asks for, i.e. memorises them."""
+    shown = augment or (lambda images: images)  # what D is shown (and asked to reconstruct) of an image
     z = sample_z(len(real), latent_dim, real.device)
     with autocast(real.device, scaler):
         fake = G(z)
         # Discriminator: reals and fakes in one forward (no BatchNorm, so they do not mix); fake is detached so this
         # loss does not reach into G.
-        l_real, l_fake = reconstruction_loss(D, torch.cat([real, fake.detach()])).split(len(real))
+        l_real, l_fake = reconstruction_loss(D, torch.cat([shown(real), shown(fake.detach())])).split(len(real))
+        if augment:
+            augment.observe(l_fake.detach().mean() - l_real.detach())
         l_real, l_fake = l_real.mean(), l_fake.mean()
         loss_d = d_loss(l_real, l_fake, k)
     opt_d.zero_grad(set_to_none=True)
@@ -182,7 +190,7 @@ def train_step(G, D, opt_g, opt_d, real, k, latent_dim, gamma, lambda_k, scaler)
     # computes what G needs.
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        loss_g = g_loss(reconstruction_loss(D, fake).mean())
+        loss_g = g_loss(reconstruction_loss(D, shown(fake)).mean())
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
     average_gradients(G)
@@ -230,6 +238,10 @@ def train(args, rank=0, world_size=1):
     opt_g, opt_d = make_optimizers(args, G, D)
     k = torch.zeros((), device=device)  # k_0 = 0: D starts by only learning to reconstruct the reals
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     if checkpoint:
         k.fill_(checkpoint["k"])
@@ -259,7 +271,7 @@ def train(args, rank=0, world_size=1):
                 real = real.tensor_split(world_size)[rank]
             real = real.contiguous(memory_format=torch.channels_last)
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, k, args.latent_dim, args.gamma, args.lambda_k,
-                                 scaler)
+                                 scaler, augment=augmentation)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = torch.cat([totals / i, k.view(1)])  # the epoch's means so far, and k_t as it is now
@@ -289,11 +301,13 @@ def train(args, rank=0, world_size=1):
               f"training images {recon['d_recon_real_train']}, held-out {recon['d_recon_real_test'] or '-'}, "
               f"fakes {recon['d_recon_fake']}")
         history.append({"epoch": epoch, **{name: f"{v:.5f}" for name, v in zip(METRICS, means)}, **recon,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         with torch.no_grad():
             grid = G_average.eval()(grid_noise)
         # The curves: the losses (on the scale of L, a mean absolute pixel error in [0, 2]) and k_t in [0, 1].
-        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss", "m_global", "k"), grid, {
+        curves = ("d_loss", "g_loss", "m_global", "k") + (("augment_p",) if args.augment == "ada" else ())
+        data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "k": means[5],
             "epoch": epoch, "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             **data.random_states(device)})
