@@ -701,8 +701,9 @@ class Augmentation:
         self.count = torch.zeros((), device=device)  # images (over all processes after an update's all-reduce)
         self.steps = 0  # D steps since the last update
 
-    def __call__(self, images):
-        return augment(images, self.policy, self.p if self.adaptive else 1.0)
+    def __call__(self, images, policy=None):
+        """images augmented by this run's policy, or by `policy` (a part of it) where given."""
+        return augment(images, self.policy if policy is None else policy, self.p if self.adaptive else 1.0)
 
     def observe(self, real_outputs):
         """After one D step: real_outputs are D's outputs on the (augmented) training reals, minus the value above

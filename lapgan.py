@@ -255,29 +255,52 @@ def metric_names(sizes):
                                    for name in ("d_loss", "g_loss", "d_real", "d_fake")]
 
 
-def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler):
+def shown_levels(augment, bands, lows):
+    """What each level's D is shown with --augment: the coarsest image augmented by the whole policy; at a finer
+    level the pair (coarse image upsampled, residual) augmented as one stacked image by the policy's spatial
+    operations, so that the two stay aligned pixel for pixel (colour is left out there: a residual's brightness or
+    contrast is not the image's). Every call draws afresh. augment None: the bands and lows as they are."""
+    if augment is None:
+        return bands, lows
+    spatial = tuple(name for name in augment.policy if name != "color")
+    shown_bands, shown_lows = [augment(bands[0])], []
+    for low, band in zip(lows, bands[1:]):
+        pair = augment(torch.cat([low, band], dim=1), spatial) if spatial else torch.cat([low, band], dim=1)
+        shown_lows.append(pair[:, :low.shape[1]])
+        shown_bands.append(pair[:, low.shape[1]:])
+    return shown_bands, shown_lows
+
+
+def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, augment=None):
     """One D update, then one G update, at every level. Each level's pair sees only its own band of the real
     pyramid (the 8x8 image, or a residual with the real coarse image it belongs to), never another level's output,
     so the levels train independently, as in the paper. They share no weights either, so one backward pass of the
-    summed losses gives each level exactly its own gradients. labels is None for unconditional models."""
+    summed losses gives each level exactly its own gradients. labels is None for unconditional models.
+    augment (--augment; None: off): every band D sees, real or fake, in both updates, goes through shown_levels,
+    with fresh random draws each time; ADA's p moves by what every level's D said of the reals."""
     with torch.no_grad():  # in float32 even under --amp: a residual is a small difference of two images
         bands, lows = laplacian_pyramid(real, len(G.refiners) + 1)
     z = torch.randn(len(real), latent_dim, device=real.device)
     with autocast(real.device, scaler):
         fakes = G(z, labels, lows)
         # Discriminators: the fakes are detached so these losses do not reach into G.
-        real_logits = D(bands, labels, lows)
-        fake_logits = D([fake.detach() for fake in fakes], labels, lows)
+        real_bands, real_lows = shown_levels(augment, bands, lows)
+        real_logits = D(real_bands, labels, real_lows)
+        fake_bands, fake_lows = shown_levels(augment, [fake.detach() for fake in fakes], lows)
+        fake_logits = D(fake_bands, labels, fake_lows)
         losses_d = torch.stack([d_loss(r, f) for r, f in zip(real_logits, fake_logits)])
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(losses_d.sum()).backward()
     average_gradients(D)
     scaler.step(opt_d)
+    if augment:
+        augment.observe(torch.cat([logits.detach().float() for logits in real_logits]))  # logits: real above 0
 
     # Generators: the same fakes, scored again by the updated discriminators, whose weights are frozen meanwhile.
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        losses_g = torch.stack([g_loss(logits) for logits in D(fakes, labels, lows)])
+        shown_bands, shown_lows = shown_levels(augment, fakes, lows)
+        losses_g = torch.stack([g_loss(logits) for logits in D(shown_bands, labels, shown_lows)])
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(losses_g.sum()).backward()
     average_gradients(G)
@@ -320,6 +343,10 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)  # one for every level's G, one for every D: Adam works per weight
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled modules share their parameters with G and D, which are what gets saved. Their
     # forward() is the training path, every level on the real pyramid; sampling stays eager.
@@ -360,7 +387,7 @@ def train(args, rank=0, world_size=1):
             if device.type == "cuda":
                 real = real.contiguous(memory_format=torch.channels_last)
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels if num_classes else None,
-                                 args.latent_dim, scaler)
+                                 args.latent_dim, scaler, augment=augmentation)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = totals / i
@@ -393,9 +420,11 @@ def train(args, rank=0, world_size=1):
               f"{shares('d_acc_real_test')} of held-out ones; calls fake {shares('d_acc_fake')} of fakes "
               f"(levels {'/'.join(map(str, sizes))} px)")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         # Per level, D's and G's loss; at most 6 curves (the plot's colours): the coarsest and the two finest levels.
         curves = [f"{loss}_{size}" for size in sorted({sizes[0], *sizes[-2:]}) for loss in ("d_loss", "g_loss")]
+        curves = curves[:5] + ["augment_p"] if args.augment == "ada" else curves  # 6 colours at most
         grid = level_grid(G_average, grid_z, grid_classes, grid_planes, columns)
         data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
