@@ -4386,3 +4386,24 @@ def test_train_images_keeps_the_first_n_and_the_held_out_split(tiny_mnist, tmp_p
     assert run_script(dcgan, ["--data-dir", tiny_mnist, "--out", tmp_path / "all", "--epochs", 1, *TINY,
                               "--train-images", 10_000]) == 0
     assert "80 images" in capsys.readouterr().out
+
+
+def test_lapgan_augments_each_levels_coarse_image_and_residual_alike():
+    torch.manual_seed(0)
+    bands, lows = lapgan.laplacian_pyramid(torch.rand(8, 1, 32, 32) * 2 - 1, 3)
+    augmentation = data.Augmentation(("translation", "cutout"), "cpu")
+    shown_bands, shown_lows = lapgan.shown_levels(augmentation, bands, lows)
+    assert [b.shape for b in shown_bands] == [b.shape for b in bands]
+    for low, band in zip(shown_lows, shown_bands[1:]):
+        assert torch.equal(low == 0, band == 0)  # the same square cut, the same border uncovered
+    assert lapgan.shown_levels(None, bands, lows) == (bands, lows)
+
+
+@pytest.mark.parametrize("script", SCRIPT_MODULES, ids=lambda m: m.__name__)
+def test_every_script_trains_one_tiny_epoch_with_ada_and_logs_augment_p(script, tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert run_script(script, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *tiny_flags(script),
+                               "--augment", "ada", "--augment-policy", "color,translation,cutout"]) == 0
+    p, = augment_p_column(out)
+    assert 0 <= float(p) <= 1
+    assert "p" in torch.load(out / "checkpoint.pt", weights_only=True)["augment"]
