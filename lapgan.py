@@ -680,8 +680,8 @@ def add_augment_args(p):
         "train on the first N training images only (all of them if N is larger); the held-out split is unchanged"))
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help=(
         "augment every image D sees (default none). diffaug: always (Zhao et al. 2020); ada: each operation with "
-        "a probability p raised while D calls more than --ada-target of the training images real (Karras et al. "
-        "2020). Turn it on for a few thousand images or fewer"))
+        "a probability p, raised while E[sign(D(x_train))] is above --ada-target, lowered while below (Karras et "
+        "al. 2020). Turn it on for a few thousand images or fewer"))
     p.add_argument("--augment-policy", type=augment_policy, metavar="LIST", help=(
         "comma list of color, translation, cutout (default all three for colour images, translation,cutout for "
         "grayscale; color on grayscale is brightness and contrast)"))
