@@ -265,7 +265,8 @@ def shown_levels(augment, bands, lows):
     spatial = tuple(name for name in augment.policy if name != "color")
     shown_bands, shown_lows = [augment(bands[0])], []
     for low, band in zip(lows, bands[1:]):
-        pair = augment(torch.cat([low, band], dim=1), spatial) if spatial else torch.cat([low, band], dim=1)
+        pair = torch.cat([low, band], dim=1)  # (B, 2C, S, S)
+        pair = augment(pair, spatial) if spatial else pair
         shown_lows.append(pair[:, :low.shape[1]])
         shown_bands.append(pair[:, low.shape[1]:])
     return shown_bands, shown_lows
