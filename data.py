@@ -655,8 +655,8 @@ AUGMENTATIONS = {"color": (brightness, saturation, contrast), "translation": (tr
 
 
 def default_policy(channels):
-    """Every augmentation for colour images; translation and cutout for grayscale ones (colour would be brightness
-    and contrast only, which on digits and clothes mostly teaches D to ignore ink strength)."""
+    """Every augmentation for colour images; translation and cutout for grayscale ones, where colour would be
+    brightness and contrast only (ask for it with --augment-policy)."""
     return ("color", "translation", "cutout") if channels == 3 else ("translation", "cutout")
 
 
@@ -677,8 +677,8 @@ def augment(images, policy, p=1.0):
 
 # ADA moves p by (images since the last update) / ADA_SPEED_IMAGES every ADA_INTERVAL steps of D: p can go from
 # 0 to 1 in 20,000 images. The paper's 500,000 images is more than a whole CPU run here sees (dcgan.py's default
-# run is 5 epochs of 60,000); 20,000 is a third of one epoch of Fashion-MNIST, yet slow enough that p moves by at
-# most 0.013 per update at batch 64, far less than the noise of r_t over 256 images would justify.
+# run is 5 epochs of 60,000); 20,000 is a third of one epoch of Fashion-MNIST, yet one update, whose r_t comes from
+# only 256 images at batch 64, moves p by 0.013 at most.
 ADA_SPEED_IMAGES = 20_000
 ADA_INTERVAL = 4
 
