@@ -737,8 +737,9 @@ class Augmentation:
 
 
 def augment_p(augmentation):
-    """metrics.csv's augment_p: p at the end of the epoch (1 for diffaug), empty without augmentation."""
-    return "" if augmentation is None else f"{augmentation.p.item():.4f}"
+    """metrics.csv's augment_p: the probability that each operation is applied, at the end of the epoch: ADA's p,
+    1 for diffaug, 0 without augmentation (so that the column is a number in every run, like the losses)."""
+    return f"{0.0 if augmentation is None else augmentation.p.item():.4f}"
 
 
 def make_augmentation(kind, policy, channels, device, target=0.6):

@@ -4385,7 +4385,7 @@ def test_train_images_keeps_the_first_n_and_the_held_out_split(tiny_mnist, tmp_p
     assert "20 images" in printed and "1 steps per epoch" in printed  # 20 images, batch 16
     with open(out / "metrics.csv", newline="") as f:
         row, = csv.DictReader(f)
-    assert row["d_acc_real_test"] != "" and row["augment_p"] == ""
+    assert row["d_acc_real_test"] != "" and row["augment_p"] == "0.0000"
     assert run_script(dcgan, ["--data-dir", tiny_mnist, "--out", tmp_path / "all", "--epochs", 1, *TINY,
                               "--train-images", 10_000]) == 0
     assert "80 images" in capsys.readouterr().out
