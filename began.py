@@ -271,7 +271,7 @@ def train(args, rank=0, world_size=1):
                 real = real.tensor_split(world_size)[rank]
             real = real.contiguous(memory_format=torch.channels_last)
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, k, args.latent_dim, args.gamma, args.lambda_k,
-                                 scaler, augment=augmentation)
+                                 scaler, augmentation)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = torch.cat([totals / i, k.view(1)])  # the epoch's means so far, and k_t as it is now
