@@ -140,28 +140,33 @@ def metric_names(class_loss_kind):
             *(["twin_loss_fake"] if class_loss_kind == "tac" else [])]
 
 
-def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, class_weight=1.0):
+def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, class_weight=1.0, augment=None):
     """One D update, then one G update against the D just improved. The fakes are drawn for the labels of the real
     batch, so every class is asked for as often as the data holds it. D decides the variant: with a twin head it is
-    TAC-GAN, without one the paper's AC-GAN."""
+    TAC-GAN, without one the paper's AC-GAN. augment (--augment; None: off) is a data.Augmentation: every image D
+    sees, real or fake, in both updates, goes through it with fresh random draws (the class heads learn the class
+    of augmented images too); ADA's p moves by what the source head said of the reals."""
+    shown = augment or (lambda images: images)  # what D is shown of an image
     z = torch.randn(len(real), latent_dim, device=real.device)
     with autocast(real.device, scaler):
         fake = G(z, labels)
         # Discriminator: fake is detached so this loss does not reach into G.
         (real_logits, real_class_logits, _), (fake_logits, fake_class_logits, fake_twin_logits) = (
-            D(real), D(fake.detach()))
+            D(shown(real)), D(shown(fake.detach())))
         loss_d = d_loss(real_logits, fake_logits, real_class_logits,
                         fake_class_logits if fake_twin_logits is None else fake_twin_logits, labels, class_weight)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d).backward()
     average_gradients(D)
     scaler.step(opt_d)
+    if augment:
+        augment.observe(real_logits.detach().float())  # a logit: real above 0
 
     # Generator: the same fake batch, scored again by the updated D. D's weights are frozen meanwhile, so the
     # backward pass computes only what G needs (gradients flow through D to the image, not into D's weights).
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        g_logits, g_class_logits, g_twin_logits = D(fake)
+        g_logits, g_class_logits, g_twin_logits = D(shown(fake))
         loss_g = g_loss(g_logits, g_class_logits, labels, class_weight, g_twin_logits)
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
@@ -208,6 +213,10 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
     G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
@@ -241,7 +250,7 @@ def train(args, rank=0, world_size=1):
             if device.type == "cuda":
                 real = real.contiguous(memory_format=torch.channels_last)
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler,
-                                 args.class_weight)
+                                 args.class_weight, augmentation)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = totals / i
@@ -273,10 +282,12 @@ def train(args, rank=0, world_size=1):
               f"names the class of {accuracy['d_class_acc_test'] or '-'} of held-out images, "
               f"{accuracy['d_class_acc_fake']} of fakes")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         with torch.no_grad():
             grid = G_average.eval()(grid_noise, grid_classes)
-        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss"), grid, {
+        curves = ("d_loss", "g_loss") + (("augment_p",) if args.augment == "ada" else ())
+        data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
             "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             **data.random_states(device)})
@@ -366,7 +377,8 @@ def default_size(args):
 
 MODEL_SETTINGS = ("image_size", "width", "latent_dim", "class_loss")  # what the weights were made for
 # What --resume keeps; the preset first, so that resuming a run with another preset names it (not a flag it changed).
-RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "class_weight")
+RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "class_weight",
+                   "train_images", "augment", "augment_policy", "ada_target")  # what --resume keeps
 POWER_OF_TWO = (lambda value: value >= 32 and not value & (value - 1), "must be a power of two, at least 32")
 
 # --preset: "cpu" is the defaults below; "paper" is the paper's CIFAR-10 model (Odena et al. 2017, the appendix's
@@ -411,6 +423,7 @@ def parse_args(argv):
         "paper: D's class head itself (Odena et al.), with which D and G can agree on marks instead of classes"))
     p.add_argument("--average-decay", type=float, default=0.999,
                    help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
+    add_augment_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -430,7 +443,8 @@ def parse_args(argv):
     check_args(args, {"epochs": at_least(1), "batch_size": at_least(1), "latent_dim": at_least(1),
                       "width": at_least(1), "log_every": at_least(1), "generate": at_least(1), "fid": at_least(2),
                       "seed": SEED, "lr": POSITIVE, "class_weight": NON_NEGATIVE, "average_decay": DECAY,
-                      "image_size": POWER_OF_TWO})
+                      "image_size": POWER_OF_TWO,
+                      "train_images": at_least(1), "ada_target": OPEN_UNIT})
     if args.label is not None and args.generate is None:
         raise UsageError(f"--label {args.label}: only with --generate N")
     return args
@@ -463,6 +477,36 @@ NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, "must be a nu
 DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
 # Copied from gan.SEED
 SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
+# Copied from gan.OPEN_UNIT
+OPEN_UNIT = (lambda value: 0 < value < 1, "must be in (0, 1)")  # --ada-target
+
+
+# Copied from gan.augment_policy
+def augment_policy(text):
+    """--augment-policy: a comma list of data.AUGMENTATIONS' names, in the order they are applied."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in data.AUGMENTATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown augmentation '{unknown[0]}': use a comma list of "
+                                         + ", ".join(data.AUGMENTATIONS))
+    return names
+
+
+# Copied from gan.add_augment_args
+def add_augment_args(p):
+    """The small-data flags of every script: --train-images and --augment's three (data.py's augment does the work:
+    each operation applied to every image D sees, real or fake, in D's step and in G's, differentiably)."""
+    p.add_argument("--train-images", type=int, metavar="N", help=(
+        "train on the first N training images only (all of them if N is larger); the held-out split is unchanged"))
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help=(
+        "augment every image D sees (default none). diffaug: always (Zhao et al. 2020); ada: each operation with "
+        "a probability p, raised while E[sign(D(x_train))] is above --ada-target, lowered while below (Karras et "
+        "al. 2020). Turn it on for a few thousand images or fewer"))
+    p.add_argument("--augment-policy", type=augment_policy, metavar="LIST", help=(
+        "comma list of color, translation, cutout (default all three for colour images, translation,cutout for "
+        "grayscale; color on grayscale is brightness and contrast)"))
+    p.add_argument("--ada-target", type=float, default=0.6, help="ADA's target for E[sign(D(x_train))], in (0, 1) "
+                                                                 "(default 0.6, the paper's)")
 
 
 # Copied from gan.check_args
@@ -546,6 +590,8 @@ def start_run(args, rank):
     if rank == 0:
         data.prepare_out(args.out)
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
+    if args.train_images:  # a small-data run: the first N images (their order is the file's, fixed)
+        dataset.images, dataset.labels = dataset.images[:args.train_images], dataset.labels[:args.train_images]
     held_out = (data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
                 if args.dataset in data.DATASETS else None)
     return checkpoint, dataset, held_out

@@ -161,16 +161,24 @@ def convergence_measure(l_real, l_fake, gamma):
 METRICS = ["d_loss", "g_loss", "l_real", "l_fake", "m_global", "k"]  # per-step columns of metrics.csv (k: last)
 
 
-def train_step(G, D, opt_g, opt_d, real, k, latent_dim, gamma, lambda_k, scaler):
+def train_step(G, D, opt_g, opt_d, real, k, latent_dim, gamma, lambda_k, scaler, augment=None):
     """One D update, one G update against the D just improved, then the k_t update from D's step's two losses.
 
-    k: float32 scalar tensor on the device, updated in place (reading it would sync with the device each step)."""
+    k: float32 scalar tensor on the device, updated in place (reading it would sync with the device each step).
+    augment (--augment; None: off) is a data.Augmentation: every image the autoencoder D sees, real or fake, in both
+    updates, goes through it with fresh random draws, and D reconstructs the augmented image. ADA's overfitting
+    signal: a real image counts as "called real" when D reconstructs it better than the batch's fakes on average,
+    sign(mean L(G(z)) - L(x)). The balance keeps L(G(z)) near gamma L(x) < L(x), so this stays negative until D
+    reconstructs the training images better than its control asks for, i.e. memorises them."""
+    shown = augment or (lambda images: images)  # what D is shown (and asked to reconstruct) of an image
     z = sample_z(len(real), latent_dim, real.device)
     with autocast(real.device, scaler):
         fake = G(z)
         # Discriminator: reals and fakes in one forward (no BatchNorm, so they do not mix); fake is detached so this
         # loss does not reach into G.
-        l_real, l_fake = reconstruction_loss(D, torch.cat([real, fake.detach()])).split(len(real))
+        l_real, l_fake = reconstruction_loss(D, torch.cat([shown(real), shown(fake.detach())])).split(len(real))
+        if augment:
+            augment.observe(l_fake.detach().mean() - l_real.detach())
         l_real, l_fake = l_real.mean(), l_fake.mean()
         loss_d = d_loss(l_real, l_fake, k)
     opt_d.zero_grad(set_to_none=True)
@@ -182,7 +190,7 @@ def train_step(G, D, opt_g, opt_d, real, k, latent_dim, gamma, lambda_k, scaler)
     # computes what G needs.
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        loss_g = g_loss(reconstruction_loss(D, fake).mean())
+        loss_g = g_loss(reconstruction_loss(D, shown(fake)).mean())
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
     average_gradients(G)
@@ -230,6 +238,10 @@ def train(args, rank=0, world_size=1):
     opt_g, opt_d = make_optimizers(args, G, D)
     k = torch.zeros((), device=device)  # k_0 = 0: D starts by only learning to reconstruct the reals
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     if checkpoint:
         k.fill_(checkpoint["k"])
@@ -259,7 +271,7 @@ def train(args, rank=0, world_size=1):
                 real = real.tensor_split(world_size)[rank]
             real = real.contiguous(memory_format=torch.channels_last)
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, k, args.latent_dim, args.gamma, args.lambda_k,
-                                 scaler)
+                                 scaler, augmentation)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = torch.cat([totals / i, k.view(1)])  # the epoch's means so far, and k_t as it is now
@@ -289,11 +301,13 @@ def train(args, rank=0, world_size=1):
               f"training images {recon['d_recon_real_train']}, held-out {recon['d_recon_real_test'] or '-'}, "
               f"fakes {recon['d_recon_fake']}")
         history.append({"epoch": epoch, **{name: f"{v:.5f}" for name, v in zip(METRICS, means)}, **recon,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         with torch.no_grad():
             grid = G_average.eval()(grid_noise)
         # The curves: the losses (on the scale of L, a mean absolute pixel error in [0, 2]) and k_t in [0, 1].
-        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss", "m_global", "k"), grid, {
+        curves = ("d_loss", "g_loss", "m_global", "k") + (("augment_p",) if args.augment == "ada" else ())
+        data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "k": means[5],
             "epoch": epoch, "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             **data.random_states(device)})
@@ -370,7 +384,8 @@ def default_size(args):
 
 MODEL_SETTINGS = ("image_size", "width", "convs", "latent_dim")  # what the weights were made for
 # What --resume keeps; the preset first, so that another preset is refused by name.
-RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "gamma", "lambda_k")
+RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "gamma", "lambda_k",
+                   "train_images", "augment", "augment_policy", "ada_target")  # what --resume keeps
 GAMMA = (lambda value: 0 < value <= 1, "must be in (0, 1]")  # also refuses nan
 SIDE = (lambda value: value >= 32 and not value & (value - 1), "must be a power of two, at least 32")
 
@@ -416,6 +431,7 @@ def parse_args(argv):
     p.add_argument("--lambda-k", type=float, default=0.001, help="gain of the k_t control (default 0.001)")
     p.add_argument("--average-decay", type=float, default=0.999,
                    help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
+    add_augment_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -432,7 +448,8 @@ def parse_args(argv):
     check_args(args, {"epochs": at_least(1), "batch_size": at_least(1), "latent_dim": at_least(1),
                       "width": at_least(1), "convs": at_least(1), "log_every": at_least(1), "generate": at_least(1),
                       "fid": at_least(2), "seed": SEED, "lr": POSITIVE, "gamma": GAMMA, "lambda_k": NON_NEGATIVE,
-                      "average_decay": DECAY, "image_size": SIDE})
+                      "average_decay": DECAY, "image_size": SIDE,
+                      "train_images": at_least(1), "ada_target": OPEN_UNIT})
     return args
 
 
@@ -463,6 +480,36 @@ NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, "must be a nu
 DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
 # Copied from gan.SEED
 SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
+# Copied from gan.OPEN_UNIT
+OPEN_UNIT = (lambda value: 0 < value < 1, "must be in (0, 1)")  # --ada-target
+
+
+# Copied from gan.augment_policy
+def augment_policy(text):
+    """--augment-policy: a comma list of data.AUGMENTATIONS' names, in the order they are applied."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in data.AUGMENTATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown augmentation '{unknown[0]}': use a comma list of "
+                                         + ", ".join(data.AUGMENTATIONS))
+    return names
+
+
+# Copied from gan.add_augment_args
+def add_augment_args(p):
+    """The small-data flags of every script: --train-images and --augment's three (data.py's augment does the work:
+    each operation applied to every image D sees, real or fake, in D's step and in G's, differentiably)."""
+    p.add_argument("--train-images", type=int, metavar="N", help=(
+        "train on the first N training images only (all of them if N is larger); the held-out split is unchanged"))
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help=(
+        "augment every image D sees (default none). diffaug: always (Zhao et al. 2020); ada: each operation with "
+        "a probability p, raised while E[sign(D(x_train))] is above --ada-target, lowered while below (Karras et "
+        "al. 2020). Turn it on for a few thousand images or fewer"))
+    p.add_argument("--augment-policy", type=augment_policy, metavar="LIST", help=(
+        "comma list of color, translation, cutout (default all three for colour images, translation,cutout for "
+        "grayscale; color on grayscale is brightness and contrast)"))
+    p.add_argument("--ada-target", type=float, default=0.6, help="ADA's target for E[sign(D(x_train))], in (0, 1) "
+                                                                 "(default 0.6, the paper's)")
 
 
 # Copied from gan.check_args
@@ -546,6 +593,8 @@ def start_run(args, rank):
     if rank == 0:
         data.prepare_out(args.out)
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
+    if args.train_images:  # a small-data run: the first N images (their order is the file's, fixed)
+        dataset.images, dataset.labels = dataset.images[:args.train_images], dataset.labels[:args.train_images]
     held_out = (data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
                 if args.dataset in data.DATASETS else None)
     return checkpoint, dataset, held_out

@@ -218,10 +218,11 @@ def sample_z(n, latent_dim, truncation=None, generator=None):
 # ----------------------------------------------------------------------------------------------------------------
 # The GAN itself: one point where images reach D, the hinge loss, orthogonal regularisation, the alternating update
 
-def discriminate(D, images, labels):
+def discriminate(D, images, labels, augment=None):
     """D's scores for images of the given classes (labels None: unconditional). Every image D sees, real or fake,
-    in D's step and in G's, goes through here."""
-    return D(images, labels)
+    in D's step and in G's, goes through here, and so through --augment's data.Augmentation when there is one (each
+    call with fresh random draws; differentiable, so G learns through it)."""
+    return D(augment(images) if augment else images, labels)
 
 
 # Copied from gan.d_loss_hinge
@@ -252,10 +253,11 @@ def orthogonal_penalty(weights):
 METRICS = ["d_loss", "g_loss", "d_real_output", "d_fake_output", "ortho_penalty"]  # metrics.csv's per-step columns
 
 
-def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, scaler, ortho_beta=1e-4):
+def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, scaler, ortho_beta=1e-4, augment=None):
     """One D update per real batch given (--d-steps of them), then one G update. label_batches holds None per batch
     for unconditional models. The fakes are drawn for the classes of the real batch beside them. Only the last
-    fake batch is made with a graph: G's update scores that same batch again, with the D just improved."""
+    fake batch is made with a graph: G's update scores that same batch again, with the D just improved. augment:
+    --augment's data.Augmentation or None; ADA's p moves by the sign of D's (hinge) scores of the reals."""
     totals = torch.zeros(3, device=real_batches[0].device)
     for i, (real, labels) in enumerate(zip(real_batches, label_batches)):
         z = torch.randn(len(real), latent_dim, device=real.device)
@@ -264,7 +266,8 @@ def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, scal
                 fake = G(z, labels)
             # One pass of D over reals and fakes together (D has no BatchNorm, so this is the same as two passes);
             # fake is detached so this loss does not reach into G.
-            both = discriminate(D, torch.cat([real, fake.detach()]), None if labels is None else labels.repeat(2))
+            both = discriminate(D, torch.cat([real, fake.detach()]), None if labels is None else labels.repeat(2),
+                                augment)
             real_outputs, fake_outputs = both.tensor_split(2)
             loss_d = d_loss_hinge(real_outputs, fake_outputs)
         opt_d.zero_grad(set_to_none=True)
@@ -272,13 +275,15 @@ def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, scal
         average_gradients(D)
         scaler.step(opt_d)
         scaler.update()
+        if augment:
+            augment.observe(real_outputs.detach().float())  # hinge: D calls an image real above 0
         totals += torch.stack([loss_d.detach(), real_outputs.detach().mean(), fake_outputs.detach().mean()]).float()
 
     # Generator: D's weights are frozen meanwhile, so the backward pass computes only what G needs. The orthogonal
     # penalty is added to G's loss outside autocast: it is about the weights, in float32.
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        loss_g = g_loss_hinge(discriminate(D, fake, labels))
+        loss_g = g_loss_hinge(discriminate(D, fake, labels, augment))
     penalty = orthogonal_penalty(G.orthogonal_weights()) if ortho_beta else torch.zeros(())
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g + ortho_beta * penalty.to(loss_g.device)).backward()
@@ -320,6 +325,10 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
     G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
@@ -359,7 +368,7 @@ def train(args, rank=0, world_size=1):
                 group = [(real.contiguous(memory_format=torch.channels_last), labels) for real, labels in group]
             totals += train_step(G_fast, D_fast, opt_g, opt_d, [real for real, _ in group],
                                  [labels if num_classes else None for _, labels in group], args.latent_dim, scaler,
-                                 args.ortho_beta)
+                                 args.ortho_beta, augmentation)
             update_average(G_average, G, (epoch - 1) * steps + i, args.average_decay)
             if i % args.log_every == 0 or i == steps:
                 means = totals / i
@@ -387,10 +396,12 @@ def train(args, rank=0, world_size=1):
         print(f"epoch {epoch}: D calls real {accuracy['d_acc_real_train']} of training images, "
               f"{accuracy['d_acc_real_test'] or '-'} of held-out ones; calls fake {accuracy['d_acc_fake']} of fakes")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(METRICS, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         with torch.no_grad():
             grid, low_grid = (G_average.eval()(noise, grid_classes) for noise in (grid_noise, low_noise))
-        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss"), grid, {
+        curves = ("d_loss", "g_loss") + (("augment_p",) if args.augment == "ada" else ())
+        data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
             "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             **data.random_states(device)}, pictures=[(f"truncation_{LOW_TRUNCATION}.png", low_grid)])
@@ -506,7 +517,7 @@ def default_size(args):
 
 MODEL_SETTINGS = ("image_size", "width", "latent_dim", "shared_dim", "hier", "attention")  # what the weights fit
 RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "lr_g", "seed", "average_decay", "d_steps",
-                   "ortho_beta", "truncation")  # what --resume keeps
+                   "ortho_beta", "truncation", "train_images", "augment", "augment_policy", "ada_target")  # kept
 
 # --preset: "cpu" is the defaults below (a good Fashion-MNIST grid in ~18 minutes on 2 CPU cores). "paper" is the
 # authors' CIFAR-10 run, BigGAN-PyTorch's scripts/launch_cifar_ema.sh (the paper's appendix gives the ImageNet
@@ -565,6 +576,7 @@ def parse_args(argv):
                                                                  "0: z = 0, one image per class)")
     p.add_argument("--average-decay", type=float, default=0.999,
                    help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
+    add_augment_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -584,7 +596,8 @@ def parse_args(argv):
                       "width": at_least(1), "log_every": at_least(1), "generate": at_least(1), "fid": at_least(2),
                       "seed": SEED, "lr": POSITIVE, "lr_g": POSITIVE, "average_decay": DECAY,
                       "shared_dim": at_least(0), "d_steps": at_least(1), "ortho_beta": NON_NEGATIVE,
-                      "truncation": NON_NEGATIVE, "image_size": POWER_OF_TWO})
+                      "truncation": NON_NEGATIVE, "image_size": POWER_OF_TWO,
+                      "train_images": at_least(1), "ada_target": OPEN_UNIT})
     size = args.image_size or default_size(args)
     if args.attention and not (8 <= args.attention <= size // 2 and not args.attention & (args.attention - 1)):
         raise UsageError(f"--attention {args.attention}: 0 or a power of two from 8 to half the image size ({size})")
@@ -619,6 +632,36 @@ NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, "must be a nu
 DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
 # Copied from gan.SEED
 SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
+# Copied from gan.OPEN_UNIT
+OPEN_UNIT = (lambda value: 0 < value < 1, "must be in (0, 1)")  # --ada-target
+
+
+# Copied from gan.augment_policy
+def augment_policy(text):
+    """--augment-policy: a comma list of data.AUGMENTATIONS' names, in the order they are applied."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in data.AUGMENTATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown augmentation '{unknown[0]}': use a comma list of "
+                                         + ", ".join(data.AUGMENTATIONS))
+    return names
+
+
+# Copied from gan.add_augment_args
+def add_augment_args(p):
+    """The small-data flags of every script: --train-images and --augment's three (data.py's augment does the work:
+    each operation applied to every image D sees, real or fake, in D's step and in G's, differentiably)."""
+    p.add_argument("--train-images", type=int, metavar="N", help=(
+        "train on the first N training images only (all of them if N is larger); the held-out split is unchanged"))
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help=(
+        "augment every image D sees (default none). diffaug: always (Zhao et al. 2020); ada: each operation with "
+        "a probability p, raised while E[sign(D(x_train))] is above --ada-target, lowered while below (Karras et "
+        "al. 2020). Turn it on for a few thousand images or fewer"))
+    p.add_argument("--augment-policy", type=augment_policy, metavar="LIST", help=(
+        "comma list of color, translation, cutout (default all three for colour images, translation,cutout for "
+        "grayscale; color on grayscale is brightness and contrast)"))
+    p.add_argument("--ada-target", type=float, default=0.6, help="ADA's target for E[sign(D(x_train))], in (0, 1) "
+                                                                 "(default 0.6, the paper's)")
 
 
 # Copied from gan.check_args
@@ -702,6 +745,8 @@ def start_run(args, rank):
     if rank == 0:
         data.prepare_out(args.out)
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
+    if args.train_images:  # a small-data run: the first N images (their order is the file's, fixed)
+        dataset.images, dataset.labels = dataset.images[:args.train_images], dataset.labels[:args.train_images]
     held_out = (data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
                 if args.dataset in data.DATASETS else None)
     return checkpoint, dataset, held_out

@@ -12,6 +12,8 @@ otherwise downloaded into DATA_DIR/<name>/ (every file checked against its publi
 Every file a run writes goes through write_atomic, and the files that every script writes the same way are here:
 the output-folder check (prepare_out), checkpoints (save_checkpoint, read_checkpoint), metrics.csv, the files of
 one epoch (save_epoch) and samples.npz (save_samples). Which script a checkpoint belongs to is the script's call.
+Differentiable augmentation of device batches (augment, Augmentation: the scripts' --augment diffaug / ada) is
+here too, so that it is written once for every script whose D sees images.
 Bad input or an unusable output folder raises DataError with a one-line message naming the file; the scripts turn
 it into exit status 2.
 """
@@ -523,9 +525,10 @@ def random_states(device):
 
 
 def write_metrics(path, rows):
-    """metrics.csv: a header from the first row's keys, then one row per dict."""
+    """metrics.csv: a header from the rows' keys in the order they first appear, then one row per dict."""
     def write(f):
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # a resumed run may add a column
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
     write_atomic(path, write, mode="w")
@@ -599,3 +602,170 @@ def report_fid(make_fakes, dataset, device):
     subset = fid.kid_subset_size(len(fake), len(real))
     print(f"FID: {frechet:.6g}  KID: {kid_mean:.6g} ± {kid_std:.2g} (subsets of {subset}) "
           f"[{fid.protocol(len(fake), len(real), reference=reference)}]")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Differentiable augmentation of device batches (--augment), written once here for every script whose D sees
+# images. With a few hundred to a few thousand images D memorises the training set and G's signal collapses;
+# augmenting every image D sees, real and fake alike, in D's step and in G's, keeps D from memorising while G still
+# learns the un-augmented distribution, because the operations are applied to both sides and are differentiable
+# (G's gradients pass through them). DiffAugment (Zhao et al. 2020, arXiv:2006.10738) applies them to every image
+# (p = 1); ADA (Karras et al. 2020, arXiv:2006.06676) applies each with a probability p that AdaptiveAugment tunes.
+# Every random draw comes from torch's global random number generator of the images' device, so a seeded run is
+# repeatable and --resume continues the same stream.
+
+def brightness(images):
+    """Add one random offset in [-0.5, 0.5) to each image (DiffAugment's rand_brightness, [-1, 1] pixels)."""
+    return images + (torch.rand(len(images), 1, 1, 1, device=images.device, dtype=images.dtype) - 0.5)
+
+
+def saturation(images):
+    """Scale each pixel's distance from its own channel mean by one factor in [0, 2) per image (grey to vivid).
+    A no-op on one channel, where every pixel is its own channel mean."""
+    if images.shape[1] == 1:
+        return images
+    mean = images.mean(dim=1, keepdim=True)
+    return (images - mean) * (torch.rand(len(images), 1, 1, 1, device=images.device, dtype=images.dtype) * 2) + mean
+
+
+def contrast(images):
+    """Scale each image's distance from its own mean pixel value by one factor in [0.5, 1.5)."""
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return (images - mean) * (torch.rand(len(images), 1, 1, 1, device=images.device, dtype=images.dtype) + 0.5) + mean
+
+
+def translation_limit(size):
+    """The largest shift, in pixels, of an image side of `size`: 1/8 of it, rounded."""
+    return int(size / 8 + 0.5)
+
+
+def translate(images):
+    """Shift each image by its own whole-pixel offset (dy, dx), each in [-S/8, S/8], filling with zeros what the
+    shift uncovers: out[y, x] = in[y - dy, x - dx]. One gather for the batch (indexing is differentiable)."""
+    b, _, h, w = images.shape
+    limit_y, limit_x = translation_limit(h), translation_limit(w)
+    shift_y = torch.randint(-limit_y, limit_y + 1, (b, 1, 1), device=images.device)
+    shift_x = torch.randint(-limit_x, limit_x + 1, (b, 1, 1), device=images.device)
+    padded = F.pad(images, [limit_x, limit_x, limit_y, limit_y])  # zeros around every image
+    rows = torch.arange(h, device=images.device).view(1, h, 1) - shift_y + limit_y  # (B, H, 1) into padded
+    cols = torch.arange(w, device=images.device).view(1, 1, w) - shift_x + limit_x  # (B, 1, W)
+    batch = torch.arange(b, device=images.device).view(b, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+def cutout_size(size):
+    """The side of cutout's square for an image side of `size`: half of it, rounded."""
+    return int(size / 2 + 0.5)
+
+
+def cutout(images):
+    """Zero one square of half the side per image, centred anywhere in the image (clipped at its border), as
+    DiffAugment does: the pixels of [cy - s/2, cy + s/2) x [cx - s/2, cx + s/2)."""
+    b, _, h, w = images.shape
+    size_y, size_x = cutout_size(h), cutout_size(w)
+    top = torch.randint(0, h, (b, 1, 1), device=images.device) - size_y // 2
+    left = torch.randint(0, w, (b, 1, 1), device=images.device) - size_x // 2
+    rows = torch.arange(h, device=images.device).view(1, h, 1)
+    cols = torch.arange(w, device=images.device).view(1, 1, w)
+    inside = (rows >= top) & (rows < top + size_y) & (cols >= left) & (cols < left + size_x)  # (B, H, W)
+    return images * (~inside).unsqueeze(1).to(images.dtype)
+
+
+AUGMENTATIONS = {"color": (brightness, saturation, contrast), "translation": (translate,), "cutout": (cutout,)}
+
+
+def default_policy(channels):
+    """Every augmentation for colour images; translation and cutout for grayscale ones, where colour would be
+    brightness and contrast only (ask for it with --augment-policy)."""
+    return ("color", "translation", "cutout") if channels == 3 else ("translation", "cutout")
+
+
+def augment(images, policy, p=1.0):
+    """images: float (B, C, H, W) in [-1, 1] on any device; policy: names from AUGMENTATIONS, applied in that order.
+    Each operation (brightness, saturation and contrast count as three) is applied to each image with probability
+    p, with its own random parameters per image. p = 1 (a float) is DiffAugment and draws no coin; p may be a
+    0-d tensor on the device (ADA's), which keeps the step free of device-to-host syncs."""
+    for name in policy:
+        for operation in AUGMENTATIONS[name]:
+            if isinstance(p, float) and p >= 1:
+                images = operation(images)
+            else:
+                chosen = torch.rand(len(images), 1, 1, 1, device=images.device) < p
+                images = torch.where(chosen, operation(images), images)
+    return images
+
+
+# ADA moves p by (images since the last update) / ADA_SPEED_IMAGES every ADA_INTERVAL steps of D: p can go from
+# 0 to 1 in 20,000 images. The paper's 500,000 images is more than a whole CPU run here sees (dcgan.py's default
+# run is 5 epochs of 60,000); 20,000 is a third of one epoch of Fashion-MNIST, yet one update, whose r_t comes from
+# only 256 images at batch 64, moves p by 0.013 at most.
+ADA_SPEED_IMAGES = 20_000
+ADA_INTERVAL = 4
+
+
+class Augmentation:
+    """--augment diffaug (p = 1 always) or ada (p adapted; target given): call it on any batch D is about to see.
+
+    ADA's overfitting signal is r_t = E[sign(D's outputs on the training reals)], accumulated by observe() over
+    ADA_INTERVAL steps of D: near 0 while D cannot tell training images from fakes, near 1 once it has memorised
+    them. p goes up while r_t is above the target, down while below, clamped to [0, 1]. Under torchrun the signs
+    and counts are summed over the processes, so every process holds the same p. p and the accumulators are
+    tensors on the device (no sync per step) and go into the checkpoint (state_dict), so --resume is exact."""
+
+    def __init__(self, policy, device, target=None, speed_images=None, interval=ADA_INTERVAL):
+        self.policy, self.target, self.interval = tuple(policy), target, interval
+        self.speed_images = speed_images or ADA_SPEED_IMAGES
+        self.adaptive = target is not None
+        self.p = torch.tensor(0.0 if self.adaptive else 1.0, device=device)
+        self.sign_sum = torch.zeros((), device=device)  # sum of sign(D(x)) over the reals since the last update
+        self.count = torch.zeros((), device=device)  # images (over all processes after an update's all-reduce)
+        self.steps = 0  # D steps since the last update
+
+    def __call__(self, images, policy=None):
+        """images augmented by this run's policy, or by `policy` (a part of it) where given."""
+        return augment(images, self.policy if policy is None else policy, self.p if self.adaptive else 1.0)
+
+    def observe(self, real_outputs):
+        """After one D step: real_outputs are D's outputs on the (augmented) training reals, minus the value above
+        which D calls an image real. Every `interval` calls, p moves."""
+        if not self.adaptive:
+            return
+        outputs = real_outputs.detach().float()
+        self.sign_sum += outputs.sign().sum()
+        self.count += outputs.numel()
+        self.steps += 1
+        if self.steps % self.interval == 0:
+            self.update()
+
+    def update(self):
+        totals = torch.stack([self.sign_sum, self.count])
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        sign_sum, count = totals
+        step = torch.sign(sign_sum / count.clamp(min=1) - self.target) * count / self.speed_images
+        self.p = (self.p + step).clamp(0.0, 1.0)
+        self.sign_sum, self.count, self.steps = torch.zeros_like(self.sign_sum), torch.zeros_like(self.count), 0
+
+    def state_dict(self):
+        return {"p": self.p.detach().cpu().clone(), "sign_sum": self.sign_sum.cpu().clone(),
+                "count": self.count.cpu().clone(), "steps": self.steps}  # copies: the accumulators grow in place
+
+    def load_state_dict(self, state):
+        device = self.p.device
+        self.p, self.sign_sum = state["p"].to(device).clone(), state["sign_sum"].to(device).clone()
+        self.count, self.steps = state["count"].to(device).clone(), int(state["steps"])
+
+
+def augment_p(augmentation):
+    """metrics.csv's augment_p: the probability that each operation is applied, at the end of the epoch: ADA's p,
+    1 for diffaug, 0 without augmentation (so that the column is a number in every run, like the losses)."""
+    return f"{0.0 if augmentation is None else augmentation.p.item():.4f}"
+
+
+def make_augmentation(kind, policy, channels, device, target=0.6):
+    """--augment none/diffaug/ada -> None (nothing changes, not even a random draw) or an Augmentation; policy None
+    means default_policy(channels)."""
+    if kind == "none":
+        return None
+    policy = policy or default_policy(channels)
+    return Augmentation(policy, device, target=target if kind == "ada" else None)

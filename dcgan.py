@@ -155,37 +155,45 @@ def metric_names(loss):
     return ["d_loss", "g_loss", *outputs]
 
 
-def r1_penalty(D, real, labels=None):
+def r1_penalty(D, real, labels=None, augment=None):
     """R1 (Mescheder et al. 2018): E[||grad_x D(x)||^2] on real images. Penalising D's slope at the data keeps it from
     sharpening without bound around the training images, which is how D runs away from G; it leaves the loss's
-    optimum where it was (a zero-centred penalty, unlike WGAN-GP's). create_graph: D's update follows its gradient."""
+    optimum where it was (a zero-centred penalty, unlike WGAN-GP's). create_graph: D's update follows its gradient.
+    With --augment, D sees augment(x) and the gradient is taken through the augmentation, at the un-augmented x."""
     real = real.detach().requires_grad_(True)
-    (grads,) = torch.autograd.grad(D(real, labels).float().sum(), real, create_graph=True)
+    (grads,) = torch.autograd.grad(D(augment(real) if augment else real, labels).float().sum(), real,
+                                   create_graph=True)
     return grads.float().flatten(1).pow(2).sum(1).mean()
 
 
-def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, loss="non-saturating", r1_gamma=0.0):
+def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, loss="non-saturating", r1_gamma=0.0,
+               augment=None):
     """One D update, then one G update against the D just improved. labels is None for unconditional models.
-    r1_gamma > 0 adds gamma/2 times the R1 penalty to D's loss."""
-    d_loss_fn, g_loss_fn, _ = LOSSES[loss]
+    r1_gamma > 0 adds gamma/2 times the R1 penalty to D's loss. augment (--augment; None: off) is a data.Augmentation:
+    every image D sees, real or fake, in both updates, goes through it, each call with fresh random draws; G learns
+    through it, since it is differentiable. ADA's p then moves by what D said of the (augmented) reals."""
+    d_loss_fn, g_loss_fn, threshold = LOSSES[loss]
+    shown = augment or (lambda images: images)  # what D is shown of an image
     z = torch.randn(len(real), latent_dim, device=real.device)
     with autocast(real.device, scaler):
         fake = G(z, labels)
         # Discriminator: fake is detached so this loss does not reach into G.
-        real_logits, fake_logits = D(real, labels), D(fake.detach(), labels)
+        real_logits, fake_logits = D(shown(real), labels), D(shown(fake.detach()), labels)
         loss_d = d_loss_fn(real_logits, fake_logits)
         if r1_gamma:
-            loss_d = loss_d + r1_gamma / 2 * r1_penalty(D, real, labels)
+            loss_d = loss_d + r1_gamma / 2 * r1_penalty(D, real, labels, augment)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d).backward()
     average_gradients(D)
     scaler.step(opt_d)
+    if augment:
+        augment.observe(real_logits.detach().float() - threshold)
 
     # Generator: the same fake batch, scored again by the updated D. D's weights are frozen meanwhile, so the
     # backward pass computes only what G needs (gradients flow through D to the image, not into D's weights).
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        loss_g = g_loss_fn(D(fake, labels))
+        loss_g = g_loss_fn(D(shown(fake), labels))
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
     average_gradients(G)
@@ -228,6 +236,10 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled modules share their parameters with G and D, which are what gets saved. With R1, D stays
     # eager: the penalty differentiates through it twice, which torch.compile does not support.
@@ -263,7 +275,7 @@ def train(args, rank=0, world_size=1):
             if device.type == "cuda":
                 real = real.contiguous(memory_format=torch.channels_last)
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels if num_classes else None,
-                                 args.latent_dim, scaler, args.loss, args.r1_gamma)
+                                 args.latent_dim, scaler, args.loss, args.r1_gamma, augmentation)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = totals / i
@@ -292,10 +304,12 @@ def train(args, rank=0, world_size=1):
         print(f"epoch {epoch}: D calls real {accuracy['d_acc_real_train']} of training images, "
               f"{accuracy['d_acc_real_test'] or '-'} of held-out ones; calls fake {accuracy['d_acc_fake']} of fakes")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         with torch.no_grad():
             grid = G_average.eval()(grid_noise, grid_classes)
-        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss"), grid, {
+        curves = ("d_loss", "g_loss") + (("augment_p",) if args.augment == "ada" else ())
+        data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
             "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             **data.random_states(device)})
@@ -384,7 +398,8 @@ def default_size(args):
 
 
 MODEL_SETTINGS = ("image_size", "width", "latent_dim", "conditional", "loss")  # what the weights were made for
-RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "lr_g", "seed", "average_decay", "r1_gamma")  # kept
+RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "lr_g", "seed", "average_decay", "r1_gamma",
+                   "train_images", "augment", "augment_policy", "ada_target")  # what --resume keeps
 
 # --preset: "cpu" is the defaults below (a recognisable grid in minutes on a laptop CPU). "paper" is Radford et al.'s
 # LSUN/faces model at its size, for a GPU; what it keeps from the defaults is the paper's too: BatchNorm in G and D
@@ -434,6 +449,7 @@ def parse_args(argv):
                                                                "images, gamma/2 * E||grad D(x)||^2 (default 0: off)")
     p.add_argument("--average-decay", type=float, default=0.999,
                    help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
+    add_augment_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -452,7 +468,8 @@ def parse_args(argv):
     check_args(args, {"epochs": at_least(1), "batch_size": at_least(1), "latent_dim": at_least(1),
                       "width": at_least(1), "log_every": at_least(1), "generate": at_least(1), "fid": at_least(2),
                       "seed": SEED, "lr": POSITIVE, "lr_g": POSITIVE, "r1_gamma": NON_NEGATIVE, "average_decay": DECAY,
-                      "image_size": POWER_OF_TWO})
+                      "image_size": POWER_OF_TWO,
+                      "train_images": at_least(1), "ada_target": OPEN_UNIT})
     if args.label is not None and args.generate is None:
         raise UsageError(f"--label {args.label}: only with --generate N")
     return args
@@ -485,6 +502,36 @@ NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, "must be a nu
 DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
 # Copied from gan.SEED
 SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
+# Copied from gan.OPEN_UNIT
+OPEN_UNIT = (lambda value: 0 < value < 1, "must be in (0, 1)")  # --ada-target
+
+
+# Copied from gan.augment_policy
+def augment_policy(text):
+    """--augment-policy: a comma list of data.AUGMENTATIONS' names, in the order they are applied."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in data.AUGMENTATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown augmentation '{unknown[0]}': use a comma list of "
+                                         + ", ".join(data.AUGMENTATIONS))
+    return names
+
+
+# Copied from gan.add_augment_args
+def add_augment_args(p):
+    """The small-data flags of every script: --train-images and --augment's three (data.py's augment does the work:
+    each operation applied to every image D sees, real or fake, in D's step and in G's, differentiably)."""
+    p.add_argument("--train-images", type=int, metavar="N", help=(
+        "train on the first N training images only (all of them if N is larger); the held-out split is unchanged"))
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help=(
+        "augment every image D sees (default none). diffaug: always (Zhao et al. 2020); ada: each operation with "
+        "a probability p, raised while E[sign(D(x_train))] is above --ada-target, lowered while below (Karras et "
+        "al. 2020). Turn it on for a few thousand images or fewer"))
+    p.add_argument("--augment-policy", type=augment_policy, metavar="LIST", help=(
+        "comma list of color, translation, cutout (default all three for colour images, translation,cutout for "
+        "grayscale; color on grayscale is brightness and contrast)"))
+    p.add_argument("--ada-target", type=float, default=0.6, help="ADA's target for E[sign(D(x_train))], in (0, 1) "
+                                                                 "(default 0.6, the paper's)")
 
 
 # Copied from gan.check_args
@@ -568,6 +615,8 @@ def start_run(args, rank):
     if rank == 0:
         data.prepare_out(args.out)
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
+    if args.train_images:  # a small-data run: the first N images (their order is the file's, fixed)
+        dataset.images, dataset.labels = dataset.images[:args.train_images], dataset.labels[:args.train_images]
     held_out = (data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
                 if args.dataset in data.DATASETS else None)
     return checkpoint, dataset, held_out

@@ -177,30 +177,36 @@ def information_loss(q, code_cat, code_cont, lambda_cat, lambda_cont):
 METRICS = ["d_loss", "g_loss", "d_real", "d_fake", "info_cat", "info_cont", "code_acc"]
 
 
-def train_step(G, D, opt_g, opt_d, real, scaler, lambda_cat=1.0, lambda_cont=0.1):
+def train_step(G, D, opt_g, opt_d, real, scaler, lambda_cat=1.0, lambda_cont=0.1, augment=None):
     """One D-and-Q update, then one G update against the D and Q just improved. The dataset's labels never come
-    in: InfoGAN is unsupervised. Returns METRICS (the GAN losses without the information term, which has its own)."""
+    in: InfoGAN is unsupervised. Returns METRICS (the GAN losses without the information term, which has its own).
+    augment (--augment; None: off) is a data.Augmentation: every image D sees, real or fake, in both updates, goes
+    through it with fresh random draws. Q shares D's body and reads the codes from the same augmented fakes, so a
+    code cannot live in what the augmentation scrambles (position, brightness): it must survive it."""
+    shown = augment or (lambda images: images)  # what D is shown of an image
     z, code_cat, code_cont = sample_latent(len(real), G, real.device)
     with autocast(real.device, scaler):
         fake = G(z, code_cat, code_cont)
         # D and Q: D tells real from fake; Q (D's body plus its head) reads the codes back from the fakes. The
         # information term is computed on fakes only: real images have no codes, so D's real path never sees it.
         # fake is detached so that this loss does not reach into G.
-        real_logits = D(real)
-        fake_logits, q = D(fake.detach(), recognise=True)
+        real_logits = D(shown(real))
+        fake_logits, q = D(shown(fake.detach()), recognise=True)
         info_d, _, _ = information_loss(q, code_cat, code_cont, lambda_cat, lambda_cont)
         loss_d = d_loss(real_logits, fake_logits)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d + info_d).backward()
     average_gradients(D)
     scaler.step(opt_d)
+    if augment:
+        augment.observe(real_logits.detach().float())  # a logit: real above 0
 
     # Generator: the same fakes, scored and read again by the updated D and Q. G minimises the information term
     # too, which is what makes it draw the codes visibly. D and Q are frozen meanwhile, so the backward pass
     # computes only what G needs.
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        fake_logits_g, q = D(fake, recognise=True)
+        fake_logits_g, q = D(shown(fake), recognise=True)
         loss_g = g_loss(fake_logits_g)
         info_g, info_cat, info_cont = information_loss(q, code_cat, code_cont, lambda_cat, lambda_cont)
     opt_g.zero_grad(set_to_none=True)
@@ -250,6 +256,10 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
     G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
@@ -278,7 +288,8 @@ def train(args, rank=0, world_size=1):
                 real = real.tensor_split(world_size)[rank]
             if device.type == "cuda":
                 real = real.contiguous(memory_format=torch.channels_last)
-            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, scaler, args.lambda_cat, args.lambda_cont)
+            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, scaler, args.lambda_cat, args.lambda_cont,
+                                 augmentation)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = totals / i
@@ -308,11 +319,13 @@ def train(args, rank=0, world_size=1):
         print(f"epoch {epoch}: D calls real {accuracy['d_acc_real_train']} of training images, "
               f"{accuracy['d_acc_real_test'] or '-'} of held-out ones; calls fake {accuracy['d_acc_fake']} of fakes")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(METRICS, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         with torch.no_grad():
             G_average.eval()
             grid, pictures = G_average(*grid_latent), [(name, G_average(*z)) for name, z in sweeps.items()]
-        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss", "info_cat", "info_cont"), grid, {
+        curves = ("d_loss", "g_loss", "info_cat", "info_cont") + (("augment_p",) if args.augment == "ada" else ())
+        data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
             "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             **data.random_states(device)}, pictures)
@@ -417,7 +430,7 @@ def default_size(args):
 MODEL_SETTINGS = ("image_size", "width", "latent_dim", "categories", "continuous")  # what the weights were made for
 # What --resume keeps; the preset first, so that resuming a run with another preset names it (not a flag it changed).
 RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "lr_g", "lambda_cat", "lambda_cont", "seed",
-                   "average_decay")
+                   "average_decay", "train_images", "augment", "augment_policy", "ada_target")  # what --resume keeps
 IMAGE_SIZE = (lambda value: value == 28 or value >= 32 and not value & (value - 1),
               "must be 28 or a power of two, at least 32")
 
@@ -468,6 +481,7 @@ def parse_args(argv):
                                                          "at 16 the continuous codes stay unused)")
     p.add_argument("--average-decay", type=float, default=0.999,
                    help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
+    add_augment_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -489,7 +503,8 @@ def parse_args(argv):
                       "width": at_least(1), "log_every": at_least(1), "generate": at_least(1), "fid": at_least(2),
                       "categories": at_least(1), "continuous": at_least(0), "seed": SEED, "lr": POSITIVE,
                       "lr_g": POSITIVE, "lambda_cat": NON_NEGATIVE, "lambda_cont": NON_NEGATIVE,
-                      "average_decay": DECAY, "image_size": IMAGE_SIZE})
+                      "average_decay": DECAY, "image_size": IMAGE_SIZE,
+                      "train_images": at_least(1), "ada_target": OPEN_UNIT})
     if args.label is not None and args.generate is None:
         raise UsageError(f"--label {args.label}: only with --generate N")
     if args.label is not None and args.label < 0:
@@ -524,6 +539,36 @@ NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, "must be a nu
 DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
 # Copied from gan.SEED
 SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
+# Copied from gan.OPEN_UNIT
+OPEN_UNIT = (lambda value: 0 < value < 1, "must be in (0, 1)")  # --ada-target
+
+
+# Copied from gan.augment_policy
+def augment_policy(text):
+    """--augment-policy: a comma list of data.AUGMENTATIONS' names, in the order they are applied."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in data.AUGMENTATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown augmentation '{unknown[0]}': use a comma list of "
+                                         + ", ".join(data.AUGMENTATIONS))
+    return names
+
+
+# Copied from gan.add_augment_args
+def add_augment_args(p):
+    """The small-data flags of every script: --train-images and --augment's three (data.py's augment does the work:
+    each operation applied to every image D sees, real or fake, in D's step and in G's, differentiably)."""
+    p.add_argument("--train-images", type=int, metavar="N", help=(
+        "train on the first N training images only (all of them if N is larger); the held-out split is unchanged"))
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help=(
+        "augment every image D sees (default none). diffaug: always (Zhao et al. 2020); ada: each operation with "
+        "a probability p, raised while E[sign(D(x_train))] is above --ada-target, lowered while below (Karras et "
+        "al. 2020). Turn it on for a few thousand images or fewer"))
+    p.add_argument("--augment-policy", type=augment_policy, metavar="LIST", help=(
+        "comma list of color, translation, cutout (default all three for colour images, translation,cutout for "
+        "grayscale; color on grayscale is brightness and contrast)"))
+    p.add_argument("--ada-target", type=float, default=0.6, help="ADA's target for E[sign(D(x_train))], in (0, 1) "
+                                                                 "(default 0.6, the paper's)")
 
 
 # Copied from gan.check_args
@@ -607,6 +652,8 @@ def start_run(args, rank):
     if rank == 0:
         data.prepare_out(args.out)
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
+    if args.train_images:  # a small-data run: the first N images (their order is the file's, fixed)
+        dataset.images, dataset.labels = dataset.images[:args.train_images], dataset.labels[:args.train_images]
     held_out = (data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
                 if args.dataset in data.DATASETS else None)
     return checkpoint, dataset, held_out

@@ -255,29 +255,53 @@ def metric_names(sizes):
                                    for name in ("d_loss", "g_loss", "d_real", "d_fake")]
 
 
-def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler):
+def shown_levels(augment, bands, lows):
+    """What each level's D is shown with --augment: the coarsest image augmented by the whole policy; at a finer
+    level the pair (coarse image upsampled, residual) augmented as one stacked image by the policy's spatial
+    operations, so that the two stay aligned pixel for pixel (colour is left out there: a residual's brightness or
+    contrast is not the image's). Every call draws afresh. augment None: the bands and lows as they are."""
+    if augment is None:
+        return bands, lows
+    spatial = tuple(name for name in augment.policy if name != "color")
+    shown_bands, shown_lows = [augment(bands[0])], []
+    for low, band in zip(lows, bands[1:]):
+        pair = torch.cat([low, band], dim=1)  # (B, 2C, S, S)
+        pair = augment(pair, spatial) if spatial else pair
+        shown_lows.append(pair[:, :low.shape[1]])
+        shown_bands.append(pair[:, low.shape[1]:])
+    return shown_bands, shown_lows
+
+
+def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, augment=None):
     """One D update, then one G update, at every level. Each level's pair sees only its own band of the real
     pyramid (the 8x8 image, or a residual with the real coarse image it belongs to), never another level's output,
     so the levels train independently, as in the paper. They share no weights either, so one backward pass of the
-    summed losses gives each level exactly its own gradients. labels is None for unconditional models."""
+    summed losses gives each level exactly its own gradients. labels is None for unconditional models.
+    augment (--augment; None: off): every band D sees, real or fake, in both updates, goes through shown_levels,
+    with fresh random draws each time; ADA's p moves by what every level's D said of the reals."""
     with torch.no_grad():  # in float32 even under --amp: a residual is a small difference of two images
         bands, lows = laplacian_pyramid(real, len(G.refiners) + 1)
     z = torch.randn(len(real), latent_dim, device=real.device)
     with autocast(real.device, scaler):
         fakes = G(z, labels, lows)
         # Discriminators: the fakes are detached so these losses do not reach into G.
-        real_logits = D(bands, labels, lows)
-        fake_logits = D([fake.detach() for fake in fakes], labels, lows)
+        real_bands, real_lows = shown_levels(augment, bands, lows)
+        real_logits = D(real_bands, labels, real_lows)
+        fake_bands, fake_lows = shown_levels(augment, [fake.detach() for fake in fakes], lows)
+        fake_logits = D(fake_bands, labels, fake_lows)
         losses_d = torch.stack([d_loss(r, f) for r, f in zip(real_logits, fake_logits)])
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(losses_d.sum()).backward()
     average_gradients(D)
     scaler.step(opt_d)
+    if augment:
+        augment.observe(torch.cat([logits.detach().float() for logits in real_logits]))  # logits: real above 0
 
     # Generators: the same fakes, scored again by the updated discriminators, whose weights are frozen meanwhile.
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        losses_g = torch.stack([g_loss(logits) for logits in D(fakes, labels, lows)])
+        shown_bands, shown_lows = shown_levels(augment, fakes, lows)
+        losses_g = torch.stack([g_loss(logits) for logits in D(shown_bands, labels, shown_lows)])
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(losses_g.sum()).backward()
     average_gradients(G)
@@ -320,6 +344,10 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)  # one for every level's G, one for every D: Adam works per weight
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled modules share their parameters with G and D, which are what gets saved. Their
     # forward() is the training path, every level on the real pyramid; sampling stays eager.
@@ -360,7 +388,7 @@ def train(args, rank=0, world_size=1):
             if device.type == "cuda":
                 real = real.contiguous(memory_format=torch.channels_last)
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels if num_classes else None,
-                                 args.latent_dim, scaler)
+                                 args.latent_dim, scaler, augmentation)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = totals / i
@@ -393,9 +421,11 @@ def train(args, rank=0, world_size=1):
               f"{shares('d_acc_real_test')} of held-out ones; calls fake {shares('d_acc_fake')} of fakes "
               f"(levels {'/'.join(map(str, sizes))} px)")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         # Per level, D's and G's loss; at most 6 curves (the plot's colours): the coarsest and the two finest levels.
         curves = [f"{loss}_{size}" for size in sorted({sizes[0], *sizes[-2:]}) for loss in ("d_loss", "g_loss")]
+        curves = curves[:5] + ["augment_p"] if args.augment == "ada" else curves  # 6 colours at most
         grid = level_grid(G_average, grid_z, grid_classes, grid_planes, columns)
         data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
@@ -557,7 +587,8 @@ def default_size(args):
 
 MODEL_SETTINGS = ("image_size", "width", "latent_dim", "conditional")  # what the weights were made for
 # Copied from gan.RESUME_SETTINGS
-RESUME_SETTINGS = (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay")  # what --resume keeps
+RESUME_SETTINGS = (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay",
+                   "train_images", "augment", "augment_policy", "ada_target")  # what --resume keeps
 SIDE = (lambda value: value >= 32 and not value & (value - 1), "must be a power of two, at least 32")
 
 
@@ -578,6 +609,7 @@ def parse_args(argv):
     p.add_argument("--conditional", action="store_true", help="condition the coarsest level's G and D on the class")
     p.add_argument("--average-decay", type=float, default=0.999,
                    help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
+    add_augment_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -594,7 +626,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     check_args(args, {"epochs": at_least(1), "batch_size": at_least(1), "latent_dim": at_least(1),
                       "width": at_least(1), "log_every": at_least(1), "generate": at_least(1), "fid": at_least(2),
-                      "seed": SEED, "lr": POSITIVE, "average_decay": DECAY, "image_size": SIDE})
+                      "seed": SEED, "lr": POSITIVE, "average_decay": DECAY, "image_size": SIDE,
+                      "train_images": at_least(1), "ada_target": OPEN_UNIT})
     if args.label is not None and args.generate is None:
         raise UsageError(f"--label {args.label}: only with --generate N")
     return args
@@ -625,6 +658,36 @@ POSITIVE = (lambda value: math.isfinite(value) and value > 0, "must be a positiv
 DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
 # Copied from gan.SEED
 SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
+# Copied from gan.OPEN_UNIT
+OPEN_UNIT = (lambda value: 0 < value < 1, "must be in (0, 1)")  # --ada-target
+
+
+# Copied from gan.augment_policy
+def augment_policy(text):
+    """--augment-policy: a comma list of data.AUGMENTATIONS' names, in the order they are applied."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in data.AUGMENTATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown augmentation '{unknown[0]}': use a comma list of "
+                                         + ", ".join(data.AUGMENTATIONS))
+    return names
+
+
+# Copied from gan.add_augment_args
+def add_augment_args(p):
+    """The small-data flags of every script: --train-images and --augment's three (data.py's augment does the work:
+    each operation applied to every image D sees, real or fake, in D's step and in G's, differentiably)."""
+    p.add_argument("--train-images", type=int, metavar="N", help=(
+        "train on the first N training images only (all of them if N is larger); the held-out split is unchanged"))
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help=(
+        "augment every image D sees (default none). diffaug: always (Zhao et al. 2020); ada: each operation with "
+        "a probability p, raised while E[sign(D(x_train))] is above --ada-target, lowered while below (Karras et "
+        "al. 2020). Turn it on for a few thousand images or fewer"))
+    p.add_argument("--augment-policy", type=augment_policy, metavar="LIST", help=(
+        "comma list of color, translation, cutout (default all three for colour images, translation,cutout for "
+        "grayscale; color on grayscale is brightness and contrast)"))
+    p.add_argument("--ada-target", type=float, default=0.6, help="ADA's target for E[sign(D(x_train))], in (0, 1) "
+                                                                 "(default 0.6, the paper's)")
 
 
 # Copied from gan.check_args
@@ -708,6 +771,8 @@ def start_run(args, rank):
     if rank == 0:
         data.prepare_out(args.out)
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
+    if args.train_images:  # a small-data run: the first N images (their order is the file's, fixed)
+        dataset.images, dataset.labels = dataset.images[:args.train_images], dataset.labels[:args.train_images]
     held_out = (data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
                 if args.dataset in data.DATASETS else None)
     return checkpoint, dataset, held_out

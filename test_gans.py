@@ -4276,11 +4276,24 @@ def test_biggan_every_image_reaches_d_through_discriminate_in_both_steps(monkeyp
     forward_calls, through = [], []
     D.register_forward_hook(lambda module, inputs, out: forward_calls.append(len(inputs[0])))
     real_discriminate = biggan.discriminate
-    monkeypatch.setattr(biggan, "discriminate", lambda D_, images, labels: through.append(len(images))
-                        or real_discriminate(D_, images, labels))
+    monkeypatch.setattr(biggan, "discriminate", lambda D_, images, labels, augment=None: through.append(len(images))
+                        or real_discriminate(D_, images, labels, augment))
     reals = [torch.rand(4, 1, 32, 32) * 2 - 1 for _ in range(2)]
     biggan.train_step(G, D, opt_g, opt_d, reals, [torch.arange(4)] * 2, 8, no_scaler())
     assert through == forward_calls == [8, 8, 4]  # two D steps on reals + fakes, then G's step on fakes
+
+    shown = []  # and with --augment, every one of those batches is augmented, and ADA hears of each D step
+
+    class Recording:
+        def __call__(self, images):
+            shown.append(len(images))
+            return images.flip(-1)
+
+        def observe(self, real_outputs):
+            shown.append(f"observe {len(real_outputs)}")
+
+    biggan.train_step(G, D, opt_g, opt_d, reals, [torch.arange(4)] * 2, 8, no_scaler(), augment=Recording())
+    assert shown == [8, "observe 4", 8, "observe 4", 4]
 
 
 def test_biggan_d_steps_groups_batches_and_makes_one_d_update_per_batch(monkeypatch):
@@ -4441,3 +4454,295 @@ def test_biggan_torchrun_two_processes_write_every_output_once(tiny_mnist, tmp_p
     assert "x 2 processes" in result.stdout and result.stdout.count("epoch 2: ") == 1  # only rank 0 reports
     assert_run_outputs(out, 2, BIGGAN_COLUMNS)  # one row and one grid per epoch: written once
     assert biggan_run("--out", out, "--generate", 4) == 0
+
+
+# ================================================================================================================
+# Augmentation for small data: data.augment, ADA's controller, --augment / --train-images in every script
+
+def one_bright_pixel(b=16, size=16):
+    """b grayscale images at -1 with one +1 pixel in the middle."""
+    images = torch.full((b, 1, size, size), -1.0)
+    images[:, :, size // 2, size // 2] = 1.0
+    return images
+
+
+def test_translation_moves_a_bright_pixel_by_the_drawn_shift_with_zero_fill():
+    torch.manual_seed(0)
+    size, limit = 16, data.translation_limit(16)
+    images = one_bright_pixel(size=size)
+    shifted = data.translate(images)
+    shifts = set()
+    for out in shifted:
+        (_, y, x), = (out == 1).nonzero().tolist()
+        dy, dx = y - size // 2, x - size // 2
+        assert abs(dy) <= limit and abs(dx) <= limit
+        expected = torch.zeros(1, size, size)  # what the shift uncovers is 0
+        expected[:, max(dy, 0):size + min(dy, 0), max(dx, 0):size + min(dx, 0)] = -1.0
+        expected[:, y, x] = 1.0
+        assert torch.equal(out, expected)
+        shifts.add((dy, dx))
+    assert len(shifts) > 4  # each image draws its own shift
+
+
+def test_cutout_zeroes_a_square_of_half_the_side():
+    torch.manual_seed(0)
+    images = torch.ones(64, 3, 16, 16)
+    side = data.cutout_size(16)
+    full = 0
+    for out in data.cutout(images):
+        zero = out == 0
+        assert torch.equal(zero[0], zero[1]) and torch.equal(zero[0], zero[2])  # every channel alike
+        rows, cols = zero[0].any(1).nonzero().flatten(), zero[0].any(0).nonzero().flatten()
+        height, width = len(rows), len(cols)
+        assert 0 < height <= side and 0 < width <= side and int(zero[0].sum()) == height * width  # a rectangle
+        assert rows.max() - rows.min() + 1 == height and cols.max() - cols.min() + 1 == width
+        touches = rows.min() == 0 or rows.max() == 15, cols.min() == 0 or cols.max() == 15
+        assert (height == side or touches[0]) and (width == side or touches[1])  # only clipped at the border
+        full += height == side and width == side
+        assert torch.all(out[~zero] == 1)
+    assert full > 10
+
+
+def test_brightness_shifts_each_images_mean_and_contrast_scales_around_it():
+    torch.manual_seed(0)
+    images = torch.rand(8, 1, 8, 8) * 2 - 1
+    offset = data.brightness(images) - images
+    assert torch.allclose(offset, offset[:, :1, :1, :1].expand_as(offset))  # one shift per image
+    assert offset.abs().max() <= 0.5 and len(set(offset[:, 0, 0, 0].tolist())) == 8
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    contrasted = data.contrast(images)
+    assert torch.allclose(contrasted.mean(dim=(1, 2, 3), keepdim=True), mean, atol=1e-6)
+    factor = (contrasted - mean) / (images - mean)
+    assert torch.allclose(factor, factor[:, :1, :1, :1].expand_as(factor), atol=1e-4)
+    assert factor.min() >= 0.5 - 1e-4 and factor.max() < 1.5 + 1e-4
+
+
+def test_saturation_scales_colour_around_each_pixels_grey_and_leaves_grayscale_alone():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 8, 8) * 2 - 1
+    grey = images.mean(dim=1, keepdim=True)
+    saturated = data.saturation(images)
+    assert torch.allclose(saturated.mean(dim=1, keepdim=True), grey, atol=1e-6)
+    factor = (saturated - grey) / (images - grey)
+    assert torch.allclose(factor, factor[:, :1, :1, :1].expand_as(factor), atol=1e-3)
+    assert 0 <= factor.min() and factor.max() < 2 + 1e-3 and factor[:, 0, 0, 0].std() > 0.1
+    gray = images[:, :1]
+    assert torch.equal(data.saturation(gray), gray)
+
+
+def test_p_zero_is_the_identity_and_p_one_changes_every_image():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    policy = ("color", "translation", "cutout")
+    assert torch.equal(data.augment(images, policy, p=torch.tensor(0.0)), images)
+    assert torch.equal(data.augment(images, policy, p=0.0), images)
+    changed = (data.augment(images, policy) != images).flatten(1).any(1)
+    assert changed.all()
+
+
+def test_each_operation_is_applied_to_each_image_with_probability_p():
+    torch.manual_seed(0)
+    images = torch.ones(2000, 1, 8, 8)
+    hit = (data.augment(images, ("cutout",), p=torch.tensor(0.3)) == 0).flatten(1).any(1).float().mean()
+    assert 0.26 < hit < 0.34
+
+
+def test_gradients_flow_through_augment_to_its_input():
+    torch.manual_seed(0)
+    images = (torch.rand(4, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    weights = torch.randn(4, 3, 16, 16)
+    (data.augment(images, ("color", "translation", "cutout"), p=torch.tensor(0.7)) * weights).sum().backward()
+    assert images.grad is not None and (images.grad != 0).all()  # colour's means spread it over every pixel
+    images.grad = None
+    (data.augment(images, ("translation", "cutout")) * weights).sum().backward()
+    kept = images.grad != 0
+    assert kept.flatten(1).any(1).all() and not kept.all()  # cut out or shifted away pixels get none
+
+
+def test_default_policy_is_everything_for_colour_and_no_colour_for_grayscale():
+    assert data.default_policy(3) == ("color", "translation", "cutout")
+    assert data.default_policy(1) == ("translation", "cutout")
+
+
+def test_augment_draws_from_the_global_rng_so_a_seed_repeats_it():
+    images = torch.rand(4, 3, 16, 16)
+    torch.manual_seed(5)
+    first = data.augment(images, ("color", "translation", "cutout"), p=torch.tensor(0.5))
+    torch.manual_seed(5)
+    assert torch.equal(first, data.augment(images, ("color", "translation", "cutout"), p=torch.tensor(0.5)))
+
+
+def test_ada_p_rises_when_d_calls_every_real_real_and_stays_near_zero_at_chance():
+    overfit = data.Augmentation(("translation",), "cpu", target=0.6)
+    for _ in range(4 * 10):  # 40 D steps of 64 reals: 10 updates of 256 images each
+        overfit.observe(torch.ones(64))
+    assert overfit.p.item() == pytest.approx(10 * 256 / data.ADA_SPEED_IMAGES)
+    chance = data.Augmentation(("translation",), "cpu", target=0.6)
+    torch.manual_seed(0)
+    for _ in range(4 * 200):
+        chance.observe(torch.randn(64))  # r_t ~ 0 < 0.6: p pushed down, clamped at 0
+    assert chance.p.item() == 0.0
+    fresh, images = data.Augmentation(("translation",), "cpu", target=0.6), 0
+    while fresh.p.item() < 1:  # D calls every real real: p climbs from 0 to 1, within ~20k images
+        fresh.observe(torch.ones(64))
+        images += 64
+    assert 15_000 <= images <= 25_000
+    for _ in range(8):
+        fresh.observe(torch.ones(64))
+    assert fresh.p.item() == 1.0  # clamped at 1
+
+
+def test_ada_state_round_trips_and_diffaug_is_always_p_one():
+    ada = data.Augmentation(("cutout",), "cpu", target=0.6)
+    for _ in range(6):
+        ada.observe(torch.ones(8))
+    copy_of = data.Augmentation(("cutout",), "cpu", target=0.6)
+    copy_of.load_state_dict(ada.state_dict())
+    for a in (ada, copy_of):
+        for _ in range(2):
+            a.observe(torch.ones(8))
+    assert ada.p.item() == copy_of.p.item() > 0 and ada.steps == copy_of.steps == 0
+    diffaug = data.make_augmentation("diffaug", None, 3, "cpu")
+    diffaug.observe(-torch.ones(1000))
+    assert diffaug.p.item() == 1.0 and diffaug.policy == ("color", "translation", "cutout")
+    assert data.make_augmentation("none", None, 1, "cpu") is None
+
+
+class RecordingD(nn.Module):
+    """Wraps a D: records every batch of images it is shown."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.D, self.seen = D, []
+
+    def forward(self, images, *rest):
+        self.seen.append(images.detach().clone())
+        return self.D(images, *rest)
+
+
+def test_dcgan_d_sees_reals_and_fakes_independently_augmented_in_both_steps_and_g_learns_through_it():
+    torch.manual_seed(0)
+    G, D = models(dcgan, 32, 1, width=4)
+    D = RecordingD(D)
+    opt_g, opt_d = dcgan.make_optimizers(dcgan.parse_args([]), G, D)
+    real = torch.ones(8, 1, 32, 32)
+    augmentation = data.Augmentation(("cutout",), "cpu")
+    before = [p.detach().clone() for p in G.parameters()]
+    dcgan.train_step(G, D, opt_g, opt_d, real, None, 16, no_scaler(), augment=augmentation)
+    assert len(D.seen) == 3  # reals and fakes in D's step, fakes in G's
+    squares = [(images == 0).flatten(1) for images in D.seen]
+    assert all(square.any(1).all() for square in squares)  # every image D saw had its square cut out
+    assert not torch.equal(squares[0], squares[1]) and not torch.equal(squares[1], squares[2])  # fresh draws
+    assert all(not torch.equal(b, p) for b, p in zip(before, G.parameters()))  # G's step passed through it
+
+
+def test_dcgan_g_gradient_reaches_g_through_the_augmentation():
+    torch.manual_seed(0)
+    G, D = models(dcgan, 32, 1, width=4)
+    fake = G(torch.randn(4, 16))
+    dcgan.g_loss(D(data.augment(fake, ("translation", "cutout")))).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in G.parameters())
+
+
+def test_dcgan_r1_differentiates_through_the_augmentation_at_the_unaugmented_reals():
+    torch.manual_seed(0)
+    _, D = models(dcgan, 32, 1, width=4)
+    real = torch.rand(4, 1, 32, 32) * 2 - 1
+    cut = lambda images: images * torch.cat([torch.zeros(1, 1, 16, 32), torch.ones(1, 1, 16, 32)], 2)  # noqa: E731
+    penalty = dcgan.r1_penalty(D, real, augment=cut)
+    x = real.clone().requires_grad_(True)
+    (grads,) = torch.autograd.grad(D(cut(x)).sum(), x)
+    assert (grads[:, :, :16] == 0).all() and penalty.item() == pytest.approx(grads.flatten(1).pow(2).sum(1).mean())
+
+
+def test_dcgan_augment_none_draws_nothing_more_from_the_rng():
+    torch.manual_seed(0)
+    G, D = models(dcgan, 32, 1, width=4)
+    opt_g, opt_d = dcgan.make_optimizers(dcgan.parse_args([]), G, D)
+    real = torch.rand(8, 1, 32, 32) * 2 - 1
+    torch.manual_seed(1)
+    dcgan.train_step(G, D, opt_g, opt_d, real, None, 16, no_scaler(), augment=None)
+    after_step = torch.get_rng_state()
+    torch.manual_seed(1)
+    torch.randn(8, 16)  # z: the step's only draw, as before --augment existed
+    assert torch.equal(after_step, torch.get_rng_state())
+
+
+def augment_p_column(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return [row["augment_p"] for row in csv.DictReader(f)]
+
+
+def test_dcgan_ada_resume_keeps_p_and_continues_exactly(tiny_mnist, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "ADA_SPEED_IMAGES", 200)  # p moves fast enough to see in 80 images
+    common = ["--data-dir", tiny_mnist, *TINY, "--augment", "ada", "--ada-target", "0.1"]
+    assert run_script(dcgan, [*common, "--out", tmp_path / "whole", "--epochs", 2]) == 0
+    assert run_script(dcgan, [*common, "--out", tmp_path / "part", "--epochs", 1]) == 0
+    assert run_script(dcgan, ["--out", tmp_path / "part", "--epochs", 2, "--resume", "--data-dir", tiny_mnist]) == 0
+    whole, part = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("whole", "part"))
+    assert part["args"]["augment"] == "ada" and part["args"]["ada_target"] == 0.1
+    assert torch.equal(whole["augment"]["p"], part["augment"]["p"]) and whole["augment"]["p"] > 0  # p rose
+    assert all(torch.equal(whole["generator"][k], part["generator"][k]) for k in whole["generator"])
+    assert augment_p_column(tmp_path / "whole") == augment_p_column(tmp_path / "part")
+
+
+def test_dcgan_augmented_images_never_reach_the_grid_or_generate(tiny_mnist, tmp_path, monkeypatch):
+    """D is shown only white images; the grid and --generate come from G directly, so they are not white."""
+    calls = []
+
+    def white(images, policy, p=1.0):
+        calls.append(len(images))
+        return images * 0 + 1
+
+    monkeypatch.setattr(data, "augment", white)
+    out = tmp_path / "run"
+    assert run_script(dcgan, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *TINY, "--augment", "diffaug"]) == 0
+    assert len(calls) == 3 * 5  # 5 steps: reals and fakes for D, fakes for G
+    assert np.asarray(Image.open(out / "samples" / "epoch_001.png")).min() < 200
+    assert run_script(dcgan, ["--out", out, "--generate", 10]) == 0
+    assert np.load(out / "samples.npz")["images"].min() < 200
+    assert augment_p_column(out) == ["1.0000"]
+
+
+@pytest.mark.parametrize("script", [dcgan, gan])
+@pytest.mark.parametrize("bad", [["--augment-policy", "color,flip"], ["--augment", "maybe"], ["--ada-target", 0],
+                                 ["--ada-target", 1], ["--ada-target", 1.5], ["--train-images", 0]])
+def test_bad_augment_flags_exit_2_with_one_line(script, bad, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the flags were checked"))
+    assert exit_code(script, ["--out", tmp_path / "run", *bad]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and bad[0] in lines[0], lines
+
+
+def test_train_images_keeps_the_first_n_and_the_held_out_split(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_script(dcgan, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *TINY, "--train-images", 20]) == 0
+    printed = capsys.readouterr().out
+    assert "20 images" in printed and "1 steps per epoch" in printed  # 20 images, batch 16
+    with open(out / "metrics.csv", newline="") as f:
+        row, = csv.DictReader(f)
+    assert row["d_acc_real_test"] != "" and row["augment_p"] == "0.0000"
+    assert run_script(dcgan, ["--data-dir", tiny_mnist, "--out", tmp_path / "all", "--epochs", 1, *TINY,
+                              "--train-images", 10_000]) == 0
+    assert "80 images" in capsys.readouterr().out
+
+
+def test_lapgan_augments_each_levels_coarse_image_and_residual_alike():
+    torch.manual_seed(0)
+    bands, lows = lapgan.laplacian_pyramid(torch.rand(8, 1, 32, 32) * 2 - 1, 3)
+    augmentation = data.Augmentation(("translation", "cutout"), "cpu")
+    shown_bands, shown_lows = lapgan.shown_levels(augmentation, bands, lows)
+    assert [b.shape for b in shown_bands] == [b.shape for b in bands]
+    for low, band in zip(shown_lows, shown_bands[1:]):
+        assert torch.equal(low == 0, band == 0)  # the same square cut, the same border uncovered
+    assert lapgan.shown_levels(None, bands, lows) == (bands, lows)
+
+
+@pytest.mark.parametrize("script", SCRIPT_MODULES, ids=lambda m: m.__name__)
+def test_every_script_trains_one_tiny_epoch_with_ada_and_logs_augment_p(script, tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert run_script(script, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *tiny_flags(script),
+                               "--augment", "ada", "--augment-policy", "color,translation,cutout"]) == 0
+    p, = augment_p_column(out)
+    assert 0 <= float(p) <= 1
+    assert "p" in torch.load(out / "checkpoint.pt", weights_only=True)["augment"]

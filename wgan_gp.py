@@ -129,19 +129,25 @@ def clip_weights(D, clip_value):
             p.clamp_(-clip_value, clip_value)
 
 
-def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_weight, scaler, clip_value=None):
+def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_weight, scaler, clip_value=None,
+               augment=None):
     """n_critic critic updates, one per real batch given, then one generator update (Algorithm 1 of the paper).
 
     label_batches holds None per batch for unconditional models. clip_value: weight clipping instead of the
-    gradient penalty (--lipschitz clip)."""
+    gradient penalty (--lipschitz clip). augment (--augment; None: off) is a data.Augmentation: every image the
+    critic sees, real or fake, in both updates, goes through it with fresh random draws, and the penalty is taken
+    between the augmented images, the ones the critic is asked to be 1-Lipschitz on. A critic has no real/fake
+    threshold: ADA's sign(D(x)) is taken against the mean score of the same step's fakes."""
+    shown = augment or (lambda images: images)  # what the critic is shown of an image
     totals = torch.zeros(3, device=real_batches[0].device)
     for real, labels in zip(real_batches, label_batches):
         with autocast(real.device, scaler):
             # Critic: fake made without a graph, this loss must not reach into G (it would only waste a backward).
             with torch.no_grad():
                 fake = G(torch.randn(len(real), latent_dim, device=real.device), labels)
-            real_scores, fake_scores = D(real, labels), D(fake, labels)
-            penalty = (gradient_penalty(D, real, fake, labels) if clip_value is None
+            real_shown, fake_shown = shown(real), shown(fake)
+            real_scores, fake_scores = D(real_shown, labels), D(fake_shown, labels)
+            penalty = (gradient_penalty(D, real_shown, fake_shown, labels) if clip_value is None
                        else torch.zeros((), device=real.device))  # weight clipping instead
             loss_d = critic_loss(real_scores, fake_scores) + gp_weight * penalty
         opt_d.zero_grad(set_to_none=True)
@@ -151,6 +157,8 @@ def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_w
         scaler.update()
         if clip_value is not None:
             clip_weights(D, clip_value)
+        if augment:
+            augment.observe(real_scores.detach().float() - fake_scores.detach().float().mean())
         totals += torch.stack([loss_d.detach(), (real_scores.mean() - fake_scores.mean()).detach(),
                                penalty.detach()]).float()
 
@@ -158,7 +166,7 @@ def train_step(G, D, opt_g, opt_d, real_batches, label_batches, latent_dim, gp_w
     # weights are frozen meanwhile: the backward pass computes only what G needs.
     D.requires_grad_(False)
     with autocast(real.device, scaler):
-        loss_g = g_loss(D(G(torch.randn(len(real), latent_dim, device=real.device), labels), labels))
+        loss_g = g_loss(D(shown(G(torch.randn(len(real), latent_dim, device=real.device), labels)), labels))
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
     average_gradients(G)
@@ -229,6 +237,10 @@ def train(args, rank=0, world_size=1):
     G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
     opt_g, opt_d = make_optimizers(args, G, D)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
+    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
+                                          args.ada_target)
+    if augmentation:  # ADA's p and its accumulators, restored by --resume
+        parts["augment"] = augmentation
     start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
     # --compile: the compiled module shares its parameters with G, which is what gets saved. The critic stays eager:
     # the gradient penalty differentiates through it twice, which torch.compile does not support.
@@ -269,7 +281,7 @@ def train(args, rank=0, world_size=1):
             real_batches = [real for real, _ in group]
             label_batches = [labels if num_classes else None for _, labels in group]
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real_batches, label_batches, args.latent_dim,
-                                 args.gp_weight, scaler, clip_value)
+                                 args.gp_weight, scaler, clip_value, augmentation)
             update_average(G_average, G, (epoch - 1) * steps + i, args.average_decay)
             if i % args.log_every == 0 or i == steps:
                 means = totals / i
@@ -297,10 +309,12 @@ def train(args, rank=0, world_size=1):
         print(f"epoch {epoch}: mean critic score {scores['critic_real_train']} on training images, "
               f"{scores['critic_real_test'] or '-'} on held-out ones, {scores['critic_fake']} on fakes")
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **scores,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}"})
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
+                        "augment_p": data.augment_p(augmentation)})
         with torch.no_grad():
             grid = G_average.eval()(grid_noise, grid_classes)
-        data.save_epoch(args.out, epoch, history, ("d_loss", "g_loss", "wasserstein"), grid, {
+        curves = ("d_loss", "g_loss", "wasserstein") + (("augment_p",) if args.augment == "ada" else ())
+        data.save_epoch(args.out, epoch, history, curves, grid, {
             "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
             "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
             **data.random_states(device)})
@@ -378,7 +392,7 @@ def default_size(args):
 
 MODEL_SETTINGS = ("image_size", "width", "latent_dim", "conditional", "lipschitz")  # what the weights were made for
 RESUME_SETTINGS = ("preset", *MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay", "n_critic", "gp_weight",
-                   "clip_value")  # what --resume keeps
+                   "clip_value", "train_images", "augment", "augment_policy", "ada_target")  # what --resume keeps
 
 # --preset: "cpu" is the defaults below (a recognisable grid in minutes on a laptop CPU). "paper" is Gulrajani et al.'s
 # DCGAN-like CIFAR-10 model at its size, for a GPU; what it keeps from the defaults is the paper's too: lambda 10,
@@ -432,6 +446,7 @@ def parse_args(argv):
     p.add_argument("--conditional", action="store_true", help="condition G and D on the class label")
     p.add_argument("--average-decay", type=float, default=0.999,
                    help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
+    add_augment_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -450,7 +465,8 @@ def parse_args(argv):
     check_args(args, {"epochs": at_least(1), "batch_size": at_least(1), "latent_dim": at_least(1),
                       "width": at_least(1), "log_every": at_least(1), "n_critic": at_least(1), "generate": at_least(1),
                       "fid": at_least(2), "seed": SEED, "lr": POSITIVE, "gp_weight": NON_NEGATIVE,
-                      "clip_value": POSITIVE, "average_decay": DECAY, "image_size": POWER_OF_TWO})
+                      "clip_value": POSITIVE, "average_decay": DECAY, "image_size": POWER_OF_TWO,
+                      "train_images": at_least(1), "ada_target": OPEN_UNIT})
     if args.label is not None and args.generate is None:
         raise UsageError(f"--label {args.label}: only with --generate N")
     if args.lr is None:
@@ -485,6 +501,36 @@ NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, "must be a nu
 DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
 # Copied from gan.SEED
 SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
+# Copied from gan.OPEN_UNIT
+OPEN_UNIT = (lambda value: 0 < value < 1, "must be in (0, 1)")  # --ada-target
+
+
+# Copied from gan.augment_policy
+def augment_policy(text):
+    """--augment-policy: a comma list of data.AUGMENTATIONS' names, in the order they are applied."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in data.AUGMENTATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown augmentation '{unknown[0]}': use a comma list of "
+                                         + ", ".join(data.AUGMENTATIONS))
+    return names
+
+
+# Copied from gan.add_augment_args
+def add_augment_args(p):
+    """The small-data flags of every script: --train-images and --augment's three (data.py's augment does the work:
+    each operation applied to every image D sees, real or fake, in D's step and in G's, differentiably)."""
+    p.add_argument("--train-images", type=int, metavar="N", help=(
+        "train on the first N training images only (all of them if N is larger); the held-out split is unchanged"))
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help=(
+        "augment every image D sees (default none). diffaug: always (Zhao et al. 2020); ada: each operation with "
+        "a probability p, raised while E[sign(D(x_train))] is above --ada-target, lowered while below (Karras et "
+        "al. 2020). Turn it on for a few thousand images or fewer"))
+    p.add_argument("--augment-policy", type=augment_policy, metavar="LIST", help=(
+        "comma list of color, translation, cutout (default all three for colour images, translation,cutout for "
+        "grayscale; color on grayscale is brightness and contrast)"))
+    p.add_argument("--ada-target", type=float, default=0.6, help="ADA's target for E[sign(D(x_train))], in (0, 1) "
+                                                                 "(default 0.6, the paper's)")
 
 
 # Copied from gan.check_args
@@ -568,6 +614,8 @@ def start_run(args, rank):
     if rank == 0:
         data.prepare_out(args.out)
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
+    if args.train_images:  # a small-data run: the first N images (their order is the file's, fixed)
+        dataset.images, dataset.labels = dataset.images[:args.train_images], dataset.labels[:args.train_images]
     held_out = (data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
                 if args.dataset in data.DATASETS else None)
     return checkpoint, dataset, held_out
