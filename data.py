@@ -460,6 +460,15 @@ def write_atomic(path, write, mode="wb"):
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename, so not even a power cut leaves a torn file
         os.replace(tmp, path)  # atomic: the old file or the new one, whole
+    except Exception as e:
+        # Ctrl-C or SIGTERM inside torch.save: its zip writer, closing, raises "unexpected pos" over the interrupt.
+        # The interrupt is what happened; raise it, so that the script stops with 130/143 and its one line.
+        interrupt = e.__context__
+        while interrupt is not None and not isinstance(interrupt, KeyboardInterrupt):
+            interrupt = interrupt.__context__
+        if interrupt is not None:
+            raise interrupt from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

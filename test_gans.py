@@ -10,6 +10,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import io
 import itertools
 import json
 import math
@@ -3868,6 +3869,29 @@ def test_write_atomic_failing_keeps_the_old_file_and_removes_the_temporary(where
     with pytest.raises(KeyboardInterrupt if where == "Ctrl-C" else OSError):
         data.write_atomic(str(path), write)
     assert path.read_bytes() == b"the previous epoch" and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_an_interrupt_inside_torch_save_stays_an_interrupt_and_the_old_checkpoint_stays(tmp_path):
+    """Ctrl-C or SIGTERM (raised as a KeyboardInterrupt) in the middle of torch.save: torch's zip writer, closing,
+    raises a RuntimeError over it, which would end the run with a traceback and exit 1 instead of 130/143."""
+    class InterruptedFile(io.RawIOBase):
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, chunk):
+            self.writes += 1
+            if self.writes == 3:
+                raise gan.Stopped()
+            return self.f.write(chunk)
+
+    path = tmp_path / "checkpoint.pt"
+    data.save_checkpoint(str(path), {"epoch": 1})
+    with pytest.raises(gan.Stopped):
+        data.write_atomic(str(path), lambda f: torch.save({"weights": torch.randn(1000, 100)}, InterruptedFile(f)))
+    assert torch.load(path, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
 def test_every_file_of_a_run_goes_through_write_atomic(tmp_path, tiny_data_dir, monkeypatch):
