@@ -125,7 +125,9 @@ class ModulatedConv2d(nn.Module):
             x = upsample(x)
         x = F.conv2d(x, weight, padding=weight.shape[-1] // 2)
         if self.demodulate:  # 1 / ||w'|| per sample and output channel: (B, out)
-            norms = (weight[None] * styles[:, None, :, None, None]).square().sum(dim=(2, 3, 4))
+            # sum over in, k, k of (w s)^2 = sum over in of s^2 (sum over k, k of w^2): a matrix product, instead
+            # of building the (B, out, in, k, k) per-sample weights
+            norms = styles.square() @ weight.square().sum(dim=(2, 3)).t()
             x = x * (norms + 1e-8).rsqrt()[:, :, None, None]
         return x
 
