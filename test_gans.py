@@ -4250,6 +4250,22 @@ def test_stylegan_style_mixing_switches_styles_at_the_cutoff_layer():
     assert len(switches) == 1 and torch.equal(ws[:, 0], ws[:, switches[0] - 1])
 
 
+def test_stylegan_style_mixing_grid_takes_coarse_layers_from_the_column_and_fine_ones_from_the_row():
+    G, _ = tiny_stylegan()
+    G.eval()
+    grid = stylegan.style_mixing_grid(G, 8, 0, "cpu", seed=1, columns=9, rows=2).unflatten(0, (3, 10))
+    assert grid[0, 0].eq(0).all()  # the empty corner
+    every_layer_from_the_column = stylegan.style_mixing_grid(G, 8, 0, "cpu", 1, 9, 2, cutoff=G.num_ws)
+    every_layer_from_the_row = stylegan.style_mixing_grid(G, 8, 0, "cpu", 1, 9, 2, cutoff=0)
+    column_sources, row_sources = grid[0, 1:], grid[1:, 0]
+    for r in range(2):
+        torch.testing.assert_close(every_layer_from_the_column.unflatten(0, (3, 10))[r + 1, 1:], column_sources)
+        torch.testing.assert_close(every_layer_from_the_row.unflatten(0, (3, 10))[r + 1, 1:],
+                                   row_sources[r].expand(9, -1, -1, -1))
+    mixed = grid[1:, 1:]  # the default cutoff: neither source alone
+    assert (mixed - column_sources).abs().amax() > 1e-4 and (mixed - row_sources[:, None]).abs().amax() > 1e-4
+
+
 def test_stylegan_path_length_penalty_moves_its_running_mean_and_g_gets_the_optimizer_compensation():
     G, _ = tiny_stylegan()
     assert stylegan.path_length_penalty(G, torch.randn(4, 8), None) > 0  # pl_mean starts at 0: far from the lengths
