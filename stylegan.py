@@ -304,6 +304,8 @@ def discriminate(D, images, labels):
     return D(images, labels)
 
 
+# StyleGAN2's logistic loss, softplus(-D(x)) + softplus(D(G(z))) for D and softplus(-D(G(z))) for G, is gan.py's
+# binary cross-entropy on logits, to the formula:
 # Copied from gan.d_loss
 def d_loss(real_logits, fake_logits):
     """Binary cross-entropy: real images are labelled 1, generated ones 0 (non-saturating and minimax GANs)."""
