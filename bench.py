@@ -37,10 +37,12 @@ import fid
 import gan
 import infogan
 import lapgan
+import stylegan
 import wgan_gp
 
 SCRIPTS = {"gan": gan, "cgan": cgan, "dcgan": dcgan, "wgan_gp": wgan_gp, "infogan": infogan, "acgan": acgan,
-           "began": began, "lapgan": lapgan, "biggan": biggan}
+           "began": began, "lapgan": lapgan, "biggan": biggan,
+           "stylegan": stylegan}
 # Targets (issue 5). Feeding can only matter as much as it costs next to the step: more for the cheap MLP steps.
 FEED_TARGET = {name: 2.0 if name in ("gan", "cgan") else 1.3 for name in SCRIPTS}
 LOOP_OVERHEAD = 0.10  # the real loop may take at most 10% longer per step than train_step on a fixed batch
@@ -71,10 +73,14 @@ def build_run(name, device, options):
     # wgan_gp compiles G only: its critic is differentiated twice by the gradient penalty (so is D by R1).
     eager_d = name == "wgan_gp" or getattr(args, "r1_gamma", 0)
     G_fast, D_fast = (torch.compile(G), D if eager_d else torch.compile(D)) if args.compile else (G, D)
+    if name == "stylegan" and args.compile:  # in place, as its train() does: its step calls G's parts by name
+        G.synthesis.compile()
+        G_fast, D_fast = G, D  # D stays eager: R1 differentiates it twice
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     scaler.amp = args.amp
 
     k = torch.zeros((), device=device)  # began's balance k_t, updated in place by its steps
+    steps = itertools.count(1)  # stylegan's lazy regularisers fire on every 16th (R1) or 4th (path length) step
 
     def step(real, labels):  # the script's train_step call, with its own argument list
         if name == "infogan":
@@ -95,6 +101,10 @@ def build_run(name, device, options):
         if name == "wgan_gp":
             return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, args.gp_weight,
                                      scaler)
+        if name == "stylegan":
+            return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels if args.conditional else None,
+                                     args.latent_dim, scaler, next(steps), args.r1_gamma, args.style_mixing,
+                                     args.pl_weight)
         if name == "dcgan":
             return module.train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler, args.loss,
                                      args.r1_gamma)

@@ -3,6 +3,7 @@
     python -m pytest test_gans.py            # everything (about a minute on 2 cores)
     python -m pytest test_gans.py -m "not slow"
 """
+import argparse
 import ast
 import copy
 import csv
@@ -29,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import acgan
@@ -43,6 +45,7 @@ import gan
 import infogan
 import lapgan
 import score
+import stylegan
 import wgan_gp
 
 # The test models are tiny: a second thread buys nothing, and on a busy machine two threads wait on each other
@@ -1628,7 +1631,7 @@ def test_every_bad_number_exits_2_with_one_line_before_any_data_is_loaded(script
         assert err.startswith(f"{script.__name__}.py: error: "), err
 
 
-@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, acgan, began, lapgan, biggan])
+@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, acgan, began, lapgan, biggan, stylegan])
 @pytest.mark.parametrize("bad", [["--epochs", "ten"], ["--loss", "wasserstein"], ["--lipschitz", "both"],
                                  ["--no-such-flag"]])
 def test_argparse_errors_are_one_line_too(script, bad, capsys):
@@ -1637,7 +1640,7 @@ def test_argparse_errors_are_one_line_too(script, bad, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only case")
-@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, acgan, began, lapgan, biggan, bench])
+@pytest.mark.parametrize("script", [*TRAINING_SCRIPTS, infogan, acgan, began, lapgan, biggan, stylegan, bench])
 def test_asking_for_a_gpu_that_is_not_there_exits_2_naming_device(script, capsys):
     assert exit_code(script, ["--device", "cuda"]) == 2
     one_line_error(capsys, "--device cuda", "CUDA")
@@ -3731,8 +3734,8 @@ def test_fid_and_score_name_no_path_of_this_machine():
 # ----------------------------------------------------------------------------------------------------------------
 # Issue 18: files through data.py, checked copies of gan.py's machinery, and faults from the environment
 
-SCRIPT_MODULES = [gan, cgan, dcgan, wgan_gp, infogan, acgan, began, lapgan, biggan]
-PORTED_SCRIPTS = [gan, cgan, dcgan, wgan_gp, acgan, infogan, began, lapgan, biggan]  # in the shape of issue 18
+SCRIPT_MODULES = [gan, cgan, dcgan, wgan_gp, infogan, acgan, began, lapgan, biggan, stylegan]
+PORTED_SCRIPTS = [gan, cgan, dcgan, wgan_gp, acgan, infogan, began, lapgan, biggan, stylegan]  # in the shape of issue 18
 COPY_MARKER = re.compile(r"# Copied from gan\.(\w+)(?: with (.+))?$")
 
 
@@ -3985,7 +3988,7 @@ def test_sigterm_mid_training_exits_143_with_one_line_and_the_finished_epoch_res
 # ----------------------------------------------------------------------------------------------------------------
 # Issue 17: --preset paper gives the paper's networks and hyper-parameters; flags still win; --resume keeps the preset
 
-PRESET_SCRIPTS = [dcgan, wgan_gp, biggan]
+PRESET_SCRIPTS = [dcgan, wgan_gp, biggan, stylegan]
 
 
 def parameter_count(module):
@@ -4770,3 +4773,291 @@ def test_every_script_trains_one_tiny_epoch_with_ada_and_logs_augment_p(script, 
     p, = augment_p_column(out)
     assert 0 <= float(p) <= 1
     assert "p" in torch.load(out / "checkpoint.pt", weights_only=True)["augment"]
+
+
+# ================================================================================================================
+# stylegan.py: the StyleGAN2 ingredients one by one, the paper preset, and the run contract on tiny data
+
+STYLE_TINY = ["--width", "4", "--latent-dim", "8", "--w-dim", "8", "--batch-size", "16", "--log-every", "1"]
+
+
+def tiny_stylegan(image_size=32, channels=1, num_classes=0, width=8, dim=8):
+    torch.manual_seed(0)
+    G = stylegan.Generator(dim, dim, image_size, channels, width, 1024, 2, num_classes)
+    D = stylegan.Discriminator(image_size, channels, width, 1024, 4, num_classes)
+    return G, D
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_stylegan_shapes_at_32_and_64_px(image_size, num_classes):
+    G, D = tiny_stylegan(image_size, 3, num_classes)
+    z, labels = torch.randn(5, 8), (torch.arange(5) if num_classes else None)
+    fake = G(z, labels)
+    assert fake.shape == (5, 3, image_size, image_size) and D(fake, labels).shape == (5,)
+    assert G.num_ws == 2 * (image_size.bit_length() - 2)  # 2 per resolution 4, 8, ...: 8 at 32 px, 10 at 64 px
+    assert len(G.synthesis.to_rgbs) == G.num_ws // 2 and len(D.blocks) == image_size.bit_length() - 3
+
+
+def test_stylegan_demodulation_gives_unit_norm_weights_per_output_channel():
+    torch.manual_seed(0)
+    layer = stylegan.ModulatedConv2d(6, 5, w_dim=4, kernel_size=3)
+    x, w = torch.randn(3, 6, 8, 8), torch.randn(3, 4)
+    out = layer(x, w)
+    styles = layer.affine(w)
+    for b in range(3):  # the per-sample weight w'' of the fused formulation, built by hand
+        modulated = layer.weight * layer.weight_gain * styles[b][None, :, None, None]
+        demodulated = modulated / modulated.square().sum(dim=(1, 2, 3), keepdim=True).add(1e-8).sqrt()
+        torch.testing.assert_close(demodulated.square().sum(dim=(1, 2, 3)), torch.ones(5))
+        torch.testing.assert_close(out[b:b + 1], F.conv2d(x[b:b + 1], demodulated, padding=1), atol=1e-5, rtol=1e-4)
+
+
+def test_stylegan_modulation_by_a_constant_style_of_ones_without_demodulation_is_a_plain_convolution():
+    torch.manual_seed(0)
+    layer = stylegan.ModulatedConv2d(6, 5, w_dim=4, kernel_size=3, demodulate=False)
+    with torch.no_grad():
+        layer.affine.weight.zero_()  # styles = the bias, which starts at 1
+    x, w = torch.randn(3, 6, 8, 8), torch.randn(3, 4)
+    assert torch.equal(layer.affine(w), torch.ones(3, 6))
+    torch.testing.assert_close(layer(x, w), F.conv2d(x, layer.weight / math.sqrt(6 * 9), padding=1))
+
+
+def test_stylegan_resampling_is_the_1_3_3_1_filter():
+    x = torch.randn(2, 3, 8, 8)
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    kernel = (taps[:, None] * taps[None, :] / 64).expand(3, 1, 4, 4)
+    torch.testing.assert_close(stylegan.downsample(x), F.conv2d(F.pad(x, [1, 1, 1, 1]), kernel, stride=2, groups=3))
+    bilinear = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(stylegan.upsample(x)[..., 1:-1, 1:-1], bilinear[..., 1:-1, 1:-1])  # inside: bilinear
+    assert stylegan.upsample(torch.ones(1, 1, 4, 4))[0, 0, 2:-2, 2:-2].eq(1).all()  # gain 4 after zero insertion
+
+
+def test_stylegan_truncation_psi_0_gives_the_mean_image_for_every_z():
+    G, _ = tiny_stylegan()
+    with torch.no_grad():
+        G.mapping.w_avg.copy_(torch.randn(8))  # as if trained: not the zero it starts at
+    z = torch.randn(6, 8)
+    for noise_mode in ("const", "none"):
+        images = G(z, psi=0.0, noise_mode=noise_mode)
+        mean_image = G.synthesis(stylegan.broadcast(G.mapping.w_avg[None], G.num_ws), noise_mode)
+        torch.testing.assert_close(images, mean_image.expand_as(images))
+    assert (G(z, psi=1.0, noise_mode="const")[0] - G(z, psi=1.0, noise_mode="const")[1]).abs().max() > 1e-3
+    half = G.mapping(z, psi=0.5)
+    torch.testing.assert_close(half, (G.mapping.w_avg + G.mapping(z)) / 2)
+
+
+def test_stylegan_mapping_tracks_the_mean_w_only_when_asked():
+    G, _ = tiny_stylegan()
+    z = torch.randn(16, 8)
+    G.mapping(z)
+    assert G.mapping.w_avg.eq(0).all()
+    w = G.mapping(z, track_average=True)
+    torch.testing.assert_close(G.mapping.w_avg, (1 - stylegan.W_AVERAGE_BETA) * w.detach().mean(0))
+
+
+def test_stylegan_r1_against_a_hand_computed_value():
+    a = torch.randn(1, 2, 3, 3)
+    D = lambda images, labels=None: (images * a).flatten(1).sum(1)  # noqa: E731  grad_x D = a for every image
+    real = torch.randn(4, 2, 3, 3)
+    norm = a.square().sum()
+    torch.testing.assert_close(stylegan.r1_penalty(D, real), norm)
+    gamma = 0.3  # on the steps that carry it, lazy R1 weighs gamma/2 ||a||^2 times the interval
+    torch.testing.assert_close(stylegan.lazy_r1(D, real, None, gamma), stylegan.R1_INTERVAL * gamma / 2 * norm)
+
+
+def test_stylegan_augments_every_image_d_sees_and_takes_r1_through_the_augmentation():
+    G, D = tiny_stylegan()
+    opt_g, opt_d = stylegan.make_optimizers(stylegan.parse_args(["--r1-gamma", "1"]), G, D)
+    shown = []
+
+    class Recording:  # what data.Augmentation is to train_step: called on images, told of D's real logits
+        def __call__(self, images):
+            shown.append(("augment", len(images), images.requires_grad))
+            return images.flip(-1)
+
+        def observe(self, real_logits):
+            shown.append(("observe", len(real_logits)))
+
+    real = torch.rand(4, 1, 32, 32) * 2 - 1
+    stylegan.train_step(G, D, opt_g, opt_d, real, None, 8, no_scaler(), stylegan.R1_INTERVAL, 1.0, augment=Recording())
+    # D's step: reals, fakes, then R1's reals (a leaf that wants its gradient); ADA hears; then G's step on fakes.
+    assert shown == [("augment", 4, False), ("augment", 4, False), ("augment", 4, True), ("observe", 4),
+                     ("augment", 4, True)]
+
+
+def test_stylegan_lazy_r1_enters_ds_gradient_only_every_16th_step(monkeypatch):
+    G, D = tiny_stylegan()
+    calls = []
+    monkeypatch.setattr(stylegan, "lazy_r1", lambda *a, **kw: calls.append(1) or torch.zeros([]))
+    opt_g, opt_d = stylegan.make_optimizers(stylegan.parse_args(["--r1-gamma", "1"]), G, D)
+    real = torch.rand(4, 1, 32, 32) * 2 - 1
+    for step in range(1, 34):
+        stylegan.train_step(G, D, opt_g, opt_d, real, None, 8, no_scaler(), step, r1_gamma=1.0)
+    assert len(calls) == 2  # steps 16 and 32
+    c = stylegan.R1_INTERVAL / (stylegan.R1_INTERVAL + 1)  # the official optimizer compensation
+    assert opt_d.defaults["lr"] == pytest.approx(0.0025 * c) and opt_d.defaults["betas"] == (0.0, 0.99 ** c)
+    assert opt_g.defaults["lr"] == 0.0025 and opt_g.defaults["betas"] == (0.0, 0.99)  # no path length: no G steps
+
+
+def test_stylegan_style_mixing_switches_styles_at_the_cutoff_layer():
+    G, _ = tiny_stylegan()
+    w1, w2 = G.mapping(torch.randn(2, 8)), G.mapping(torch.randn(2, 8))
+    cutoff = 3
+    ws = stylegan.mix_styles(stylegan.broadcast(w1, G.num_ws), stylegan.broadcast(w2, G.num_ws), cutoff)
+    seen = []  # the w each layer and each ToRGB receives, in the order the synthesis network reads them
+    hooks = [m.register_forward_hook(lambda module, inputs, output: seen.append((module, inputs[1])))
+             for m in [*G.synthesis.layers, *G.synthesis.to_rgbs]]
+    G.synthesis(ws)
+    for hook in hooks:
+        hook.remove()
+    layer_w = {id(module): w for module, w in seen}
+    layers, to_rgbs = G.synthesis.layers, G.synthesis.to_rgbs
+    indices = [(layer, k) for k, layer in enumerate(layers)] + [(rgb, 2 * j + 1) for j, rgb in enumerate(to_rgbs)]
+    for module, k in indices:
+        assert torch.equal(layer_w[id(module)], w1 if k < cutoff else w2), k
+    # In training: with probability 1 every batch mixes, at a cutoff in 1..num_ws - 1
+    torch.manual_seed(3)
+    ws = stylegan.style_ws(G, torch.randn(2, 8), None, mixing_prob=1.0)
+    switches = [k for k in range(1, G.num_ws) if not torch.equal(ws[:, k], ws[:, k - 1])]
+    assert len(switches) == 1 and torch.equal(ws[:, 0], ws[:, switches[0] - 1])
+
+
+def test_stylegan_style_mixing_grid_takes_coarse_layers_from_the_column_and_fine_ones_from_the_row():
+    G, _ = tiny_stylegan()
+    G.eval()
+    grid = stylegan.style_mixing_grid(G, 8, 0, "cpu", seed=1, columns=9, rows=2).unflatten(0, (3, 10))
+    assert grid[0, 0].eq(0).all()  # the empty corner
+    every_layer_from_the_column = stylegan.style_mixing_grid(G, 8, 0, "cpu", 1, 9, 2, cutoff=G.num_ws)
+    every_layer_from_the_row = stylegan.style_mixing_grid(G, 8, 0, "cpu", 1, 9, 2, cutoff=0)
+    column_sources, row_sources = grid[0, 1:], grid[1:, 0]
+    for r in range(2):
+        torch.testing.assert_close(every_layer_from_the_column.unflatten(0, (3, 10))[r + 1, 1:], column_sources)
+        torch.testing.assert_close(every_layer_from_the_row.unflatten(0, (3, 10))[r + 1, 1:],
+                                   row_sources[r].expand(9, -1, -1, -1))
+    mixed = grid[1:, 1:]  # the default cutoff: neither source alone
+    assert (mixed - column_sources).abs().amax() > 1e-4 and (mixed - row_sources[:, None]).abs().amax() > 1e-4
+
+
+def test_stylegan_path_length_penalty_moves_its_running_mean_and_g_gets_the_optimizer_compensation():
+    G, _ = tiny_stylegan()
+    assert stylegan.path_length_penalty(G, torch.randn(4, 8), None) > 0  # pl_mean starts at 0: far from the lengths
+    assert 0 < G.pl_mean < 10
+    opt_g, opt_d = stylegan.make_optimizers(stylegan.parse_args(["--pl-weight", "2"]), G, G)
+    c = stylegan.PL_INTERVAL / (stylegan.PL_INTERVAL + 1)
+    assert opt_g.defaults["lr"] == pytest.approx(0.0025 * c) and opt_g.defaults["betas"] == (0.0, 0.99 ** c)
+
+
+def test_stylegan_average_half_life_ramps_with_the_images_seen():
+    G = nn.Linear(1, 1, bias=False)
+    average = copy.deepcopy(G)
+    for step, decay, expected_half_life in ((100, 0.999, 5.0), (100_000, 0.999, math.log(0.5) / math.log(0.999))):
+        with torch.no_grad():
+            average.weight.fill_(0.0), G.weight.fill_(1.0)
+        stylegan.update_average(average, G, step, decay)
+        assert average.weight.item() == pytest.approx(1 - 0.5 ** (1 / expected_half_life))
+    stylegan.update_average(average, G, 5, 0.0)
+    assert average.weight.item() == 1.0  # decay 0: a plain copy
+
+
+def test_stylegan_preset_paper_builds_the_papers_networks_and_one_step_runs():
+    args = stylegan.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.channel_base, args.latent_dim, args.w_dim, args.mapping_layers) == (
+        32, 512, 16384, 512, 512, 2)
+    assert (args.batch_size, args.mbstd_group, args.lr, args.r1_gamma, args.style_mixing, args.pl_weight) == (
+        64, 32, 0.0025, 0.01, 0.0, 0.0)
+    assert math.log(0.5) / math.log(args.average_decay) * 64 == pytest.approx(500_000)  # half-life 500k images
+    G, D = stylegan.build_models(args, (3, 32, 32), 10)
+    c = 512
+    affine = c * c + c  # w -> one style per input channel
+    mapping = 2 * (c * c + c)
+    layer = affine + c * c * 9 + 1 + c  # modulated 3x3 weight, noise strength, bias
+    to_rgb = affine + 3 * c + 3
+    g_count = mapping + c * 16 + 7 * layer + 4 * to_rgb  # const, 1 layer at 4 px + 2 at each of 8, 16, 32; 4 ToRGBs
+    conv3 = c * c * 9 + c
+    d_count = (3 * c + c) + 6 * conv3 + ((c + 1) * c * 9 + c) + (c * 16 * c + c) + (c + 1)  # fromRGB, 3 blocks, epilogue
+    assert (parameter_count(G), parameter_count(D)) == (g_count, d_count) == (19_947_539, 20_720_641)
+    assert list(stylegan.channels_at(32, 512, 16384).values()) == [512, 512, 512, 512]
+    opt_g, opt_d = stylegan.make_optimizers(args, G, D)
+    metrics = stylegan.train_step(G, D, opt_g, opt_d, torch.rand(2, 3, 32, 32) * 2 - 1, None, args.latent_dim,
+                                  no_scaler(), step=1, r1_gamma=args.r1_gamma)
+    assert metrics.shape == (len(stylegan.METRICS),) and torch.isfinite(metrics).all()
+
+
+def test_stylegan_every_bad_number_exits_2_with_one_line_before_any_data_is_loaded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the flags were checked"))
+    own = [["--width", 0], ["--channel-base", 0], ["--w-dim", 0], ["--mapping-layers", 0], ["--mbstd-group", 0],
+           ["--image-size", 48], ["--r1-gamma", -1], ["--pl-weight", -1], ["--style-mixing", 1.5],
+           ["--truncation", -0.1], ["--truncation", "nan"], ["--label", 3]]
+    for bad in BAD_NUMBERS + own:
+        assert exit_code(stylegan, ["--out", tmp_path / "run", *bad]) == 2, bad
+        err = one_line_error(capsys, bad[0])
+        assert err.startswith("stylegan.py: error: "), err
+
+
+def test_stylegan_run_writes_every_output_and_generate_writes_samples_and_style_grids(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert run_script(stylegan, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, *STYLE_TINY]) == 0
+    rows, checkpoint = assert_run_outputs(out, 1, stylegan.METRICS)
+    assert all(0 <= float(rows[0][c]) <= 1 for c in ("d_acc_real_train", "d_acc_real_test", "d_acc_fake"))
+    assert Image.open(out / "samples" / "epoch_001.png").size == (2 + 10 * 34, 2 + 10 * 34)  # 10x10 of 32x32
+    assert Image.open(out / "style_mixing.png").size == (2 + 10 * 34, 2 + 7 * 34)  # sources row + 6 mixed rows
+    assert Image.open(out / "truncation.png").size == (2 + 10 * 34, 2 + 6 * 34)
+    assert "w_avg" in "".join(checkpoint["generator_average"]) and checkpoint["args"]["image_size"] == 32
+    os.remove(out / "truncation.png")
+    assert run_script(stylegan, ["--out", out, "--generate", 12, "--truncation", 0]) == 0
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (12, 32, 32, 1) and (images == images[0]).all()  # psi 0: the mean image every time
+    assert (out / "truncation.png").is_file() and (out / "style_mixing.png").is_file()
+
+
+def test_stylegan_resume_gives_exactly_the_uninterrupted_run_with_every_regulariser(tiny_mnist, tmp_path, capsys):
+    common = ["--data-dir", tiny_mnist, *STYLE_TINY, "--batch-size", 8, "--style-mixing", 0.5, "--pl-weight", 1]
+    assert run_script(stylegan, [*common, "--out", tmp_path / "straight", "--epochs", 2]) == 0  # R1 at step 16
+    assert run_script(stylegan, [*common, "--out", tmp_path / "resumed", "--epochs", 1]) == 0
+    capsys.readouterr()
+    assert run_script(stylegan, ["--data-dir", tiny_mnist, "--out", tmp_path / "resumed", "--epochs", 2,
+                                 "--resume"]) == 0  # every setting from the checkpoint
+    assert "epochs 2..2" in capsys.readouterr().out
+    straight, resumed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+                         for name in ("straight", "resumed"))
+    for key in ("generator", "generator_average", "discriminator"):
+        assert all(torch.equal(straight[key][k], resumed[key][k]) for k in straight[key]), key
+    assert straight["generator"]["pl_mean"] > 0
+    rows = read_rows(tmp_path / "straight" / "metrics.csv")
+    assert float(rows[1]["r1_penalty"]) > 0 and float(rows[0]["r1_penalty"]) == 0  # lazy: step 16 is in epoch 2
+    assert rows == [dict(r, seconds=s["seconds"], img_per_s=s["img_per_s"])
+                    for r, s in zip(read_rows(tmp_path / "resumed" / "metrics.csv"), rows)]
+    capsys.readouterr()
+    assert run_script(stylegan, [*common, "--out", tmp_path / "resumed", "--epochs", 3, "--resume",
+                                 "--pl-weight", 2]) == 2
+    one_line_error(capsys, "--pl-weight 2", "which --resume keeps")
+
+
+def test_stylegan_conditional_one_tiny_epoch_and_generate_one_class(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    assert run_script(stylegan, ["--data-dir", tiny_mnist, "--out", out, "--epochs", 1, "--conditional",
+                                 *STYLE_TINY]) == 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert "mapping.label_embedding.weight" in checkpoint["generator"]
+    assert "label_embedding.weight" in checkpoint["discriminator"]
+    assert run_script(stylegan, ["--out", out, "--generate", 6, "--label", 3]) == 0
+    assert np.load(out / "samples.npz")["labels"].tolist() == [3] * 6
+    G, _ = stylegan.build_models(argparse.Namespace(**checkpoint["args"]), (1, 32, 32), 10)
+    G.load_state_dict(checkpoint["generator_average"])
+    z = torch.randn(1, 8).repeat(10, 1)
+    fake = G(z, torch.arange(10), noise_mode="const")
+    assert all((fake[0] - fake[k]).abs().max() > 1e-4 for k in range(1, 10))  # the class changes the image
+
+
+@pytest.mark.slow
+def test_stylegan_torchrun_two_processes_write_every_output_once_and_resume(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data-dir", tiny_mnist, "--out", out, "--device", "cpu", *STYLE_TINY]
+    result = torchrun(["stylegan.py", *flags, "--epochs", 1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout and result.stdout.count("epoch 1: ") == 1  # only rank 0 reports
+    result = torchrun(["stylegan.py", *flags, "--epochs", 2, "--resume"])  # replicas checked equal every epoch
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epochs 2..2" in result.stdout
+    assert_run_outputs(out, 2, stylegan.METRICS)
+    assert run_script(stylegan, ["--out", out, "--generate", 4]) == 0
