@@ -18,6 +18,7 @@ Bad input or an unusable output folder raises DataError with a one-line message 
 it into exit status 2.
 """
 import csv
+import fcntl
 import gzip
 import hashlib
 import http.client
@@ -241,6 +242,8 @@ def load_data(name, data_dir, image_size, rank=0, split="train"):
     """load_dataset in every process of a run. Rank 0 goes first (it may download) and passes on its error, if any,
     so that the others stop with the same one line instead of waiting. The test split is optional: None if absent,
     and never downloaded (it only adds held-out figures)."""
+    if split == "test" and name not in DATASETS:
+        return None  # a folder has no held-out split
     def load():
         return load_dataset(name, data_dir, split=split, image_size=image_size, download=split == "train")
 
@@ -474,14 +477,23 @@ def write_atomic(path, write, mode="wb"):
             os.remove(tmp)
 
 
+_locks = {}  # out -> the open lock file, held until the process ends
+
+
 def prepare_out(out):
-    """Create the run's folder and check that it takes files, before any data is loaded or time spent."""
+    """Create the run's folder, check that it takes files and lock it (OUT/.lock): a second run started into the same
+    folder stops with one line instead of writing there too. The lock goes with the process, however it ends."""
     try:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        write_atomic(os.path.join(out, ".write_test"), lambda f: f.write(b"ok"))
-        os.remove(os.path.join(out, ".write_test"))
+        lock = _locks.get(os.path.abspath(out)) or open(os.path.join(out, ".lock"), "a+")
     except OSError as e:
         raise DataError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise DataError(f"--out {out}: another run is writing there; wait for it or pick another --out") from None
+    _locks[os.path.abspath(out)] = lock
 
 
 def save_checkpoint(path, state):
@@ -515,13 +527,13 @@ def restore(module, state, checkpoint, what):
 
 def resume(checkpoint, parts, device):
     """Continue a run: every part (checkpoint key -> module or optimizer) and the random states saved by
-    random_states; returns the epoch the checkpoint holds."""
+    random_states; returns the epoch the checkpoint holds and the run's metrics so far (its "history")."""
     for key, part in parts.items():
         restore(part, checkpoint[key], checkpoint, key.replace("_", " "))
     torch.set_rng_state(checkpoint["rng"])
     if device.type == "cuda" and "cuda_rng" in checkpoint:  # rank 0's; the others re-seed every epoch
         torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
-    return checkpoint["epoch"]
+    return checkpoint["epoch"], list(checkpoint["history"])
 
 
 def random_states(device):
@@ -581,36 +593,6 @@ def save_samples(out, images, labels=None):
     except OSError as e:
         raise DataError(f"cannot write the samples into {out} ({e.strerror or e})") from None
     print(f"wrote {len(images)} images to {path} and a grid to {os.path.join(out, 'samples.png')}")
-
-
-FID_REFERENCE_IMAGES = 10000  # the real side of --fid: the first 10,000 training images (all of a smaller set)
-
-
-def report_fid(make_fakes, dataset, device):
-    """--fid: print the FID and KID of make_fakes() (uint8 [N, C, H, W]) against the first FID_REFERENCE_IMAGES of
-    dataset's images, both from one pass of Inception features per side. The real side's features are cached in
-    dataset.cache_dir (10,000 x 2048 floats, 80 MB; all 60,000 would be 490 MB and take an hour on a CPU to compute).
-    fid.py is imported only here: it stands alone, and only --fid needs it."""
-    import fid
-
-    real_images = dataset.images[:FID_REFERENCE_IMAGES]
-    reference = f"{os.path.basename(dataset.source.rstrip(os.sep)) or dataset.source} train"
-    try:
-        inception = fid.load_inception(device=device)  # loaded once for both sides
-        fake = make_fakes()
-        cache = os.path.join(dataset.cache_dir, f"fid_features_{dataset.image_shape[-1]}px_{len(real_images)}.npz")
-        real = fid.cached_features(cache, lambda: real_images, weights=inception, num_images=len(real_images),
-                                   reference=reference)
-        fake = fid.compute_features(fake, weights=inception)
-        with warnings.catch_warnings():  # fewer than 1,000 samples: smaller KID subsets, said in the protocol below
-            warnings.simplefilter("ignore")
-            kid_mean, kid_std = fid.kernel_inception_distance(fake, real)
-    except fid.FIDError as e:
-        raise DataError(f"--fid: {e}") from None
-    frechet = fid.frechet_distance(*fid.statistics_of_features(real), *fid.statistics_of_features(fake))
-    subset = fid.kid_subset_size(len(fake), len(real))
-    print(f"FID: {frechet:.6g}  KID: {kid_mean:.6g} ± {kid_std:.2g} (subsets of {subset}) "
-          f"[{fid.protocol(len(fake), len(real), reference=reference)}]")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -771,10 +753,9 @@ def augment_p(augmentation):
     return f"{0.0 if augmentation is None else augmentation.p.item():.4f}"
 
 
-def make_augmentation(kind, policy, channels, device, target=0.6):
-    """--augment none/diffaug/ada -> None (nothing changes, not even a random draw) or an Augmentation; policy None
-    means default_policy(channels)."""
+def make_augmentation(kind, channels, device, target=0.6):
+    """--augment none/diffaug/ada -> None (nothing changes, not even a random draw) or an Augmentation with
+    default_policy(channels)."""
     if kind == "none":
         return None
-    policy = policy or default_policy(channels)
-    return Augmentation(policy, device, target=target if kind == "ada" else None)
+    return Augmentation(default_policy(channels), device, target=target if kind == "ada" else None)

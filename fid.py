@@ -845,6 +845,23 @@ def saved_protocol(path, dims, resize, with_features=False):
     return num_images, made_from, features
 
 
+
+def report(fake, real, device=None, cache_dir=None):
+    """The training scripts' --fid line: FID and KID of fake against real (uint8 [N, C, H, W] each), from one pass of
+    Inception features per side; the real side's features are cached in cache_dir (if given) for the next run."""
+    inception = load_inception(device=device)  # loaded once for both sides
+    cache = cache_dir and os.path.join(cache_dir, f"fid_features_{real.shape[-1]}px_{len(real)}.npz")
+    real_features = (cached_features(cache, lambda: real, weights=inception, num_images=len(real), reference="train")
+                     if cache else compute_features(real, weights=inception))
+    fake_features = compute_features(fake, weights=inception)
+    with warnings.catch_warnings():  # fewer than 1,000 samples: smaller KID subsets, said in the line
+        warnings.simplefilter("ignore")
+        kid_mean, kid_std = kernel_inception_distance(fake_features, real_features)
+    frechet = frechet_distance(*statistics_of_features(real_features), *statistics_of_features(fake_features))
+    subset = kid_subset_size(len(fake_features), len(real_features))
+    return (f"FID: {frechet:.6g}  KID: {kid_mean:.6g} ± {kid_std:.2g} (subsets of {subset}) "
+            f"[{protocol(len(fake_features), len(real_features), reference='training images')}]")
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
         self.exit(2, f"{self.prog}: error: {message}\n")
