@@ -264,6 +264,10 @@ class Stopped(KeyboardInterrupt):  # SIGTERM, a scheduler's stop: unwinds like C
     pass
 
 
+def stop(signum, frame):
+    raise Stopped
+
+
 KEPT = ("image_size", "latent_dim", "loss", "batch_size", "lr", "seed", "average_decay", "train_images", "augment")
 
 
@@ -335,7 +339,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args, status, message = None, 0, None
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(Stopped))
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         args = parse_args(argv)
         generate(args) if args.generate else train(args)
