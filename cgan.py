@@ -1,19 +1,17 @@
 """Conditional GAN (Mirza & Osindero 2014, arXiv:1411.1784): the class label, one-hot, goes into both G and D.
 
-    python cgan.py --epochs 20                         # train on MNIST; one grid row per class, in runs/cgan/
+    python cgan.py                                     # train on MNIST (20 epochs); one grid row per class, runs/cgan/
     python cgan.py --epochs 30 --resume                # continue the same run up to epoch 30
     python cgan.py --generate 100 --label 7            # 100 sevens into runs/cgan/samples.npz and samples.png
 
-Labels are one-hot vectors (what the paper used). G reads the one-hot concatenated to z. D reads it through a
-projection (Miyato & Koyama 2018): logit = w.phi(x) + (V onehot(y)).phi(x), i.e. an inner product between the image's
-features and a learned vector per class. Concatenating the one-hot to D's input, as in the paper, makes D learn
-"does the image match the label" far more slowly: on the bar test in test_gans.py it needed 30+ epochs at lr 1e-3 and
-never got there at 2e-4, while the projection gets there in under 10 epochs at either rate.
+G reads the label concatenated to z, as in the paper; D by projection (Miyato & Koyama 2018, arXiv:1802.05637), which
+learns "does the image match its label" in a third of the epochs a one-hot concatenated to D's input needs.
 """
 import argparse
 import copy
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -25,43 +23,39 @@ import torch.nn.functional as F
 
 import data
 
-# Copied from gan.SCRIPT
 SCRIPT = os.path.basename(__file__)
 
 
-
-
 class Generator(nn.Module):
-    """(z, one-hot label) -> image in [-1, 1]. BatchNorm keeps the hidden activations well scaled from the start."""
+    """(z, label) -> image in [-1, 1]: gan.py's MLP, the one-hot label concatenated to z."""
 
     def __init__(self, latent_dim, num_classes, image_shape, hidden=(256, 512, 1024)):
         super().__init__()
         self.image_shape, self.num_classes = tuple(image_shape), num_classes
         layers, width = [], latent_dim + num_classes
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.BatchNorm1d(h, momentum=0.1), nn.LeakyReLU(0.2)]
+            layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.LeakyReLU(0.2)]
             width = h
-        layers += [nn.Linear(width, int(torch.tensor(image_shape).prod())), nn.Tanh()]
+        layers += [nn.Linear(width, math.prod(image_shape)), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z, labels):  # (B, latent_dim), (B,) -> (B, C, H, W)
-        inputs = torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], dim=1)
-        return self.net(inputs).view(len(z), *self.image_shape)
+        one_hot = F.one_hot(labels, self.num_classes).to(z.dtype)
+        return self.net(torch.cat([z, one_hot], dim=1)).view(len(z), *self.image_shape)
 
 
 class Discriminator(nn.Module):
-    """(image, one-hot label) -> one logit: "is this a real image of this class?" (no sigmoid: the loss takes
-    logits, which is numerically safe). The label enters by projection onto the image features."""
+    """(image, label) -> one logit, "a real image of this class?": w.phi(x) + (V onehot(y)).phi(x)."""
 
     def __init__(self, image_shape, num_classes, hidden=(512, 256)):
         super().__init__()
         self.num_classes = num_classes
-        layers, width = [nn.Flatten()], int(torch.tensor(image_shape).prod())
+        layers, width = [nn.Flatten()], math.prod(image_shape)
         for h in hidden:
             layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
             width = h
         self.features = nn.Sequential(*layers)
-        self.realness = nn.Linear(width, 1)  # w.phi(x) + b: how real, whatever the class
+        self.realness = nn.Linear(width, 1)  # w.phi(x) + b
         self.class_projection = nn.Linear(num_classes, width, bias=False)  # V onehot(y): one vector per class
 
     def forward(self, images, labels):  # (B, C, H, W), (B,) -> (B,)
@@ -71,437 +65,21 @@ class Discriminator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The GAN itself: gan.py's losses, with the label given to G and D
+# The GAN itself: gan.py's non-saturating losses and alternating update, the label given to G and D
 
-# Copied from gan.d_loss
 def d_loss(real_logits, fake_logits):
-    """Binary cross-entropy: real images are labelled 1, generated ones 0 (non-saturating and minimax GANs)."""
+    """Binary cross-entropy: real images are labelled 1, generated ones 0."""
     return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
             + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
 
 
-# Copied from gan.g_loss
 def g_loss(fake_logits):
-    """Non-saturating loss -log D(G(z)): the strongest gradient when D rejects the fakes (see g_loss_minimax)."""
+    """Non-saturating -log D(G(z)): the strongest gradient when D rejects the fakes."""
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
-# Copied from gan.g_loss_minimax
-def g_loss_minimax(fake_logits):
-    """Goodfellow et al.'s minimax form: G minimises log(1 - D(G(z))) = -softplus(logit). Its gradient with respect
-    to the logit is -sigmoid(logit): almost nothing when D rejects a fake with confidence (the saturation)."""
-    return -F.softplus(fake_logits.float()).mean()
-
-
-# Copied from gan.d_loss_lsgan
-def d_loss_lsgan(real_outputs, fake_outputs):
-    """Least squares (Mao et al. 2017, a=0, b=1): D pulls its raw output to 1 on reals and 0 on fakes."""
-    return 0.5 * ((real_outputs.float() - 1) ** 2).mean() + 0.5 * (fake_outputs.float() ** 2).mean()
-
-
-# Copied from gan.g_loss_lsgan
-def g_loss_lsgan(fake_outputs):
-    """Least squares, c=1: G pulls D's output on its fakes to the value D gives reals."""
-    return 0.5 * ((fake_outputs.float() - 1) ** 2).mean()
-
-
-# Copied from gan.d_loss_hinge
-def d_loss_hinge(real_outputs, fake_outputs):
-    """Hinge (Lim & Ye 2017): only samples inside the margin, D(x) < 1 or D(G(z)) > -1, push D."""
-    return F.relu(1 - real_outputs.float()).mean() + F.relu(1 + fake_outputs.float()).mean()
-
-
-# Copied from gan.g_loss_hinge
-def g_loss_hinge(fake_outputs):
-    """Hinge GAN's generator raises D's raw output on its fakes, without a margin."""
-    return -fake_outputs.float().mean()
-
-
-# Copied from gan.LOSSES
-LOSSES = {
-    "non-saturating": (d_loss, g_loss, 0.0),
-    "minimax": (d_loss, g_loss_minimax, 0.0),
-    "lsgan": (d_loss_lsgan, g_loss_lsgan, 0.5),
-    "hinge": (d_loss_hinge, g_loss_hinge, 0.0),
-}
-# Copied from gan.LOGIT_LOSSES
-LOGIT_LOSSES = ("non-saturating", "minimax")  # D's output is a logit: the log shows sigmoid(D), a probability
-
-
-# Copied from gan.metric_names
-def metric_names(loss):
-    """metrics.csv's per-step columns: D's mean output on reals and fakes is a probability only for the BCE pair."""
-    outputs = ["d_real", "d_fake"] if loss in LOGIT_LOSSES else ["d_real_output", "d_fake_output"]
-    return ["d_loss", "g_loss", *outputs]
-
-
-def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, loss="non-saturating", augment=None):
-    """One D update, then one G update against the D just improved. The fakes are made for the real batch's
-    labels, so D sees the same classes in both halves and can only tell them apart by the images.
-    augment (--augment; None: off) is a data.Augmentation: every image D sees, real or fake, in both updates, goes
-    through it, each call with fresh random draws; G learns through it (it is differentiable). ADA's p then moves by
-    what D said of the (augmented) reals."""
-    d_loss_fn, g_loss_fn, threshold = LOSSES[loss]
-    shown = augment or (lambda images: images)  # what D is shown of an image
-    z = torch.randn(len(real), latent_dim, device=real.device)
-    with autocast(real.device, scaler):
-        fake = G(z, labels)
-        # Discriminator: fake is detached so this loss does not reach into G.
-        real_logits, fake_logits = D(shown(real), labels), D(shown(fake.detach()), labels)
-        loss_d = d_loss_fn(real_logits, fake_logits)
-    opt_d.zero_grad(set_to_none=True)
-    scaler.scale(loss_d).backward()
-    average_gradients(D)
-    scaler.step(opt_d)
-    if augment:
-        augment.observe(real_logits.detach().float() - threshold)
-
-    # Generator: the same fake batch, scored again by the updated D. D's weights are frozen meanwhile, so the
-    # backward pass computes only what G needs (gradients flow through D to the image, not into D's weights).
-    D.requires_grad_(False)
-    with autocast(real.device, scaler):
-        loss_g = g_loss_fn(D(shown(fake), labels))
-    opt_g.zero_grad(set_to_none=True)
-    scaler.scale(loss_g).backward()
-    average_gradients(G)
-    scaler.step(opt_g)
-    scaler.update()
-    D.requires_grad_(True)
-
-    real_out, fake_out = real_logits.detach().float(), fake_logits.detach().float()
-    if loss in LOGIT_LOSSES:
-        real_out, fake_out = torch.sigmoid(real_out), torch.sigmoid(fake_out)
-    # Returned as tensors on the device: reading them (.item()) would force a sync every step.
-    return torch.stack([loss_d.detach().float(), loss_g.detach().float(), real_out.mean(), fake_out.mean()])
-
-
-# Copied from gan.update_average
-@torch.no_grad()
-def update_average(G_average, G, step, decay):
-    """Exponential moving average of G's weights, the decay ramped up over the first steps (why: gan.py)."""
-    decay = min(decay, (1 + step) / (10 + step))
-    for average, current in zip(G_average.parameters(), G.parameters()):
-        average.lerp_(current, 1 - decay)
-    for average, current in zip(G_average.buffers(), G.buffers()):  # BatchNorm running statistics
-        average.copy_(current)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training, sampling and the command line
-
-def train(args, rank=0, world_size=1):
-    device = torch.device(args.device)
-    checkpoint, dataset, held_out = start_run(args, rank)
-    torch.manual_seed(args.seed)
-    G, D = build_models(args, dataset.image_shape, dataset.num_classes)  # the same initial weights in every process
-    if args.sync_bn:  # BatchNorm statistics over the global batch instead of each process's share
-        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
-    G, D = G.to(device), D.to(device)
-    G_average = copy.deepcopy(G).requires_grad_(False)  # what the grids, --generate and --fid sample from
-    opt_g, opt_d = make_optimizers(args, G, D)
-    parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}
-    augmentation = data.make_augmentation(args.augment, args.augment_policy, dataset.image_shape[0], device,
-                                          args.ada_target)
-    if augmentation:  # ADA's p and its accumulators, restored by --resume
-        parts["augment"] = augmentation
-    start_epoch = data.resume(checkpoint, parts, device) if checkpoint else 0
-    # --compile: the compiled modules share their parameters with G and D, which are what gets saved.
-    G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
-    scaler.amp = args.amp
-
-    history = data.read_metrics(os.path.join(args.out, "metrics.csv"), start_epoch) if rank == 0 else []
-    batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
-    names = metric_names(args.loss)
-    num_classes = dataset.num_classes
-    # The grid: one row per class, the same noise down each column, so a column shows one style in every class.
-    columns = 10
-    grid_noise = torch.randn(columns, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    grid_noise = grid_noise.repeat(num_classes, 1).to(device)
-    grid_classes = torch.arange(num_classes).repeat_interleave(columns).to(device)
-    real_sets = {"d_acc_real_train": (batches.images, batches.labels),  # D's accuracy on up to 1,000 of each
-                 "d_acc_real_test": (held_out.images.to(device), held_out.labels.to(device)) if held_out else None}
-    if rank == 0:
-        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} steps per "
-              f"epoch, device {device}" + (f" x {world_size} processes" if world_size > 1 else "") +
-              f", epochs {start_epoch + 1}..{args.epochs}")
-
-    for epoch in range(start_epoch + 1, args.epochs + 1):
-        if rank > 0:  # every process draws its own noise, from a stream fixed by (seed, rank, epoch) for --resume
-            torch.manual_seed(hash((args.seed, rank, epoch)))
-        started, seen = time.time(), 0
-        totals = torch.zeros(len(names), device=device)
-        for i, (real, labels) in enumerate(batches.epoch(epoch), 1):
-            seen += len(real)
-            if world_size > 1:  # this process's share: disjoint slices of the same global batch
-                real, labels = real.tensor_split(world_size)[rank], labels.tensor_split(world_size)[rank]
-            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler, args.loss,
-                                 augmentation)
-            update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
-            if i % args.log_every == 0 or i == len(batches):
-                means = totals / i
-                if world_size > 1:
-                    dist.all_reduce(means)
-                    means /= world_size
-                means = means.tolist()  # the only sync with the device, every log_every steps
-                if not all(map(math.isfinite, means)):
-                    raise FloatingPointError(f"loss became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch} step {i}")
-                elapsed = time.time() - started
-                steps_left = len(batches) - i + (args.epochs - epoch) * len(batches)
-                if rank == 0:
-                    outputs = "D(x) {:.2f} D(G(z)) {:.2f}" if args.loss in LOGIT_LOSSES else "D out {:.2f} / {:.2f}"
-                    print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} "
-                          f"g_loss {means[1]:.3f} | {outputs.format(*means[2:])} | {seen / elapsed:.0f} img/s | "
-                          f"{steps_left * elapsed / i / 60:.1f} min left ",
-                          end="\r" if sys.stdout.isatty() else "\n", flush=True)
-        if world_size > 1 and not replicas_agree(G, D):
-            raise FloatingPointError(f"the processes' weights differ at the end of epoch {epoch}")
-        if rank > 0:
-            continue
-        if sys.stdout.isatty():
-            print()
-        seconds = time.time() - started
-        accuracy = d_accuracy(D, G, real_sets, args.latent_dim, num_classes, LOSSES[args.loss][2])
-        print(f"epoch {epoch}: D calls real {accuracy['d_acc_real_train']} of training images, "
-              f"{accuracy['d_acc_real_test'] or '-'} of held-out ones; calls fake {accuracy['d_acc_fake']} of fakes")
-        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{seen / seconds:.1f}",
-                        "augment_p": data.augment_p(augmentation)})
-        with torch.no_grad():
-            grid = G_average.eval()(grid_noise, grid_classes)
-        curves = ("d_loss", "g_loss") + (("augment_p",) if args.augment == "ada" else ())
-        data.save_epoch(args.out, epoch, history, curves, grid, {
-            "script": SCRIPT, **{key: part.state_dict() for key, part in parts.items()}, "epoch": epoch,
-            "args": vars(args), "image_shape": list(dataset.image_shape), "classes": dataset.classes,
-            **data.random_states(device)})
-
-    if args.fid and rank == 0:
-        labels = torch.arange(args.fid) % num_classes  # classes balanced, as in MNIST-like data
-        data.report_fid(lambda: generate_images(G_average, labels, args.latent_dim, device, seed=args.seed + 1),
-                        dataset, device)
-
-
-@torch.no_grad()
-def d_accuracy(D, G, real_sets, latent_dim, num_classes, threshold, n=1000):
-    """How often D is right, in eval mode: the share of each set of real images it calls real (output > threshold),
-    and of n fresh fakes from the raw generator (not its average, which D never saw) that it calls fake. A training
-    share that pulls away from the held-out share means D is memorising the training images (Karras et al. 2020).
-    real_sets: name -> (uint8 images, labels) on the device, or None where there is no such set."""
-    D.eval(), G.eval()
-    device = next(D.parameters()).device
-    accuracy = {}
-    for name, images_and_labels in real_sets.items():
-        if images_and_labels is None:
-            accuracy[name] = ""  # a folder has no held-out split
-            continue
-        images, labels = images_and_labels
-        logits = torch.cat([D(data.to_float(chunk), classes)
-                            for chunk, classes in zip(images[:n].split(250), labels[:n].split(250))])
-        accuracy[name] = f"{(logits > threshold).float().mean().item():.4f}"
-    labels = torch.randint(max(num_classes, 1), (n,), device=device)
-    fake_logits = torch.cat([D(G(torch.randn(len(classes), latent_dim, device=device), classes),
-                               classes) for classes in labels.split(250)])
-    accuracy["d_acc_fake"] = f"{(fake_logits <= threshold).float().mean().item():.4f}"
-    D.train(), G.train()
-    return accuracy
-
-
-def build_models(args, image_shape, num_classes):
-    G = Generator(args.latent_dim, num_classes, image_shape)
-    D = Discriminator(image_shape, num_classes)
-    return G, D
-
-
-# Copied from gan.make_optimizers
-def make_optimizers(args, G, D):
-    """Adam with beta1 = 0.5 (DCGAN's setting): the default 0.9 makes the two players' momentum overshoot."""
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    return opt_g, opt_d
-
-
-@torch.no_grad()
-def generate_images(G, labels, latent_dim, device, seed, batch_size=500):
-    """One image per label, as uint8 [n, C, H, W], made in batches by G in eval mode (BatchNorm uses its running
-    averages)."""
-    G.eval()
-    noise = torch.Generator().manual_seed(seed)
-    images = [data.to_uint8(G(torch.randn(len(chunk), latent_dim, generator=noise).to(device), chunk.to(device)))
-              .cpu() for chunk in labels.split(batch_size)]
-    return torch.cat(images)
-
-
-def generate(args):
-    checkpoint = load_checkpoint(args.out)
-    saved = argparse.Namespace(**checkpoint["args"])
-    num_classes = len(checkpoint["classes"])
-    if args.label is not None and not 0 <= args.label < num_classes:
-        raise UsageError(f"--label {args.label} is not a class of this model (0..{num_classes - 1})")
-    G, _ = build_models(saved, checkpoint["image_shape"], num_classes)
-    data.restore(G, checkpoint["generator_average"], checkpoint, "generator")
-    labels = torch.full((args.generate,), args.label) if args.label is not None else torch.arange(args.generate)
-    labels = labels % num_classes  # without --label: classes in turn
-    data.save_samples(args.out, generate_images(G.to(args.device), labels, saved.latent_dim, args.device,
-                                                seed=args.seed), labels)
-
-
-# Copied from gan.default_size
-def default_size(args):
-    """The named datasets' own 28x28; 32x32 for a folder (an MLP's input grows with the square of the side)."""
-    return 28 if args.dataset in data.DATASETS else 32
-
-
-# Copied from gan.MODEL_SETTINGS
-MODEL_SETTINGS = ("image_size", "latent_dim", "loss")  # what the weights were made for
-# Copied from gan.RESUME_SETTINGS
-RESUME_SETTINGS = (*MODEL_SETTINGS, "batch_size", "lr", "seed", "average_decay",
-                   "train_images", "augment", "augment_policy", "ada_target")  # what --resume keeps
-
-
-def parse_args(argv):
-    p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
-    p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
-    p.add_argument("--epochs", type=int, default=20, help="total passes over the training set (default 20)")
-    # Small batches and a learning rate above DCGAN's 2e-4: more, larger steps for these small MLPs; the moving
-    # average of G absorbs the extra noise. Measured best of bs 32/64 x lr 2e-4/5e-4 on MNIST in 20 epochs.
-    p.add_argument("--batch-size", type=int, default=32, help="images per step, over all processes (default 32)")
-    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of G and D (default 5e-4)")
-    p.add_argument("--latent-dim", type=int, default=64, help="size of the noise vector z (default 64)")
-    p.add_argument("--image-size", type=int, help="side of the square images; the MLPs take C*S*S inputs "
-                                                  "(default 28 for mnist/fashion-mnist, 32 for a folder)")
-    p.add_argument("--loss", default="non-saturating", choices=list(LOSSES), metavar="LOSS", help=(
-        "the GAN loss (default non-saturating). non-saturating: G minimises -log D(G(z)); "
-        "minimax: G minimises log(1 - D(G(z))), Goodfellow et al.'s original; "
-        "lsgan: least squares on D's raw output (Mao et al.); "
-        "hinge: D minimises relu(1 - D(x)) + relu(1 + D(G(z))), G maximises D(G(z)) (Lim & Ye)"))
-    p.add_argument("--average-decay", type=float, default=0.999,
-                   help="decay of the moving average of G's weights that samples are drawn from (default 0.999)")
-    add_augment_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--out", default=os.path.join("runs", "cgan"), help="the run's folder (default runs/cgan)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--generate", type=int, metavar="N", help="no training: write N images to OUT/samples.npz")
-    p.add_argument("--label", type=int, metavar="K", help="with --generate: only class K (default: all in turn)")
-    p.add_argument("--fid", type=int, metavar="N", help="after training, FID of N generated vs the real images")
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
-    p.add_argument("--amp", action="store_true", help="mixed precision: float16 + loss scaling on CUDA, bfloat16 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile G and D (pays off on GPUs)")
-    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the "
-                                                          "global batch (default: each process's own share)")
-    args = p.parse_args(argv)
-    check_args(args, {"epochs": at_least(1), "batch_size": at_least(1), "latent_dim": at_least(1),
-                      "image_size": at_least(1), "log_every": at_least(1), "generate": at_least(1), "fid": at_least(2),
-                      "seed": SEED, "lr": POSITIVE, "average_decay": DECAY,
-                      "train_images": at_least(1), "ada_target": OPEN_UNIT})
-    if args.label is not None and args.generate is None:
-        raise UsageError(f"--label {args.label}: only with --generate N")
-    return args
-
-
-# ================================================================================================================
-# Run machinery: checked copies of gan.py's originals, where it is explained; test_gans.py fails when one drifts.
-
-# Copied from gan.UsageError
-class UsageError(Exception):
-    """Bad flags, an unusable checkpoint: reported as one line, exit status 2."""
-
-
-# Copied from gan.ArgumentParser
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other bad input (no usage block)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-# Copied from gan.at_least
-def at_least(least):
-    return lambda value: value >= least, f"must be at least {least}"
-
-
-# Copied from gan.POSITIVE
-POSITIVE = (lambda value: math.isfinite(value) and value > 0, "must be a positive number")
-# Copied from gan.DECAY
-DECAY = (lambda value: 0 <= value < 1, "must be in [0, 1)")
-# Copied from gan.SEED
-SEED = (lambda value: 0 <= value < 2 ** 32, f"must be in 0..{2 ** 32 - 1}")
-# Copied from gan.OPEN_UNIT
-OPEN_UNIT = (lambda value: 0 < value < 1, "must be in (0, 1)")  # --ada-target
-
-
-# Copied from gan.augment_policy
-def augment_policy(text):
-    """--augment-policy: a comma list of data.AUGMENTATIONS' names, in the order they are applied."""
-    names = tuple(name.strip() for name in text.split(","))
-    unknown = [name for name in names if name not in data.AUGMENTATIONS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown augmentation '{unknown[0]}': use a comma list of "
-                                         + ", ".join(data.AUGMENTATIONS))
-    return names
-
-
-# Copied from gan.add_augment_args
-def add_augment_args(p):
-    """The small-data flags of every script: --train-images and --augment's three (data.py's augment does the work:
-    each operation applied to every image D sees, real or fake, in D's step and in G's, differentiably)."""
-    p.add_argument("--train-images", type=int, metavar="N", help=(
-        "train on the first N training images only (all of them if N is larger); the held-out split is unchanged"))
-    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help=(
-        "augment every image D sees (default none). diffaug: always (Zhao et al. 2020); ada: each operation with "
-        "a probability p, raised while E[sign(D(x_train))] is above --ada-target, lowered while below (Karras et "
-        "al. 2020). Turn it on for a few thousand images or fewer"))
-    p.add_argument("--augment-policy", type=augment_policy, metavar="LIST", help=(
-        "comma list of color, translation, cutout (default all three for colour images, translation,cutout for "
-        "grayscale; color on grayscale is brightness and contrast)"))
-    p.add_argument("--ada-target", type=float, default=0.6, help="ADA's target for E[sign(D(x_train))], in (0, 1) "
-                                                                 "(default 0.6, the paper's)")
-
-
-# Copied from gan.check_args
-def check_args(args, rules):
-    """Before anything is loaded: every number flag against its rule (flag -> (test, what it must be); an unset flag
-    passes), then the device, and --sync-bn only where it works. One line naming the flag."""
-    for name, (test, must) in rules.items():
-        value = getattr(args, name)
-        if value is not None and not test(value):
-            raise UsageError(f"--{name.replace('_', '-')} {value}: {must}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: this torch {torch.__version__} sees no CUDA GPU")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
-    if args.sync_bn and (device.type != "cuda" or int(os.environ.get("WORLD_SIZE", 1)) == 1):
-        raise UsageError("--sync-bn: needs CUDA and torchrun (PyTorch's SyncBatchNorm has no CPU version)")
-
-
-# Copied from gan.setup_distributed
-def setup_distributed(args):
-    """Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK): join the process group, NCCL on CUDA with one GPU
-    per process, gloo on the CPU. Returns (rank, world_size); (0, 1) without torchrun, where nothing changes."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1
-    if args.batch_size % world_size:
-        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
-    if args.device.startswith("cuda"):
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible")
-        args.device = f"cuda:{local_rank}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world_size
-
-
-# Copied from gan.average_gradients
 def average_gradients(model):
-    """Under torchrun: replace every gradient by its mean over the processes, in one flat all-reduce."""
+    """Under torchrun, each gradient becomes its mean over the processes (one flat all-reduce; why by hand: gan.py)."""
     if not dist.is_initialized():
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -512,110 +90,274 @@ def average_gradients(model):
         grad.copy_(mean.view_as(grad))
 
 
-# Copied from gan.replicas_agree
-def replicas_agree(*models):
-    """True when every process holds the same weights: a float64 checksum per process, compared in one all-reduce."""
-    checksum = sum(p.detach().double().sum() for model in models for p in model.parameters())
-    extremes = torch.stack([checksum, -checksum])
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    return bool(extremes[0] == -extremes[1])  # max == min
+def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, augment=None, amp=False):
+    """gan.py's alternating update. The fakes are drawn for the real batch's labels: D sees the same classes in both
+    halves and can tell them apart only by the images. Returns the losses, D(x) and D(G(z)) as one device tensor."""
+    shown = augment or (lambda images: images)  # what D is shown of an image
+    cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
+    z = torch.randn(len(real), latent_dim, device=real.device)
+    with torch.autocast(real.device.type, cast, enabled=amp):
+        fake = G(z, labels)
+        real_logits, fake_logits = D(shown(real), labels).float(), D(shown(fake.detach()), labels).float()
+        loss_d = d_loss(real_logits, fake_logits)
+    opt_d.zero_grad(set_to_none=True)
+    scaler.scale(loss_d).backward()
+    average_gradients(D)
+    scaler.step(opt_d)
+    if augment:  # ADA's p moves by what D said of the reals
+        augment.observe(real_logits.detach())
+
+    D.requires_grad_(False)  # G's backward passes through D to the image without filling D's gradients
+    with torch.autocast(real.device.type, cast, enabled=amp):
+        loss_g = g_loss(D(shown(fake), labels).float())
+    opt_g.zero_grad(set_to_none=True)
+    scaler.scale(loss_g).backward()
+    average_gradients(G)
+    scaler.step(opt_g)
+    scaler.update()
+    D.requires_grad_(True)
+    return torch.stack([loss_d.detach(), loss_g.detach(), real_logits.detach().sigmoid().mean(),
+                        fake_logits.detach().sigmoid().mean()])
 
 
-# Copied from gan.autocast
-def autocast(device, scaler):
-    """Mixed precision when --amp is on: float16 with loss scaling on CUDA, bfloat16 (no scaling needed) on CPU."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=scaler.amp)
+@torch.no_grad()
+def update_average(G_average, G, step, decay):
+    """The moving average of G's weights that samples come from (why: gan.py)."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for average, current in zip(G_average.parameters(), G.parameters()):
+        average.lerp_(current, 1 - decay)
+    for average, current in zip(G_average.buffers(), G.buffers()):  # BatchNorm's running statistics
+        average.copy_(current)
 
 
-# Copied from gan.start_run
-def start_run(args, rank):
-    """The checkpoint to resume (its settings applied to args), the output folder checked, then the training data
-    and the held-out split (None for a folder of images)."""
-    checkpoint = load_checkpoint(args.out) if args.resume else None
-    if checkpoint:
-        resume_settings(args, checkpoint)
-    args.image_size = args.image_size or default_size(args)
+@torch.no_grad()
+def d_accuracy(D, G, reals, latent_dim, num_classes, n=1000):
+    """The share of up to n training and n held-out images (each with its label) D calls real, and of n fresh fakes
+    of the raw G (random labels) it calls fake (why: gan.py)."""
+    D.eval(), G.eval()
+    device = next(D.parameters()).device
+    share = {name: pair is not None and torch.cat([D(data.to_float(x.to(device)), y.to(device)) > 0 for x, y in
+                                                   zip(pair[0][:n].split(250), pair[1][:n].split(250))]).float().mean()
+             for name, pair in reals.items()}
+    labels = torch.randint(num_classes, (n,), device=device)
+    share["d_acc_fake"] = torch.cat([D(G(torch.randn(len(y), latent_dim, device=device), y), y) <= 0
+                                     for y in labels.split(250)]).float().mean()
+    D.train(), G.train()
+    return {name: f"{value:.4f}" if value is not False else "" for name, value in share.items()}
+
+
+def train(args):
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    if world_size > 1:  # NCCL with one GPU a process, or gloo on CPUs
+        if args.batch_size % world_size:
+            raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    device = torch.device(args.device)
+    checkpoint = load_checkpoint(args) if args.resume else None
+    args.image_size = args.image_size or (28 if args.dataset in data.DATASETS else 32)
     if rank == 0:
-        data.prepare_out(args.out)
+        data.prepare_out(args.out)  # writable, and no other run writing there
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
-    if args.train_images:  # a small-data run: the first N images (their order is the file's, fixed)
-        dataset.images, dataset.labels = dataset.images[:args.train_images], dataset.labels[:args.train_images]
-    held_out = (data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
-                if args.dataset in data.DATASETS else None)
-    return checkpoint, dataset, held_out
+    dataset.images, dataset.labels = dataset.images[:args.train_images], dataset.labels[:args.train_images]
+    held_out = data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
+    num_classes = dataset.num_classes
+
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    G = Generator(args.latent_dim, num_classes, dataset.image_shape).to(device)
+    D = Discriminator(dataset.image_shape, num_classes).to(device)
+    G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))  # beta1 0.5: why in gan.py
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    augment = data.make_augmentation(args.augment, dataset.image_shape[0], device)
+    parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d,
+             **({"augment": augment} if augment else {})}
+    start_epoch, history = data.resume(checkpoint, parts, device) if checkpoint else (0, [])  # weights, RNG, log
+    G_fast, D_fast = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)  # sharing G's and D's weights
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+
+    batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
+    # The grid: one row per class, the same noise down each column (one style drawn as every class).
+    grid_noise = torch.randn(10, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    grid_noise = grid_noise.repeat(num_classes, 1).to(device)
+    grid_labels = torch.arange(num_classes).repeat_interleave(10).to(device)
+    reals = {"d_acc_real_train": (dataset.images, dataset.labels),
+             "d_acc_real_test": held_out and (held_out.images, held_out.labels)}
+    names = ["d_loss", "g_loss", "d_real", "d_fake"]
+    if rank == 0:
+        print(f"{len(dataset.images)} images {dataset.image_shape} in {num_classes} classes from {dataset.source}, "
+              f"{len(batches)} steps an epoch, {device} x {world_size}, epochs {start_epoch + 1}..{args.epochs}")
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        if rank > 0:  # every process its own noise, from a stream fixed by (seed, rank, epoch) for --resume
+            torch.manual_seed(args.seed * 1_000_003 + rank * 1009 + epoch)
+        started, totals = time.time(), torch.zeros(len(names), device=device)
+        for i, (real, labels) in enumerate(batches.epoch(epoch), 1):
+            real, labels = real.tensor_split(world_size)[rank], labels.tensor_split(world_size)[rank]
+            totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler, augment,
+                                 args.amp)
+            update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
+            if i % args.log_every == 0 or i == len(batches):
+                means = totals / i
+                if world_size > 1:
+                    dist.all_reduce(means.div_(world_size))
+                means = means.tolist()  # the only sync with the device, every --log-every steps
+                if not all(map(math.isfinite, means)):
+                    raise FloatingPointError(f"the losses became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch}")
+                if rank == 0:
+                    print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} g_loss "
+                          f"{means[1]:.3f} | D(x) {means[2]:.2f} D(G(z)) {means[3]:.2f} | "
+                          f"{i * args.batch_size / (time.time() - started):.0f} img/s", flush=True)
+        if rank > 0:
+            continue
+        seconds = time.time() - started
+        accuracy = d_accuracy(D, G, reals, args.latent_dim, num_classes)
+        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{len(dataset.images) / seconds:.1f}",
+                        "augment_p": f"{augment.p.item() if augment else 0:.4f}"})
+        with torch.no_grad():
+            grid = G_average.eval()(grid_noise, grid_labels)
+        data.save_epoch(args.out, epoch, history, ["d_loss", "g_loss"] + ["augment_p"] * (args.augment == "ada"),
+                        grid, {"script": SCRIPT, "epoch": epoch, "args": vars(args), "history": history,
+                               "image_shape": list(dataset.image_shape), "classes": dataset.classes,
+                               **{key: part.state_dict() for key, part in parts.items()}, **data.random_states(device)})
+    if args.fid and rank == 0:  # fid.py is imported only here: only --fid needs it
+        import fid
+        labels = torch.arange(args.fid) % num_classes  # every class equally often
+        try:
+            print(fid.report(generate_images(G_average, labels, args.latent_dim, device, args.seed + 1),
+                             dataset.images[:10_000], device, cache_dir=dataset.cache_dir))
+        except fid.FIDError as e:
+            raise UsageError(f"--fid: {e}") from None
 
 
-# Copied from gan.load_checkpoint
-def load_checkpoint(out):
-    """OUT/checkpoint.pt, refused (one line naming both scripts) unless its "script" field names this script."""
-    checkpoint = data.read_checkpoint(out)
-    written_by = checkpoint.get("script")
-    if written_by != SCRIPT:
-        saved = checkpoint["args"]
-        settings = " ".join(f"--{k.replace('_', '-')} {saved[k]}"
-                            for k in ("image_size", "width", "latent_dim", "conditional", "loss") if k in saved)
-        raise UsageError(f"{checkpoint['path']} was written by {written_by or 'an unknown script (no script field)'}"
-                         f" with {settings}; this is {SCRIPT}")
-    return checkpoint
+@torch.no_grad()
+def generate_images(G, labels, latent_dim, device, seed, batch_size=500):
+    """One image per label as uint8 (n, C, H, W), from G in eval mode (BatchNorm's running statistics)."""
+    G.eval()
+    noise = torch.Generator().manual_seed(seed)
+    return torch.cat([data.to_uint8(G(torch.randn(len(y), latent_dim, generator=noise).to(device), y.to(device)))
+                      .cpu() for y in labels.split(batch_size)])
 
 
-# Copied from gan.resume_settings
-def resume_settings(args, checkpoint):
-    """The run's own settings win over the defaults; a flag given with another value is refused, not ignored."""
-    defaults = vars(parse_args([]))
-    for key in RESUME_SETTINGS:
-        saved = checkpoint["args"].get(key, defaults[key])
-        if getattr(args, key) not in (saved, defaults[key]):
-            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: {checkpoint['path']} was written "
-                             f"with --{key.replace('_', '-')} {saved}, which --resume keeps")
-        setattr(args, key, saved)
-    if args.epochs <= checkpoint["epoch"]:
-        raise UsageError(f"--epochs {args.epochs}: {checkpoint['path']} is already at epoch {checkpoint['epoch']}; "
-                         f"--epochs counts the total")
+def generate(args):
+    checkpoint = load_checkpoint(args)
+    saved, num_classes = argparse.Namespace(**checkpoint["args"]), len(checkpoint["classes"])
+    if args.label is not None and args.label >= num_classes:
+        raise UsageError(f"--label {args.label}: this model's classes are 0..{num_classes - 1}")
+    G = Generator(saved.latent_dim, num_classes, checkpoint["image_shape"]).to(args.device)
+    G.load_state_dict(checkpoint["generator_average"])
+    labels = torch.full((args.generate,), args.label) if args.label is not None else torch.arange(args.generate)
+    labels %= num_classes  # without --label: the classes in turn
+    data.save_samples(args.out, generate_images(G, labels, saved.latent_dim, args.device, args.seed), labels)
 
 
-# Copied from gan.Stopped
-class Stopped(KeyboardInterrupt):
-    """SIGTERM, a scheduler's stop: unwinds like Ctrl-C, with exit status 143 (128 + 15)."""
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: every bad flag or file is one line and exit status 2
+
+class UsageError(Exception):
+    pass
 
 
-# Copied from gan.stop
+class Stopped(KeyboardInterrupt):  # SIGTERM, a scheduler's stop: unwinds like Ctrl-C, exit status 143
+    pass
+
+
 def stop(signum, frame):
     raise Stopped
 
 
-# Copied from gan.main
+KEPT = ("image_size", "latent_dim", "batch_size", "lr", "seed", "average_decay", "train_images", "augment")
+
+
+def load_checkpoint(args):
+    """OUT/checkpoint.pt, if this script wrote it. --resume takes the run's own settings (KEPT) over the defaults."""
+    checkpoint = data.read_checkpoint(args.out)
+    if checkpoint.get("script") != SCRIPT:
+        raise UsageError(f"{checkpoint['path']} was written by {checkpoint.get('script', 'another program')}")
+    defaults = vars(parse_args([]))
+    for key in KEPT if args.resume else ():
+        if getattr(args, key) not in (checkpoint["args"][key], defaults[key]):
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: the run in {args.out} has "
+                             f"{checkpoint['args'][key]}, which --resume keeps")
+        setattr(args, key, checkpoint["args"][key])
+    if args.resume and args.epochs <= checkpoint["epoch"]:
+        raise UsageError(f"--epochs {args.epochs}: the run has {checkpoint['epoch']} already (the total counts)")
+    return checkpoint
+
+
+def number(kind, low, high=math.inf):
+    """An argparse type: a number of this kind in [low, high), else one line naming the range."""
+    def check(text):
+        if not low <= kind(text) < high:
+            raise argparse.ArgumentTypeError(f"{text} is not in [{low}, {high})")
+        return kind(text)
+    check.__name__ = kind.__name__  # for argparse's "invalid int value"
+    return check
+
+
+COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, no usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv):
+    p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of class folders")
+    p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
+    p.add_argument("--epochs", type=COUNT, default=20, help="total passes over the training set (default 20)")
+    # Small batches at 5e-4, above DCGAN's 2e-4: the best of batch 32/64 x lr 2e-4/5e-4 on MNIST in 20 epochs.
+    p.add_argument("--batch-size", type=COUNT, default=32, help="images a step, over all processes (default 32)")
+    p.add_argument("--lr", type=RATE, default=5e-4, help="Adam's learning rate, G and D (default 5e-4)")
+    p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
+    p.add_argument("--image-size", type=COUNT, help="side of the images (default 28 for mnist/fashion-mnist, else 32)")
+    p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
+    p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "
+                   "sees, always (diffaug) or adaptively (ada): for a few thousand images or fewer (default none)")
+    p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--out", default=os.path.join("runs", "cgan"), help="the run's folder (default runs/cgan)")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT (--epochs counts the total)")
+    p.add_argument("--generate", type=COUNT, metavar="N", help="no training: N images, labels to OUT/samples.npz")
+    p.add_argument("--label", type=number(int, 0), metavar="K", help="with --generate: class K only (default all)")
+    p.add_argument("--fid", type=number(int, 2), metavar="N", help="after training, FID and KID of N samples")
+    p.add_argument("--log-every", type=COUNT, default=50, help="steps between progress lines (default 50)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on a CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile G and D (pays off on GPUs)")
+    args = p.parse_args(argv)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or args.device != "cpu" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: use cpu, or cuda, cuda:1, ... where torch sees a GPU")
+    if args.label is not None and not args.generate:
+        p.error(f"--label {args.label}: only with --generate N")
+    return args
+
+
 def main(argv=None):
-    rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 reports, so one error is one line
     args, status, message = None, 0, None
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         args = parse_args(argv)
-        if args.generate is None:
-            train(args, *setup_distributed(args))
-        elif int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise UsageError("--generate runs in one process: start it with python, not torchrun")
-        else:
-            generate(args)
+        generate(args) if args.generate else train(args)
     except (data.DataError, UsageError) as e:
         status, message = 2, f"{SCRIPT}: error: {e}"
     except FloatingPointError as e:
-        status, message = 1, f"\n{SCRIPT}: training diverged: {e}; the last good checkpoint is kept in {args.out}"
+        status, message = 1, f"{SCRIPT}: training diverged: {e}; {args.out}/checkpoint.pt holds the last good epoch"
     except torch.cuda.OutOfMemoryError:
-        status, message = 2, (f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size"
-                              + (" or --width" if hasattr(args, "width") else ""))
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM by way of stop(), at any moment, start-up included
-        status, what = (143, "stopped by SIGTERM") if isinstance(e, Stopped) else (130, "interrupted")
-        message = f"\n{what}"
-        if args is not None and args.generate is None:  # training, or starting to
-            message += (f": {args.out}/checkpoint.pt holds the last finished epoch; --resume continues"
-                        if os.path.isfile(os.path.join(args.out, "checkpoint.pt")) else ": no epoch was finished")
+        status, message = 2, f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size"
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM, at any moment: the last finished epoch is on disk
+        status, message = (143, "stopped by SIGTERM") if isinstance(e, Stopped) else (130, "interrupted")
+        message += f": --resume continues from {args.out}'s last finished epoch" if args and not args.generate else ""
     finally:
         signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
-    if message and rank == 0:
+    if message and int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one error is one line
         print(message, file=sys.stderr)
     return status
 
