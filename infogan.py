@@ -125,9 +125,8 @@ def g_loss(fake_logits):
 
 
 def information_loss(q, code_cat, code_cont, lambda_cat, lambda_cont):
-    """The negative information bound, weighted (the codes' entropies, the rest of it, depend on neither G nor Q):
-    -log Q(c | x) of the codes G was given, for images drawn with them; q = D(images, recognise=True)[1]. Returns
-    (weighted total, categorical term, continuous term), each averaged over the batch.
+    """The negative information bound, weighted: -log Q(c | x) of the codes the images were drawn with (the codes'
+    entropies, the rest of it, depend on neither G nor Q); q = D(images, recognise=True)[1]. -> (total, cat, cont).
     The continuous codes' Gaussian has unit variance, as in the paper's code: a learned one shrinks on codes Q reads
     well, and they then carry the digit itself (75% code-digit agreement on MNIST against 80-94%); so does a weight
     of 1 instead of --lambda-cont 0.1 (4 <-> 9, 1 <-> 8 along the sweeps)."""
@@ -238,8 +237,7 @@ def train(args):
     D = Discriminator(args.categories, args.continuous, size, channels, args.width)
     G, D = G.apply(init_weights).to(device), D.apply(init_weights).to(device)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
-    # The paper's Adam: beta1 0.5, lr 2e-4 for D, 1e-3 for G; Q's own layers at G's rate, since they chase G's
-    # rendering of the codes (the codes then matched the digits a little more often than with Q at D's rate).
+    # The paper's Adam: lr 2e-4 for D, 1e-3 for G; Q's own layers chase G's drawing of the codes: G's rate.
     opt_d = torch.optim.Adam([{"params": [*D.body.parameters(), *D.logit.parameters()]},
                               {"params": D.q.parameters(), "lr": args.lr_g}], lr=args.lr, betas=(0.5, 0.999))
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
@@ -424,8 +422,7 @@ def parse_args(argv):
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "
                    "sees, always (diffaug) or adaptively (ada): for a few thousand images or fewer (default none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default=os.path.join("runs", "infogan"), help="the run's folder (default runs/infogan)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (--epochs counts the total)")
     p.add_argument("--generate", type=COUNT, metavar="N", help="no training: N images, codes to OUT/samples.npz")
