@@ -256,12 +256,8 @@ class UsageError(Exception):  # bad flags or an unusable checkpoint: one line, e
     pass
 
 
-class Stopped(KeyboardInterrupt):  # SIGTERM, a scheduler's stop: unwinds like Ctrl-C, exit status 143
-    pass
-
-
-def stop(signum, frame):
-    raise Stopped
+def stop(signum, frame):  # SIGTERM, a scheduler's stop: unwinds like Ctrl-C, with exit status 143
+    raise KeyboardInterrupt("SIGTERM")
 
 
 KEPT = ("image_size", "latent_dim", "loss", "batch_size", "lr", "seed", "average_decay", "train_images", "augment")
@@ -346,7 +342,7 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         status, message = 2, f"{SCRIPT}: error: out of GPU memory on {args.device}: lower --batch-size"
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM, at any moment: the last finished epoch is on disk
-        status, message = (143, "stopped by SIGTERM") if isinstance(e, Stopped) else (130, "interrupted")
+        status, message = (143, "stopped by SIGTERM") if e.args == ("SIGTERM",) else (130, "interrupted")
         message += f": --resume continues from {args.out}'s last finished epoch" if args and not args.generate else ""
     finally:
         signal.signal(signal.SIGTERM, previous)
