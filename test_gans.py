@@ -273,6 +273,14 @@ def test_label_on_an_unconditional_model_exits_2(name, trained, tmp_path, capsys
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
+def test_resume_without_flags_continues_with_the_runs_own_settings(name, trained, mnist, tmp_path):
+    out = copy_run(trained(name) / "full", tmp_path / "run")
+    assert exit_code(name, "--data-dir", mnist, "--out", out, "--log-every", 1000, "--resume", "--epochs", 3) == 0
+    checkpoint = load(out / "checkpoint.pt")
+    assert checkpoint["epoch"] == 3 and checkpoint["args"]["latent_dim"] == 8
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_a_flag_contradicting_the_resumed_run_exits_2(name, trained, tmp_path, capsys):
     out = copy_run(trained(name) / "full", tmp_path / "run")
     assert exit_code(name, "--out", out, "--resume", "--epochs", 3, *TINY[name], "--latent-dim", 12) == 2
@@ -304,7 +312,8 @@ def test_resume_with_the_epochs_already_done_exits_2(name, trained, tmp_path, ca
 BAD_FLAGS = [["--epochs", 0], ["--epochs", -1], ["--epochs", "ten"], ["--batch-size", 0], ["--lr", 0],
              ["--lr", -1e-4], ["--lr", "nan"], ["--latent-dim", 0], ["--log-every", 0], ["--generate", 0],
              ["--fid", 1], ["--average-decay", 1], ["--average-decay", -0.1], ["--seed", -1], ["--train-images", 0],
-             ["--image-size", 0], ["--augment", "sometimes"], ["--device", "tpu"], ["--no-such-flag"]]
+             ["--image-size", 0], ["--augment", "sometimes"], ["--device", "tpu"], ["--no-such-flag"],
+             ["--label", 1]]  # --label: only with --generate
 SCRIPT_BAD_FLAGS = {"dcgan": [["--width", 0], ["--loss", "wasserstein"], ["--image-size", 48]],
                     "wgan_gp": [["--width", 0], ["--n-critic", 0], ["--gp-weight", -1]],
                     "gan": [["--loss", "wasserstein"]]}
@@ -335,7 +344,8 @@ def test_unknown_dataset_or_empty_folder_exits_2_naming_it(name, tmp_path, capsy
 
 
 def break_train_step(monkeypatch, name, what):
-    """From now on, each train_step of the script returns NaN losses (what="nan") or is interrupted by Ctrl-C."""
+    """From now on, each train_step of the script returns NaN losses (what="nan"), is interrupted by Ctrl-C or runs
+    out of GPU memory."""
     step = MODULES[name].train_step
 
     def poison(result):
@@ -348,6 +358,8 @@ def break_train_step(monkeypatch, name, what):
     def broken(*args, **kwargs):
         if what == "ctrl-c":
             raise KeyboardInterrupt
+        if what == "oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return poison(step(*args, **kwargs))
     monkeypatch.setattr(MODULES[name], "train_step", broken)
 
@@ -370,6 +382,14 @@ def test_ctrl_c_exits_130_with_one_line_keeping_the_last_finished_epoch(name, tr
     assert train(name, out, mnist, "--resume", "--epochs", 3) == 130
     one_line_error(capsys, "--resume")
     assert (out / "checkpoint.pt").read_bytes() == before  # epoch 2's, whole
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_out_of_gpu_memory_exits_2_with_one_line(name, trained, mnist, tmp_path, capsys, monkeypatch):
+    out = copy_run(trained(name) / "full", tmp_path / "run")
+    break_train_step(monkeypatch, name, "oom")
+    assert train(name, out, mnist, "--resume", "--epochs", 3) == 2
+    one_line_error(capsys, "out of GPU memory", "--batch-size")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -442,11 +462,12 @@ def child_main(name, argv, err_path):
 
 @pytest.fixture(scope="module")
 def forkserver():
-    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
-                                                os.environ.get("PYTHONPATH", "")])
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "data", *SCRIPTS, __name__])
-    return context
+    with pytest.MonkeyPatch.context() as patch:  # the server starts at the first child, finding this file's folder
+        patch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
+                                                   os.environ.get("PYTHONPATH", "")]))
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "torch._dynamo", *SCRIPTS, __name__])  # Adam imports torch._dynamo
+        yield context
 
 
 def start_child(forkserver, name, data_dir, out, epochs=1000):
@@ -492,10 +513,11 @@ def test_a_second_run_into_the_same_out_exits_2_with_one_line(name, stopped):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_sigterm_exits_143_with_one_line_keeping_the_last_finished_epoch(name, stopped):
+def test_sigterm_exits_143_with_one_line_and_the_last_finished_epoch_resumes(name, stopped, mnist):
     out, _, _, exit_status, err = stopped(name)
     assert exit_status == 143 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert data.read_checkpoint(out)["epoch"] >= 1
+    epoch = load(out / "checkpoint.pt")["epoch"]
+    assert train(name, out, mnist, "--resume", "--epochs", epoch + 1) == 0
 
 
 @pytest.mark.slow
@@ -590,7 +612,7 @@ def torchrun(tmp_path_factory, mnist):
            "TINY": json.dumps({name: [str(flag) for flag in flags] for name, flags in TINY.items()})}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(root / "worker.py"), ",".join(SCRIPTS), mnist, str(root)]
-    launch = subprocess.run(command, cwd=here, env=env, capture_output=True, text=True, timeout=240)
+    launch = subprocess.run(command, cwd=here, env=env, capture_output=True, text=True, timeout=180)
     results = {}
     for name in SCRIPTS:
         paths = [root / f"{name}.rank{rank}.json" for rank in (0, 1)]
