@@ -316,9 +316,18 @@ BAD_FLAGS = [["--epochs", 0], ["--epochs", -1], ["--epochs", "ten"], ["--batch-s
              ["--fid", 1], ["--average-decay", 1], ["--average-decay", -0.1], ["--seed", -1], ["--train-images", 0],
              ["--image-size", 0], ["--augment", "sometimes"], ["--device", "tpu"], ["--no-such-flag"],
              ["--label", 1]]  # --label: only with --generate
-SCRIPT_BAD_FLAGS = {"dcgan": [["--width", 0], ["--loss", "wasserstein"], ["--image-size", 48]],
-                    "wgan_gp": [["--width", 0], ["--n-critic", 0], ["--gp-weight", -1]],
-                    "gan": [["--loss", "wasserstein"]]}
+SCRIPT_BAD_FLAGS = {
+    "gan": [["--loss", "wasserstein"]],
+    "dcgan": [["--width", 0], ["--loss", "wasserstein"], ["--image-size", 48], ["--lr-g", 0], ["--r1-gamma", -1]],
+    "wgan_gp": [["--width", 0], ["--n-critic", 0], ["--gp-weight", -1], ["--clip-value", 0], ["--image-size", 48]],
+    "infogan": [["--width", 0], ["--categories", 0], ["--continuous", -1], ["--lambda-cat", -1], ["--lr-g", 0]],
+    "acgan": [["--width", 0], ["--class-weight", -1], ["--image-size", 16], ["--class-loss", "both"]],
+    "began": [["--width", 0], ["--convs", 0], ["--gamma", 0], ["--lambda-k", -1], ["--image-size", 48]],
+    "lapgan": [["--width", 0], ["--image-size", 48]],
+    "biggan": [["--width", 0], ["--d-steps", 0], ["--ortho-beta", -1], ["--shared-dim", -1], ["--image-size", 48]],
+    "stylegan": [["--width", 0], ["--style-mixing", 1.5], ["--r1-gamma", -1], ["--mbstd-group", 0],
+                 ["--image-size", 48]],
+}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -435,6 +444,13 @@ def test_an_rgb_folder_with_class_subfolders_trains_with_empty_held_out_cells(na
     row = read_metrics(out)[0]
     empty = [column for column in row if D_MEASURE.get(name, "acc") in column and row[column] == ""]
     assert empty and all(read_metrics(trained(name) / "full")[0][column] != "" for column in empty)
+
+
+@pytest.mark.parametrize("name", [name for name in CONDITIONAL if name not in ("infogan", "lapgan")])
+def test_a_conditional_models_grid_has_a_row_per_class(name, folder_run):
+    """(infogan's rows are its code's values, lapgan's each class at each pyramid level: their own tests)"""
+    grid = Image.open(folder_run(name) / "samples" / "epoch_001.png")
+    assert grid.height == 2 + 3 * (32 + 2)  # three classes of 32x32 images, 2 pixels apart
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
