@@ -5,6 +5,7 @@ import csv
 import gzip
 import inspect
 import io
+import json
 import multiprocessing
 import os
 import random
@@ -255,8 +256,9 @@ def test_generate_writes_samples_npz_and_png(name, trained, tmp_path):
     samples = np.load(out / "samples.npz")
     channels, height, width = load(out / "checkpoint.pt")["image_shape"]
     assert samples["images"].dtype == np.uint8 and samples["images"].shape == (12, height, width, channels)
-    if CONDITIONAL.get(name) == []:
+    if CONDITIONAL.get(name) == []:  # without --label, the classes (infogan: the codes) in turn: all 10 of MNIST's
         assert samples["labels"].dtype == np.int64 and samples["labels"].shape == (12,)
+        assert sorted(set(samples["labels"].tolist())) == list(range(10))
     assert Image.open(out / "samples.png").format == "PNG"
 
 
@@ -623,8 +625,8 @@ def free_port():
 @pytest.fixture(scope="module")
 def torchrun(tmp_path_factory, mnist):
     """Every script under `torchrun --nproc_per_node 2` (gloo, one thread each): train one epoch, --resume a second,
-    then an uneven batch; and average_gradients in the same two-process group. name -> [rank 0's, rank 1's]."""
-    import json
+    then an uneven batch; and average_gradients in the same two-process group. -> (the root of the runs' OUTs,
+    name -> what rank 0 and rank 1 recorded)."""
     root = tmp_path_factory.mktemp("torchrun")
     (root / "worker.py").write_text(textwrap.dedent(TORCHRUN_WORKER))
     here = os.path.dirname(os.path.abspath(__file__))
@@ -633,22 +635,23 @@ def torchrun(tmp_path_factory, mnist):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(root / "worker.py"), ",".join(SCRIPTS), mnist, str(root)]
     launch = subprocess.run(command, cwd=here, env=env, capture_output=True, text=True, timeout=180)
-    results = {}
-    for name in SCRIPTS:
+
+    def ranks(name):
         paths = [root / f"{name}.rank{rank}.json" for rank in (0, 1)]
-        results[name] = [json.loads(p.read_text()) if p.exists() else None for p in paths]
-    return root, results, launch
+        assert all(path.exists() for path in paths), launch.stderr[-3000:]
+        return [json.loads(path.read_text()) for path in paths]
+    return root, ranks
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_torchrun_two_processes_train_rank_0_alone_writes_and_resume_continues(name, torchrun):
-    root, results, launch = torchrun
-    assert None not in results[name], launch.stderr[-3000:]
-    (rank0, rank1) = results[name]
-    assert rank0["train"]["status"] == 0 and rank1["train"]["status"] == 0, rank0["train"]["err"][-2000:]
-    assert rank0["resume"]["status"] == 0 and rank1["resume"]["status"] == 0, rank0["resume"]["err"][-2000:]
-    assert rank1["writes"] == [] and all(rank1[step]["out"] == "" for step in ("train", "resume"))
+    root, ranks = torchrun
+    rank0, rank1 = ranks(name)
+    for step in ("train", "resume"):
+        assert rank0[step]["status"] == 0 and rank1[step]["status"] == 0, rank0[step]["err"] + rank1[step]["err"]
+        assert rank1[step]["out"] == ""  # only rank 0 prints
+    assert rank1["writes"] == []  # and writes
     assert load(root / name / "checkpoint.pt")["epoch"] == 2
     assert [row["epoch"] for row in read_metrics(root / name)] == ["1", "2"]
 
@@ -656,7 +659,7 @@ def test_torchrun_two_processes_train_rank_0_alone_writes_and_resume_continues(n
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_torchrun_a_batch_that_does_not_split_evenly_exits_2_with_one_line(name, torchrun):
-    (rank0, rank1) = torchrun[1][name] if None not in torchrun[1][name] else pytest.fail(torchrun[2].stderr[-3000:])
+    rank0, rank1 = torchrun[1](name)
     assert rank0["uneven"]["status"] == 2 and rank1["uneven"]["status"] == 2
     err = rank0["uneven"]["err"] + rank1["uneven"]["err"]
     assert len(err.strip().splitlines()) == 1 and "--batch-size 15" in err, err
@@ -665,8 +668,7 @@ def test_torchrun_a_batch_that_does_not_split_evenly_exits_2_with_one_line(name,
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_torchrun_two_processes_average_gradients_to_the_whole_batch_gradient(name, torchrun):
-    assert torchrun[1][name][0] and torchrun[1][name][0]["gradients_average"] is True, torchrun[2].stderr[-3000:]
-    assert torchrun[1][name][1]["gradients_average"] is True
+    assert [rank["gradients_average"] for rank in torchrun[1](name)] == [True, True]
 
 
 # ----------------------------------------------------------------------------------------------------------------
