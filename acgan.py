@@ -47,10 +47,8 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Image -> (real/fake logit, class logits, twin class logits): one body of stride-2 convolutions down to 4x4
-    and linear heads on its features. D never sees the label. The heads share every feature: learning the class of
-    real images shapes the features that judge real against fake (Odena et al., sec. 3). twin=False (--class-loss
-    paper) leaves out the twin head, which learns the class of fakes only; forward returns None in its place."""
+    """Image (never its label) -> (real/fake logit, class logits, twin class logits or None): stride-2 convolutions
+    down to 4x4, linear heads on the shared features (learning the classes shapes them: Odena et al., sec. 3)."""
 
     def __init__(self, image_size, channels, width, num_classes, twin=True):
         super().__init__()
@@ -95,18 +93,16 @@ def class_loss(class_logits, labels):
 
 
 def d_loss(real_logits, fake_logits, real_class_logits, fake_class_logits, labels, class_weight=1.0):
-    """D maximises L_S + L_C: the right source of reals and fakes, and the right class of both (for a fake, the class
-    G was asked for). fake_class_logits: the paper's class head itself, or TAC-GAN's twin head. Why the twin: when the
-    class head learns the fakes' class, D and G can agree on a private mark in place of the class (on MNIST whole
-    rows of 2s came out as 7s, "rightly" named by D); the twin keeps that knowledge where g_loss can subtract it."""
+    """D maximises L_S + L_C: the right source of reals and fakes, and the right class of both (of a fake, the class
+    G was asked for) by the class head (the paper) or TAC-GAN's twin head, which keeps G and D from agreeing on a
+    private mark in place of the class (on MNIST whole rows of 2s came out as 7s, "rightly" named by D)."""
     return (source_loss(real_logits, real=True) + source_loss(fake_logits, real=False)
             + class_weight * (class_loss(real_class_logits, labels) + class_loss(fake_class_logits, labels)))
 
 
 def g_loss(fake_logits, fake_class_logits, labels, class_weight=1.0, fake_twin_logits=None):
-    """G maximises L_C - L_S, non-saturating (-log D(G(z))), plus the right class for its fakes. That class term alone
-    pulls each class to a few easy prototypes (the AC-GAN failure, Shu et al. 2017); TAC-GAN subtracts the twin's
-    log-likelihood, so G's classes are no easier to tell apart than the twin finds them, and no mark pays off."""
+    """G: non-saturating -log D(G(z)) plus the right class of its fakes, which alone pulls each class to a few easy
+    prototypes (Shu et al. 2017); TAC-GAN subtracts the twin's term, so no mark pays off."""
     loss_c = class_loss(fake_class_logits, labels)
     if fake_twin_logits is not None:
         loss_c = loss_c - class_loss(fake_twin_logits, labels)
@@ -126,10 +122,9 @@ def average_gradients(model):
 
 
 def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, class_weight=1.0, augment=None, amp=False):
-    """One D update, then one G update against the D just improved. The fakes are drawn for the real batch's labels,
-    so every class is asked for as often as the data holds it. D's twin head, if it has one, makes it TAC-GAN.
-    Returns the losses, D's mean outputs and the class losses as one device tensor (no sync every step)."""
-    shown = augment or (lambda images: images)  # what D is shown of an image (--augment)
+    """One D update, then one G update against the D just improved, the fakes drawn for the real batch's labels. D's
+    twin head, if it has one, makes it TAC-GAN. Returns the losses and D's mean outputs as one device tensor."""
+    shown = augment or (lambda images: images)  # what D is shown of an image
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
     z = torch.randn(len(real), latent_dim, device=real.device)
     with torch.autocast(real.device.type, cast, enabled=amp):
@@ -173,9 +168,8 @@ def update_average(G_average, G, step, decay):
 
 @torch.no_grad()
 def d_accuracy(D, G, reals, latent_dim, num_classes, n=1000):
-    """Both heads checked: the share of up to n training and n held-out images the source head calls real and the
-    class head names rightly, and of n fresh fakes of the raw G called fake and named as the class G was asked for.
-    reals: split -> (uint8 images, labels), or None. The held-out class share is D's worth as a plain classifier."""
+    """gan.py's check of D, for both heads: the share of n training, n held-out images ((uint8 images, labels) or None)
+    and n fakes of the raw G that the source head judges rightly and the class head names rightly."""
     D.eval(), G.eval()
     device = next(D.parameters()).device
     share, class_share = {}, {}
@@ -216,8 +210,7 @@ def train(args):
     held_out = data.load_data(args.dataset, args.data_dir, args.image_size, rank, split="test")
     num_classes, channels = dataset.num_classes, dataset.image_shape[0]
     if num_classes < 2:  # the class heads would have nothing to learn
-        raise UsageError(f"{dataset.source} holds a single class: an AC-GAN needs labelled images, a folder with "
-                         f"one sub-folder per class (at least two)")
+        raise UsageError(f"{dataset.source} holds a single class: an AC-GAN needs a folder of class folders")
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
     G = Generator(args.latent_dim, args.image_size, channels, args.width, num_classes)
@@ -234,16 +227,14 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
 
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
-    # The grid: one row per class, the same noise down each column: a column is one z drawn as every class.
     grid_noise = torch.randn(10, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    grid_noise = grid_noise.repeat(num_classes, 1).to(device)
+    grid_noise = grid_noise.repeat(num_classes, 1).to(device)  # a row per class, one z down each column
     grid_labels = torch.arange(num_classes).repeat_interleave(10).to(device)
     reals = {"train": (dataset.images, dataset.labels), "test": held_out and (held_out.images, held_out.labels)}
     names = ["d_loss", "g_loss", "d_real", "d_fake", "class_loss_real", "class_loss_fake"]
     names += ["twin_loss_fake"] * (args.class_loss == "tac")
     if rank == 0:
-        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} steps an "
-              f"epoch, {device} x {world_size}, epochs {start_epoch + 1}..{args.epochs}")
+        print(f"{len(dataset.images)} images from {dataset.source}, {len(batches)} steps an epoch, {device}")
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if rank > 0:  # every process its own noise, from a stream fixed by (seed, rank, epoch) for --resume
             torch.manual_seed(args.seed * 1_000_003 + rank * 1009 + epoch)
@@ -262,9 +253,8 @@ def train(args):
                     raise FloatingPointError(f"the losses became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch}")
                 if rank == 0:
                     print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} g_loss "
-                          f"{means[1]:.3f} | D out real {means[2]:.2f} fake {means[3]:.2f} | class loss real "
-                          f"{means[4]:.3f} fake {means[5]:.3f} | "
-                          f"{i * args.batch_size / (time.time() - started):.0f} img/s", flush=True)
+                          f"{means[1]:.3f} | D out real {means[2]:.2f} fake {means[3]:.2f} | class {means[4]:.3f} "
+                          f"{means[5]:.3f} | {i * args.batch_size / (time.time() - started):.0f} img/s", flush=True)
         if rank > 0:
             continue
         seconds = time.time() - started
@@ -310,10 +300,7 @@ def generate(args):
     data.save_samples(args.out, generate_images(G, labels, saved.latent_dim, args.device, args.seed), labels)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The command line: every bad flag or file is one line and exit status 2
-
-class UsageError(Exception):
+class UsageError(Exception):  # bad flags or an unusable checkpoint: one line, exit status 2
     pass
 
 
@@ -359,35 +346,26 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# --preset paper: the appendix's CIFAR-10 model (Odena et al. 2017), for a GPU. Its D (six 3x3 convolutions, dropout)
-# is not this script's; the preset gives this D the paper's G widths.
-PRESETS = {
-    "cpu": {},
-    "paper": {"image_size": 32, "latent_dim": 100, "width": 96,  # G: 110-d input, convs 384, 192, 96 (4w, 2w, w)
-              "batch_size": 100, "lr": 2e-4, "class_loss": "paper"},  # Adam 2e-4, beta1 0.5; the paper's own loss
-}
+# --preset paper: the appendix's CIFAR-10 G (110-d input, convs 384, 192, 96), batch, Adam and loss, for a GPU; its D
+# (six 3x3 convolutions, dropout) is not this script's, which gets the same widths.
+PRESETS = {"cpu": {}, "paper": {"image_size": 32, "latent_dim": 100, "width": 96, "batch_size": 100, "lr": 2e-4,
+                                "class_loss": "paper"}}
 
 
 def parse_args(argv):
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default): the defaults below, a grid "
-                   "in minutes on a CPU; paper: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                   PRESETS["paper"].items()) + "; flags given win over the preset")
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images in one sub-folder "
-                   "per class (default mnist)")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of class folders")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
     p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, G and D (default 2e-4)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
-    p.add_argument("--image-size", type=number(int, 32), help="side of the images, a power of two >= 32 (default 32 "
-                   "for mnist/fashion-mnist, else 64)")
-    p.add_argument("--width", type=COUNT, default=32, help="channels of G's last and D's first layer, doubled at "
-                   "each halving (default 32, for a CPU)")
-    p.add_argument("--class-loss", default="tac", choices=["tac", "paper"], help="who learns the class of fakes: "
-                   "tac, a twin head of D (the default, Gong et al. 2019), or paper, D's class head (Odena et al.)")
-    p.add_argument("--class-weight", type=number(float, 0), default=1.0, help="weight of the class terms L_C "
-                   "against the source terms L_S, in D's loss and G's (default 1, the paper's)")
+    p.add_argument("--image-size", type=number(int, 32), help="a power of two >= 32 (default 32, 64 for a folder)")
+    p.add_argument("--width", type=COUNT, default=32, help="channels of G's last and D's first layer (default 32)")
+    p.add_argument("--class-loss", default="tac", choices=["tac", "paper"], help="D's twin head (default) or class "
+                   "head learns the class of fakes")
+    p.add_argument("--class-weight", type=number(float, 0), default=1.0, help="of L_C against L_S (default 1)")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "

@@ -4,10 +4,9 @@
     python infogan.py --preset paper                   # the paper's MNIST networks and hyper-parameters (a GPU's job)
     python infogan.py --generate 5000                  # samples.npz, its labels the images' categorical codes
 
-G reads noise z plus codes c: a categorical code (--categories values), --continuous codes uniform in [-1, 1]. Q, a
-head on D's body, reads the codes back from G's images; G and Q both minimise Q's error (a lower bound on I(c; G(z, c)))
-so G must draw the codes visibly. No label is read, yet on MNIST the categorical code becomes the digit, the continuous
-ones slant and stroke width: continuous_K.png sweeps code K from -2 to 2 along each code value's row.
+G reads z and codes c (a categorical one, --continuous ones in [-1, 1]); Q, a head on D's body, reads c back from G's
+images, and G and Q both minimise Q's error, a lower bound on I(c; G(z, c)). Unlabelled, the MNIST categorical code
+becomes the digit, the continuous ones slant and width: continuous_K.png sweeps code K from -2 to 2 along each row.
 """
 import argparse
 import copy
@@ -29,8 +28,7 @@ SCRIPT = os.path.basename(__file__)
 
 
 def layout(image_size, width):
-    """(side of the first feature map, channels of each stride-2 stage from the coarsest): 7 -> 14 -> 28 at 28 px
-    (the paper's MNIST layout), else 8 -> 16 -> 32 and one more stage per doubling, channels doubling as they shrink."""
+    """(side of the first feature map, channels of each stride-2 stage): 7 -> 14 -> 28 at 28 px, else 8 -> 16 -> ..."""
     start = 7 if image_size == 28 else 8
     stages = (image_size // start).bit_length() - 1  # 2 at 28 and 32, 3 at 64
     return start, [width * 2 ** (stages - 1 - i) for i in range(stages)]  # [2w, w] at 28/32, [4w, 2w, w] at 64
@@ -44,11 +42,9 @@ class Generator(nn.Module):
         super().__init__()
         self.latent_dim, self.categories, self.continuous = latent_dim, categories, continuous
         start, widths = layout(image_size, width)
-        hidden = 16 * width
-        layers = [nn.Linear(latent_dim + categories + continuous, hidden, bias=False),  # (B, 1024)
-                  nn.BatchNorm1d(hidden), nn.ReLU(),
-                  nn.Linear(hidden, widths[0] * start * start, bias=False),  # (B, 128 * 7 * 7)
-                  nn.BatchNorm1d(widths[0] * start * start), nn.ReLU(),
+        hidden, flat = 16 * width, widths[0] * start * start
+        layers = [nn.Linear(latent_dim + categories + continuous, hidden, bias=False), nn.BatchNorm1d(hidden),
+                  nn.ReLU(), nn.Linear(hidden, flat, bias=False), nn.BatchNorm1d(flat), nn.ReLU(),  # (B, 128 * 7 * 7)
                   nn.Unflatten(1, (widths[0], start, start))]  # (B, 128, 7, 7)
         for c_in, c_out in zip(widths, widths[1:]):  # (B, 64, 14, 14)
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
@@ -62,8 +58,7 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """Image -> real/fake logit; with recognise=True also Q's reading of the codes (categorical logits, continuous
-    means). At --width 64 the paper's: 4x4 stride-2 convolutions to 64 and 128 channels, fc 1024, LeakyReLU 0.1,
-    BatchNorm after all but the first; Q adds fc 128. Sharing D's body, Q costs little and shapes D's features."""
+    means). At --width 64 the paper's: 4x4 stride-2 convolutions to 64 and 128 channels, fc 1024; Q adds fc 128."""
 
     def __init__(self, categories, continuous, image_size, channels, width):
         super().__init__()
@@ -114,22 +109,18 @@ def sample_latent(n, G, device, generator=None):
 
 
 def d_loss(real_logits, fake_logits):
-    """Binary cross-entropy: real images are labelled 1, generated ones 0."""
     return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
             + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
 
 
-def g_loss(fake_logits):
-    """Non-saturating -log D(G(z))."""
+def g_loss(fake_logits):  # non-saturating -log D(G(z))
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
 def information_loss(q, code_cat, code_cont, lambda_cat, lambda_cont):
-    """The negative information bound, weighted: -log Q(c | x) of the codes the images were drawn with (the codes'
-    entropies, the rest of it, depend on neither G nor Q); q = D(images, recognise=True)[1]. -> (total, cat, cont).
-    The continuous codes' Gaussian has unit variance, as in the paper's code: a learned one shrinks on codes Q reads
-    well, and they then carry the digit itself (75% code-digit agreement on MNIST against 80-94%); so does a weight
-    of 1 instead of --lambda-cont 0.1 (4 <-> 9, 1 <-> 8 along the sweeps)."""
+    """The weighted negative information bound: -log Q(c | x) of the codes drawn (their entropies are constants), with
+    q = D(images, recognise=True)[1]. -> (total, cat, cont). The continuous codes' Gaussian has unit variance, as in
+    the paper's code: a learned variance, or --lambda-cont 1, lets those codes carry the digit itself on MNIST."""
     cat = F.cross_entropy(q[0], code_cat)  # log(categories) minus this bounds I(c_cat; G(z, c)) from below, in nats
     cont = (0.5 * (code_cont - q[1]) ** 2 + 0.5 * math.log(2 * math.pi)).sum(dim=1).mean()  # summed over the codes
     return lambda_cat * cat + lambda_cont * cont, cat, cont
@@ -148,9 +139,8 @@ def average_gradients(model):
 
 
 def train_step(G, D, opt_g, opt_d, real, scaler, lambda_cat=1.0, lambda_cont=0.1, augment=None, amp=False):
-    """One D-and-Q update, then one G update against the D and Q just improved; the dataset's labels never come in.
-    Q reads the codes from fakes only (reals have none), through the same augmentation D sees, so a code must
-    survive it. Returns METRICS as one device tensor (the GAN losses without the information term, logged apart)."""
+    """One D-and-Q update, then one G update against the D and Q just improved. Q reads the codes from fakes only,
+    through the augmentation D sees. Returns the GAN losses, D's mean outputs, Q's terms and accuracy as one tensor."""
     shown = augment or (lambda images: images)  # what D is shown of an image
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
     z, code_cat, code_cont = sample_latent(len(real), G, real.device)
@@ -181,9 +171,6 @@ def train_step(G, D, opt_g, opt_d, real, scaler, lambda_cat=1.0, lambda_cont=0.1
     code_acc = (q[0].detach().argmax(dim=1) == code_cat).float().mean()  # how often Q reads the code right
     return torch.stack([loss_d.detach(), loss_g.detach(), real_logits.detach().sigmoid().mean(),
                         fake_logits.detach().float().sigmoid().mean(), info_cat.detach(), info_cont.detach(), code_acc])
-
-
-METRICS = ["d_loss", "g_loss", "d_real", "d_fake", "info_cat", "info_cont", "code_acc"]
 
 
 @torch.no_grad()
@@ -219,7 +206,6 @@ def train(args):
             torch.cuda.set_device(args.device)
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True  # CUDA only: the fastest convolution algorithms for these fixed shapes
     checkpoint = load_checkpoint(args) if args.resume else None
     args.image_size = args.image_size or (28 if args.dataset in data.DATASETS else 64)
     if rank == 0:
@@ -232,9 +218,9 @@ def train(args):
         raise UsageError(f"{len(dataset.images)} images: BatchNorm needs at least 2 images a step and process")
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    channels, size = dataset.image_shape[0], args.image_size
-    G = Generator(args.latent_dim, args.categories, args.continuous, size, channels, args.width)
-    D = Discriminator(args.categories, args.continuous, size, channels, args.width)
+    channels = dataset.image_shape[0]
+    G = Generator(args.latent_dim, args.categories, args.continuous, args.image_size, channels, args.width)
+    D = Discriminator(args.categories, args.continuous, args.image_size, channels, args.width)
     G, D = G.apply(init_weights).to(device), D.apply(init_weights).to(device)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
     # The paper's Adam: lr 2e-4 for D, 1e-3 for G; Q's own layers chase G's drawing of the codes: G's rate.
@@ -249,16 +235,16 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
 
     grid = grid_latents(G, 10, args.seed, device)  # the same latents every epoch
-    sweeps = {f"continuous_{k + 1}.png": sweep_latents(G, k, 10, args.seed, device) for k in range(args.continuous)}
+    sweeps = [(f"continuous_{k + 1}.png", grid_latents(G, 10, args.seed, device, k)) for k in range(args.continuous)]
     reals = {"d_acc_real_train": dataset.images, "d_acc_real_test": held_out and held_out.images}
+    names = ["d_loss", "g_loss", "d_real", "d_fake", "info_cat", "info_cont", "code_acc"]
     if rank == 0:
-        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source} (labels unused), "
-              f"{len(batches)} steps an epoch, {device} x {world_size}, epochs {start_epoch + 1}..{args.epochs}")
+        print(f"{len(dataset.images)} images from {dataset.source}, {len(batches)} steps an epoch, {device}")
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if rank > 0:  # every process its own noise, from a stream fixed by (seed, rank, epoch) for --resume
             torch.manual_seed(args.seed * 1_000_003 + rank * 1009 + epoch)
-        started, totals = time.time(), torch.zeros(len(METRICS), device=device)
-        for i, (real, _) in enumerate(batches.epoch(epoch), 1):  # the labels are dropped here, unread
+        started, totals = time.time(), torch.zeros(len(names), device=device)
+        for i, (real, _) in enumerate(batches.epoch(epoch), 1):
             real = real.tensor_split(world_size)[rank]  # this process's share of the global batch
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, scaler, args.lambda_cat, args.lambda_cont,
                                  augment, args.amp)
@@ -278,12 +264,11 @@ def train(args):
             continue
         seconds = time.time() - started
         accuracy = d_accuracy(D, G, reals)
-        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(METRICS, means)}, **accuracy,
+        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
                         "seconds": f"{seconds:.2f}", "img_per_s": f"{len(dataset.images) / seconds:.1f}",
                         "augment_p": f"{augment.p.item() if augment else 0:.4f}"})
         with torch.no_grad():
-            G_average.eval()
-            images, pictures = G_average(*grid), [(name, G_average(*latents)) for name, latents in sweeps.items()]
+            images, pictures = G_average.eval()(*grid), [(name, G_average(*latents)) for name, latents in sweeps]
         curves = ["d_loss", "g_loss", "info_cat", "info_cont"] + ["augment_p"] * (args.augment == "ada")
         data.save_epoch(args.out, epoch, history, curves, images, {
             "script": SCRIPT, "epoch": epoch, "args": vars(args), "history": history, "classes": dataset.classes,
@@ -299,20 +284,16 @@ def train(args):
             raise UsageError(f"--fid: {e}") from None
 
 
-def grid_latents(G, columns, seed, device):
-    """The per-epoch grid: a row per categorical value, a fixed (z, continuous codes) a column: one style a column."""
+def grid_latents(G, columns, seed, device, sweep=None):
+    """A row per categorical value, a fixed (z, continuous codes) a column: one style a column. With sweep=K, one z
+    and continuous code K from -2 to 2 along each row, the others 0 (beyond [-1, 1], as in the paper's Figure 2)."""
     z, _, code_cont = sample_latent(columns, G, "cpu", generator=torch.Generator().manual_seed(seed))
     code_cat = torch.arange(G.categories).repeat_interleave(columns)
-    return z.repeat(G.categories, 1).to(device), code_cat.to(device), code_cont.repeat(G.categories, 1).to(device)
-
-
-def sweep_latents(G, code, columns, seed, device, low=-2.0, high=2.0):
-    """Continuous code `code`'s grid: a row per categorical value, the code swept from low to high along it (beyond
-    the [-1, 1] it was trained on, as in the paper's Figure 2), z fixed and the other codes at 0."""
-    z, code_cat, _ = grid_latents(G, columns, seed, device)
-    code_cont = torch.zeros(len(code_cat), G.continuous, device=device)
-    code_cont[:, code] = torch.linspace(low, high, columns, device=device).repeat(G.categories)
-    return z[:1].repeat(len(z), 1), code_cat, code_cont  # the first column's z in every cell
+    z, code_cont = z.repeat(G.categories, 1), code_cont.repeat(G.categories, 1)
+    if sweep is not None:
+        z, code_cont = z[:1].repeat(len(z), 1), torch.zeros_like(code_cont)
+        code_cont[:, sweep] = torch.linspace(-2, 2, columns).repeat(G.categories)
+    return z.to(device), code_cat.to(device), code_cont.to(device)
 
 
 @torch.no_grad()
@@ -339,10 +320,7 @@ def generate(args):
     data.save_samples(args.out, generate_images(G, code_cat, args.device, args.seed), code_cat)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The command line: every bad flag or file is one line and exit status 2
-
-class UsageError(Exception):
+class UsageError(Exception):  # bad flags or an unusable checkpoint: one line, exit status 2
     pass
 
 
@@ -350,9 +328,8 @@ def stop(signum, frame):  # SIGTERM, a scheduler's stop: unwinds like Ctrl-C, wi
     raise KeyboardInterrupt("SIGTERM")
 
 
-# The preset first: resuming with another preset names it, not a setting it changed.
 KEPT = ("preset", "image_size", "width", "latent_dim", "categories", "continuous", "batch_size", "lr", "lr_g",
-        "lambda_cat", "lambda_cont", "seed", "average_decay", "train_images", "augment")
+        "lambda_cat", "lambda_cont", "seed", "average_decay", "train_images", "augment")  # the preset first: by name
 
 
 def load_checkpoint(args):
@@ -397,8 +374,7 @@ PRESETS = {"cpu": {}, "paper": {"image_size": 28, "width": 64, "latent_dim": 62,
 
 def parse_args(argv):
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default): the defaults below; paper: "
-                   + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper"].items()) + "; flags win")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=30, help="total passes over the training set (default 30)")
@@ -411,8 +387,7 @@ def parse_args(argv):
     p.add_argument("--lambda-cat", type=WEIGHT, default=1.0, help="weight of its information term (default 1)")
     p.add_argument("--lambda-cont", type=WEIGHT, default=0.1, help="weight of theirs (default 0.1, the paper's)")
     p.add_argument("--image-size", type=COUNT, help="28 or a power of two >= 32 (default 28, 64 for a folder)")
-    p.add_argument("--width", type=COUNT, default=32, help="channels of G's last and D's first layer, doubling as the "
-                   "side halves; fc layers 16x (default 32; the paper's 64; at 16 the continuous codes stay unused)")
+    p.add_argument("--width", type=COUNT, default=32, help="channels of G's last and D's first layer (default 32)")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "

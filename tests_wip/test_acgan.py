@@ -71,18 +71,6 @@ def test_losses_are_the_papers_log_likelihoods_and_tac_subtracts_the_twins():
             torch.testing.assert_close(g, e)
 
 
-def test_losses_stay_finite_in_bfloat16_at_extreme_logits():
-    logits = torch.tensor([-80.0, 0.0, 80.0], dtype=torch.bfloat16, requires_grad=True)
-    class_logits = torch.tensor([[90.0, -90.0], [-90.0, 90.0], [0.0, 0.0]], dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.tensor([1, 0, 1])
-    loss = acgan.g_loss(logits, class_logits, labels, fake_twin_logits=class_logits.flip(1))
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert all(torch.isfinite(g.float()).all() for g in torch.autograd.grad(loss, (logits, class_logits)))
-    # -log sigmoid(-80, 0, 80) = 80, log 2, ~0; -log softmax: 180, 180, log 2
-    assert acgan.g_loss(logits, class_logits, labels).item() == pytest.approx(
-        (80 + np.log(2)) / 3 + (360 + np.log(2)) / 3, rel=1e-3)
-
-
 @pytest.mark.parametrize("twin", [True, False])
 def test_train_step_updates_d_then_g_each_touching_only_its_own_weights(twin):
     torch.manual_seed(0)
@@ -168,21 +156,6 @@ def test_run_logs_both_heads_draws_a_row_per_class_and_generates_a_label(tiny_da
     capsys.readouterr()
     assert acgan.main(["--out", str(tmp_path / "run"), "--generate", "3", "--label", "10"]) == 2
     assert capsys.readouterr().err.strip() == "acgan.py: error: --label 10: the model knows classes 0..9"
-    with pytest.raises(SystemExit) as exit_info:
-        acgan.main(["--label", "1"])
-    assert exit_info.value.code == 2 and "--label 1: only with --generate" in capsys.readouterr().err
-
-
-def test_resume_keeps_the_runs_class_loss_and_refuses_another_class_weight(tiny_data_dir, tmp_path, capsys):
-    assert run(acgan, tmp_path, tiny_data_dir, *TINY, "--epochs", "1", "--class-loss", "paper",
-               "--class-weight", "0.5") == 0
-    assert run(acgan, tmp_path, tiny_data_dir, *TINY, "--epochs", "2", "--resume") == 0
-    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert (checkpoint["args"]["class_loss"], checkpoint["args"]["class_weight"]) == ("paper", 0.5)
-    assert not any(key.startswith("twin") for key in checkpoint["discriminator"])
-    capsys.readouterr()
-    assert run(acgan, tmp_path, tiny_data_dir, *TINY, "--epochs", "3", "--resume", "--class-weight", "2") == 2
-    assert "--class-weight 2.0: the run in" in capsys.readouterr().err
 
 
 def test_a_folder_of_loose_images_is_refused_in_one_line(tmp_path, capsys):
