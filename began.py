@@ -24,25 +24,18 @@ SCRIPT = os.path.basename(__file__)
 BASE = 8  # the decoders start from an 8x8 map and the encoder stops at one, as in the paper
 
 
-def conv_block(channels, convs):
-    """`convs` 3x3 convolutions, each followed by an ELU (the paper's unit, two a resolution there)."""
+def conv_block(channels, convs):  # `convs` 3x3 convolutions, each followed by an ELU (the paper's unit)
     return [layer for _ in range(convs) for layer in (nn.Conv2d(channels, channels, 3, padding=1), nn.ELU())]
 
 
-class Decoder(nn.Module):
-    """h (B, h_dim) -> image (B, C, S, S): a linear layer to an 8x8 map, then per resolution `convs` 3x3 convolutions
-    and a nearest-neighbour upsampling, and a last 3x3 convolution to C channels. G and D's decoder have this shape.
-    No BatchNorm anywhere: BEGAN's losses are per image, and the balance needs D to judge each image on its own."""
-
+class Decoder(nn.Module):  # h -> image; no BatchNorm anywhere: BEGAN's losses are per image, each judged alone
     def __init__(self, h_dim, image_size, channels, width, convs=2):
         super().__init__()
         self.width = width
         self.fc = nn.Linear(h_dim, width * BASE * BASE)  # (B, w * 8 * 8), viewed as (B, w, 8, 8)
-        layers = []
-        for i in range(image_size.bit_length() - BASE.bit_length() + 1):  # 8x8, 16x16, 32x32 at 32x32
-            if i:
-                layers.append(nn.Upsample(scale_factor=2, mode="nearest"))  # (B, w, 2s, 2s)
-            layers += conv_block(width, convs)
+        layers = conv_block(width, convs)  # at 8x8
+        for _ in range(image_size.bit_length() - BASE.bit_length()):  # (B, w, 2s, 2s): 16x16, 32x32 at 32x32
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), *conv_block(width, convs)]
         layers.append(nn.Conv2d(width, channels, kernel_size=3, padding=1))  # (B, C, S, S)
         self.net = nn.Sequential(*layers)
 
@@ -50,28 +43,22 @@ class Decoder(nn.Module):
         return self.net(self.fc(h).view(len(h), self.width, BASE, BASE))
 
 
-class Encoder(nn.Module):
-    """image (B, C, S, S) -> h (B, h_dim): per resolution `convs` 3x3 convolutions, then a stride-2 one that halves
-    the size and adds `width` channels (w, 2w, 3w: the paper's linear growth), down to 8x8; then a linear layer."""
-
+class Encoder(nn.Module):  # image -> h: each stride-2 conv halves the size and adds w channels (the paper's)
     def __init__(self, image_size, channels, width, h_dim, convs=2):
         super().__init__()
         blocks = image_size.bit_length() - BASE.bit_length() + 1  # 3 at 32x32
         layers = [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ELU()]  # (B, w, S, S)
-        for i in range(blocks):
-            layers += conv_block(width * (i + 1), convs)
-            if i < blocks - 1:  # (B, 2w, 16, 16), (B, 3w, 8, 8) at 32x32
-                layers += [nn.Conv2d(width * (i + 1), width * (i + 2), kernel_size=3, stride=2, padding=1), nn.ELU()]
-        self.net = nn.Sequential(*layers, nn.Flatten())  # (B, 3w * 8 * 8)
+        for i in range(1, blocks):  # (B, 2w, 16, 16), (B, 3w, 8, 8) at 32x32
+            layers += conv_block(width * i, convs)
+            layers += [nn.Conv2d(width * i, width * (i + 1), kernel_size=3, stride=2, padding=1), nn.ELU()]
+        self.net = nn.Sequential(*layers, *conv_block(width * blocks, convs), nn.Flatten())  # (B, 3w * 8 * 8)
         self.fc = nn.Linear(width * blocks * BASE * BASE, h_dim)
 
     def forward(self, images):
         return self.fc(self.net(images))
 
 
-class Generator(nn.Module):
-    """z ~ U[-1, 1]^latent_dim -> image in [-1, 1]: the decoder's shape, with a tanh."""
-
+class Generator(nn.Module):  # z ~ U[-1, 1]^latent_dim -> image in [-1, 1]: the decoder's shape, with a tanh
     def __init__(self, latent_dim, image_size, channels, width, convs=2):
         super().__init__()
         self.decoder = Decoder(latent_dim, image_size, channels, width, convs)
@@ -80,10 +67,7 @@ class Generator(nn.Module):
         return torch.tanh(self.decoder(z))
 
 
-class Discriminator(nn.Module):
-    """An autoencoder: image -> its reconstruction, through a bottleneck of latent_dim numbers (the paper's Nh = Nz).
-    Images it reconstructs well count as real."""
-
+class Discriminator(nn.Module):  # an autoencoder through latent_dim numbers (the paper's Nh = Nz)
     def __init__(self, image_size, channels, width, latent_dim, convs=2):
         super().__init__()
         self.encoder = Encoder(image_size, channels, width, latent_dim, convs)
@@ -94,8 +78,8 @@ class Discriminator(nn.Module):
 
 
 def init_weights(model):
-    """He init: gain sqrt(2) before an ELU, else 1. PyTorch's default shrinks the signal ~3x a layer: through a dozen
-    layers G's output hardly depends on z (std 0.03), G starts collapsed, and with k_0 = 0 nothing pulls it out."""
+    """He init: gain sqrt(2) before an ELU, else 1. PyTorch's default shrinks the signal ~3x a layer: G would start
+    collapsed (its output hardly depends on z), and with k_0 = 0 nothing pulls it out."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.ELU))]
     for layer, after in zip(layers, layers[1:] + [None]):
         if not isinstance(layer, nn.ELU):
@@ -103,58 +87,29 @@ def init_weights(model):
             nn.init.zeros_(layer.bias)
 
 
-def sample_z(n, latent_dim, device, generator=None):
-    """The paper's uniform noise on [-1, 1]; with a generator (grids, --generate) drawn on the CPU, as everywhere."""
+def sample_z(n, latent_dim, device, generator=None):  # the paper's U[-1, 1]; with a generator drawn on the CPU
     return (torch.rand(n, latent_dim, generator=generator, device="cpu" if generator else device) * 2 - 1).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The GAN itself: the reconstruction loss, the two objectives, the control of k_t, and the alternating update
+# The GAN itself: the reconstruction loss, the alternating update and the control of k_t
 
-def reconstruction_loss(D, images):
-    """L(v) = mean |v - D(v)| over pixels and channels, one value an image (B,): D's score, low = real."""
+def reconstruction_loss(D, images):  # L(v) = mean |v - D(v)|, one value an image (B,): D's score, low = real
     return (D(images).float() - images.float()).abs().flatten(1).mean(1)
 
 
-def d_loss(l_real, l_fake, k):
-    """D reconstructs the reals well and pushes the fakes away, the latter weighted by k_t."""
-    return l_real - k * l_fake
-
-
-def g_loss(l_fake):
-    """G makes images D reconstructs well."""
-    return l_fake
-
-
-def update_k(k, l_real, l_fake, gamma, lambda_k):
-    """Proportional control k_{t+1} = clip(k_t + lambda_k (gamma L(x) - L(G(z))), 0, 1): while the fakes are too
-    easy for D (L(G(z)) < gamma L(x)), k grows and D pushes them harder. gamma = E[L(G(z))] / E[L(x)]: lower is
-    sharper, less varied. Blank images D reconstructs that well sit at the set point too: no guard against collapse."""
-    return (k + lambda_k * (gamma * l_real - l_fake)).clamp(0.0, 1.0)
-
-
-def convergence_measure(l_real, l_fake, gamma):
-    """M_global = L(x) + |gamma L(x) - L(G(z))|: small when D reconstructs the reals well and the balance holds. It
-    also falls when only D's reconstructions improve, collapsed samples or not: read it beside the grids."""
-    return l_real + (gamma * l_real - l_fake).abs()
-
-
 def average_gradients(model):
-    """Under torchrun, each gradient becomes its mean over the processes, in one flat all-reduce (why: gan.py)."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(mean.view_as(grad))
+    if dist.is_initialized():
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads]) / dist.get_world_size()
+        dist.all_reduce(flat)
+        for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(mean.view_as(grad))
 
 
 def train_step(G, D, opt_g, opt_d, real, k, latent_dim, gamma, lambda_k, scaler, augment=None, amp=False):
-    """One D update, one G update against the D just improved, then k_t (a device scalar, in place) from D's step's
-    two losses. Returns d_loss, g_loss, L(x), L(G(z)), M_global as one device tensor (no sync every step). ADA: a real
-    is "called real" when D reconstructs it better than the fakes, rare until D memorises the training images."""
+    """One D update (L(x) - k_t L(G(z))), one G update (L(G(z))), then k_t, a device scalar, in place. Returns d_loss,
+    g_loss, L(x), L(G(z)), M_global as one device tensor. ADA: a real is "called real" when D reconstructs it better."""
     shown = augment or (lambda images: images)  # what D is shown (and asked to reconstruct) of an image
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
     z = sample_z(len(real), latent_dim, real.device)
@@ -165,7 +120,7 @@ def train_step(G, D, opt_g, opt_d, real, k, latent_dim, gamma, lambda_k, scaler,
         if augment:
             augment.observe(l_fake.detach().mean() - l_real.detach())
         l_real, l_fake = l_real.mean(), l_fake.mean()
-        loss_d = d_loss(l_real, l_fake, k)
+        loss_d = l_real - k * l_fake  # D reconstructs the reals well and pushes the fakes away, weighted by k_t
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d).backward()
     average_gradients(D)
@@ -173,25 +128,26 @@ def train_step(G, D, opt_g, opt_d, real, k, latent_dim, gamma, lambda_k, scaler,
 
     D.requires_grad_(False)  # G's backward passes through D to the image without filling D's gradients
     with torch.autocast(real.device.type, cast, enabled=amp):
-        loss_g = g_loss(reconstruction_loss(D, shown(fake)).mean())
+        loss_g = reconstruction_loss(D, shown(fake)).mean()
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
     average_gradients(G)
     scaler.step(opt_g)
     scaler.update()
     D.requires_grad_(True)
-
     balance = torch.stack([l_real.detach(), l_fake.detach()])
     if dist.is_initialized():  # every process moves k alike: by the whole batch's losses
         dist.all_reduce(balance.div_(dist.get_world_size()))
-    k.copy_(update_k(k, *balance, gamma, lambda_k))
-    return torch.stack([loss_d.detach().float(), loss_g.detach().float(), *balance,
-                        convergence_measure(*balance, gamma)])
+    # k grows while D reconstructs the fakes too well (L(G(z)) < gamma L(x)) and D pushes them harder. M_global is
+    # small when D reconstructs the reals well and the balance holds, collapsed samples or not: read it with the grids.
+    imbalance = gamma * balance[0] - balance[1]
+    k.copy_((k + lambda_k * imbalance).clamp(0.0, 1.0))
+    m_global = balance[0] + imbalance.abs()
+    return torch.stack([loss_d.detach().float(), loss_g.detach().float(), *balance, m_global])
 
 
 @torch.no_grad()
 def update_average(G_average, G, step, decay):
-    """The moving average of G's weights that samples come from, its decay ramped up (why: gan.py)."""
     decay = min(decay, (1 + step) / (10 + step))
     for average, current in zip(G_average.parameters(), G.parameters()):
         average.lerp_(current, 1 - decay)
@@ -199,9 +155,7 @@ def update_average(G_average, G, step, decay):
 
 @torch.no_grad()
 def d_reconstruction(D, G, reals, latent_dim, n=1000):
-    """BEGAN's D has no real/fake decision, so in place of an accuracy: its mean reconstruction loss on up to n
-    training and n held-out images, and on n fresh fakes of the raw G. Training falling below held-out means D
-    memorises its images. reals: column name -> uint8 images, or None."""
+    """In place of an accuracy: D's mean reconstruction loss on n training, held-out and fresh fake images."""
     D.eval(), G.eval()
     device = next(D.parameters()).device
     losses = {name: images is not None and torch.cat([reconstruction_loss(D, data.to_float(x.to(device)))
@@ -235,11 +189,10 @@ def train(args):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     G = Generator(args.latent_dim, args.image_size, channels, args.width, args.convs)
     D = Discriminator(args.image_size, channels, args.width, args.latent_dim, args.convs)
-    init_weights(G), init_weights(D)
-    # NHWC: tensor cores on CUDA; on a CPU too, oneDNN's 3x3 convolutions over few channels run ~20% faster
+    init_weights(G), init_weights(D)  # then NHWC: tensor cores on CUDA, and ~20% faster 3x3 convolutions on a CPU
     G, D = G.to(device, memory_format=torch.channels_last), D.to(device, memory_format=torch.channels_last)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))  # beta1 0.5: why in gan.py
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))  # DCGAN's beta1: 0.9 overshoots
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     augment = data.make_augmentation(args.augment, channels, device)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d,
@@ -254,8 +207,7 @@ def train(args):
     reals = {"d_recon_real_train": dataset.images, "d_recon_real_test": held_out and held_out.images}
     names = ["d_loss", "g_loss", "l_real", "l_fake", "m_global"]  # the epoch's means; then k_t as it stands
     if rank == 0:
-        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} steps an "
-              f"epoch, {device} x {world_size}, epochs {start_epoch + 1}..{args.epochs}, gamma {args.gamma}")
+        print(f"{len(dataset.images)} images from {dataset.source}, {len(batches)} steps an epoch, {device}")
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if rank > 0:  # every process its own noise, from a stream fixed by (seed, rank, epoch) for --resume
             torch.manual_seed(args.seed * 1_000_003 + rank * 1009 + epoch)
@@ -274,19 +226,17 @@ def train(args):
                     raise FloatingPointError(f"the losses became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch}")
                 if rank == 0:
                     print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} g_loss "
-                          f"{means[1]:.3f} | L(x) {means[2]:.3f} L(G(z)) {means[3]:.3f} | M_global {means[4]:.3f} "
-                          f"k_t {means[5]:.4f} | {i * args.batch_size / (time.time() - started):.0f} img/s",
-                          flush=True)
+                          f"{means[1]:.3f} | M_global {means[4]:.3f} k_t {means[5]:.4f} | "
+                          f"{i * args.batch_size / (time.time() - started):.0f} img/s", flush=True)
         if rank > 0:
             continue
         seconds = time.time() - started
-        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names + ["k_t"], means)},
-                        **d_reconstruction(D, G, reals, args.latent_dim), "seconds": f"{seconds:.2f}",
-                        "img_per_s": f"{len(dataset.images) / seconds:.1f}",
+        accuracy = d_reconstruction(D, G, reals, args.latent_dim)
+        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names + ["k_t"], means)}, **accuracy,
+                        "seconds": f"{seconds:.2f}", "img_per_s": f"{len(dataset.images) / seconds:.1f}",
                         "augment_p": f"{augment.p.item() if augment else 0:.4f}"})
         with torch.no_grad():
             grid = G_average.eval()(grid_noise)
-        # losses.png: the losses, M_global (both mean absolute pixel errors, in [0, 2]) and k_t in [0, 1]
         curves = ["d_loss", "g_loss", "m_global", "k_t"] + ["augment_p"] * (args.augment == "ada")
         data.save_epoch(args.out, epoch, history, curves, grid,
                         {"script": SCRIPT, "epoch": epoch, "args": vars(args), "history": history, "k": k.item(),
@@ -302,12 +252,9 @@ def train(args):
 
 
 @torch.no_grad()
-def generate_images(G, n, latent_dim, device, seed, batch_size=500):
-    """n images as uint8 (n, C, H, W), from G in eval mode."""
-    G.eval()
-    noise = torch.Generator().manual_seed(seed)
-    return torch.cat([data.to_uint8(G(sample_z(min(batch_size, n - i), latent_dim, device, noise))).cpu()
-                      for i in range(0, n, batch_size)])
+def generate_images(G, n, latent_dim, device, seed):  # uint8 (n, C, H, W), 500 at a time
+    z = sample_z(n, latent_dim, "cpu", torch.Generator().manual_seed(seed))
+    return torch.cat([data.to_uint8(G.eval()(batch.to(device))).cpu() for batch in z.split(500)])
 
 
 def generate(args):
@@ -319,10 +266,7 @@ def generate(args):
     data.save_samples(args.out, generate_images(G, args.generate, saved.latent_dim, args.device, args.seed))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The command line: every bad flag or file is one line and exit status 2
-
-class UsageError(Exception):
+class UsageError(Exception):  # bad flags or an unusable checkpoint: one line, exit status 2
     pass
 
 
@@ -351,7 +295,6 @@ def load_checkpoint(args):
 
 
 def number(kind, low, high=math.inf):
-    """An argparse type: a number of this kind in [low, high), else one line naming the range."""
     def check(text):
         if not low <= kind(text) < high:
             raise argparse.ArgumentTypeError(f"{text} is not in [{low}, {high})")
@@ -368,40 +311,30 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# --preset paper: the paper's model and settings (Berthelot et al. 2017; no code was released), for a GPU. Not
-# reproduced: halving the learning rate whenever M_global stalls (sec. 4.1).
-PRESETS = {"cpu": {}, "paper": {  # sec. 4: most results at 64x64; Figure 1: n = 64 filters, two 3x3 convs each
-    "image_size": 64, "width": 64, "convs": 2, "latent_dim": 64,  # sec. 4.1: Nh = Nz = 64,
-    "batch_size": 16, "lr": 1e-4, "gamma": 0.5, "lambda_k": 0.001}}  # Adam lr in [5e-5, 1e-4]; sec. 3.4: lambda_k
+# --preset paper (for a GPU): secs. 3.4-4.1 and Figure 1. Not reproduced: halving lr whenever M_global stalls.
+PRESETS = {"cpu": {}, "paper": {"image_size": 64, "width": 64, "convs": 2, "latent_dim": 64, "batch_size": 16,
+                                "lr": 1e-4, "gamma": 0.5, "lambda_k": 0.001}}
 
 
 def parse_args(argv):
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default): the defaults below, for a "
-                   "CPU; paper: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper"].items())
-                   + "; flags given win over the preset")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
     p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, G and D (default 2e-4)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of z and of D's bottleneck (default 64)")
-    p.add_argument("--image-size", type=number(int, 32), help="side of the images, a power of two >= 32 (default 32 "
-                   "for mnist/fashion-mnist, else 64)")
-    p.add_argument("--width", type=COUNT, default=16, help="channels of every decoder layer and of the encoder's "
-                   "first; the encoder adds as many at each halving (default 16, for a CPU; the paper's 64)")
-    p.add_argument("--convs", type=COUNT, default=1, help="3x3 convolutions a resolution in G and in each half of D "
-                   "(default 1, for a CPU; the paper's 2)")
-    p.add_argument("--gamma", type=RATE, default=0.5, help="diversity ratio L(G(z)) / L(x) that k_t steers to, "
-                   "the paper's in (0, 1]: lower is sharper, less varied (default 0.5)")
+    p.add_argument("--image-size", type=int, choices=[2 ** n for n in range(5, 11)], help="default 32; a folder: 64")
+    p.add_argument("--width", type=COUNT, default=16, help="channels of the decoders and added a halving (default 16)")
+    p.add_argument("--convs", type=COUNT, default=1, help="3x3 convolutions a resolution (default 1; the paper's 2)")
+    p.add_argument("--gamma", type=RATE, default=0.5, help="the L(G(z)) / L(x) k_t aims at (default 0.5)")
     p.add_argument("--lambda-k", type=number(float, 0), default=0.001, help="gain of the k_t control (default 0.001)")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
-    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "
-                   "sees, always (diffaug) or adaptively (ada): for a few thousand images or fewer (default none)")
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default cuda if any)")
     p.add_argument("--out", default=os.path.join("runs", "began"), help="the run's folder (default runs/began)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (--epochs counts the total)")
     p.add_argument("--generate", type=COUNT, metavar="N", help="no training: write N images to OUT/samples.npz")
@@ -411,8 +344,6 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile G and D (pays off on GPUs)")
     p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])  # then the flags given win
     args = p.parse_args(argv)
-    if args.image_size and args.image_size & (args.image_size - 1):
-        p.error(f"--image-size {args.image_size}: use a power of two (32, 64, 128, ...)")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or args.device != "cpu" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: use cpu, or cuda, cuda:1, ... where torch sees a GPU")
     return args

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 import data
 
 SCRIPT = os.path.basename(__file__)
-COARSEST = 8  # side of the pyramid's top level, generated from z alone
 
 
 def binomial_blur(images, gain=1.0):
@@ -31,10 +30,6 @@ def binomial_blur(images, gain=1.0):
     taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=images.device, dtype=images.dtype) / 16
     kernel = (torch.outer(taps, taps) * gain).expand(images.shape[1], 1, 5, 5)
     return F.conv2d(F.pad(images, (2, 2, 2, 2), mode="reflect"), kernel, groups=images.shape[1])
-
-
-def downsample(images):  # (B, C, S, S) -> (B, C, S/2, S/2): the blur removes what half the pixels cannot hold
-    return binomial_blur(images)[..., ::2, ::2]
 
 
 def upsample(images):  # (B, C, S, S) -> (B, C, 2S, 2S): zeros between the pixels, then 4x the blur
@@ -45,23 +40,16 @@ def upsample(images):  # (B, C, S, S) -> (B, C, 2S, 2S): zeros between the pixel
 
 def laplacian_pyramid(images, levels):
     """images (B, C, S, S) -> (bands, lows), coarse to fine. bands[0]: the image blurred and halved levels - 1 times;
-    bands[k]: what lows[k - 1], the upsampled coarser level (level k's condition), misses. reconstruct() inverts it."""
+    bands[k]: what lows[k - 1], the upsampled coarser level (level k's condition), misses."""
     gaussian = [images]
-    for _ in range(levels - 1):
-        gaussian.insert(0, downsample(gaussian[0]))
+    for _ in range(levels - 1):  # the blur removes what half the pixels cannot hold
+        gaussian.insert(0, binomial_blur(gaussian[0])[..., ::2, ::2])
     lows = [upsample(coarse) for coarse in gaussian[:-1]]
     return [gaussian[0]] + [fine - low for fine, low in zip(gaussian[1:], lows)], lows
 
 
-def reconstruct(bands):
-    image = bands[0]
-    for residual in bands[1:]:
-        image = upsample(image) + residual
-    return image
-
-
-def pyramid_levels(image_size):  # 3 at 32 (8, 16, 32), 4 at 64
-    return int(math.log2(image_size // COARSEST)) + 1
+def pyramid_sizes(image_size):  # each level's side, coarse to fine, from the 8x8 one G draws from z: [8, 16, 32] at 32
+    return [8 * 2 ** k for k in range(int(math.log2(image_size // 8)) + 1)]
 
 
 class CoarseGenerator(nn.Module):  # z (and a class) -> the 8x8 top of the pyramid: a small DCGAN generator
@@ -97,17 +85,16 @@ class Generator(nn.Module):  # every level's G: forward() trains them on the rea
     def __init__(self, latent_dim, image_size, channels, width, num_classes=0):
         super().__init__()
         self.coarse = CoarseGenerator(latent_dim, channels, width, num_classes)
-        self.refiners = nn.ModuleList(ResidualGenerator(channels, width)
-                                      for _ in range(pyramid_levels(image_size) - 1))  # 16x16, 32x32, ...
+        self.refiners = nn.ModuleList(ResidualGenerator(channels, width) for _ in pyramid_sizes(image_size)[1:])
 
     def forward(self, z, labels, lows):  # [8x8 image, residual given lows[0], residual given lows[1], ...]
         return [self.coarse(z, labels)] + [refine(low) for refine, low in zip(self.refiners, lows)]
 
-    def sample(self, z, labels=None, noises=None):  # [8x8, 16x16, ...]: upsampled previous + residual, in [-1, 1]
+    def sample(self, z, labels, noises):  # [8x8, 16x16, ...]: upsampled previous + residual, in [-1, 1]
         images = [self.coarse(z, labels)]
-        for k, refine in enumerate(self.refiners):
+        for refine, noise in zip(self.refiners, noises):
             low = upsample(images[-1])
-            images.append((low + refine(low, None if noises is None else noises[k])).clamp(-1, 1))
+            images.append((low + refine(low, noise)).clamp(-1, 1))
         return images
 
 
@@ -147,8 +134,8 @@ class Discriminator(nn.Module):  # every level's D: one logit vector a level, co
     def __init__(self, image_size, channels, width, num_classes=0):
         super().__init__()
         self.coarse = CoarseDiscriminator(channels, width, num_classes)
-        self.refiners = nn.ModuleList(ResidualDiscriminator(COARSEST * 2 ** k, channels, width)
-                                      for k in range(1, pyramid_levels(image_size)))
+        self.refiners = nn.ModuleList(ResidualDiscriminator(size, channels, width)
+                                      for size in pyramid_sizes(image_size)[1:])
 
     def forward(self, bands, labels, lows):
         return [self.coarse(bands[0], labels)] + [judge(low, residual) for judge, low, residual
@@ -165,13 +152,8 @@ def init_weights(module):  # DCGAN's: weights from N(0, 0.02), BatchNorm's scale
 # ----------------------------------------------------------------------------------------------------------------
 # The GAN itself: a non-saturating GAN at every level of the pyramid at once
 
-def d_loss(real_logits, fake_logits):  # binary cross-entropy on logits: real bands 1, generated ones 0
-    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
-
-
-def g_loss(fake_logits):  # -log D(G(z)) (why: gan.py)
-    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+def bce(logits, label):  # binary cross-entropy of D's logits against the label 1 (real) or 0 (fake)
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
 
 
 def shown_levels(augment, bands, lows):
@@ -184,19 +166,18 @@ def shown_levels(augment, bands, lows):
     return [coarse] + [pair[:, c:] for pair in pairs], [pair[:, :c] for pair in pairs]
 
 
-def average_gradients(model):  # under torchrun: each gradient its mean over the processes, one all-reduce (gan.py)
+def average_gradients(model):
     if dist.is_initialized():
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
+        flat = torch.cat([g.flatten() for g in grads]) / dist.get_world_size()
         dist.all_reduce(flat)
-        for grad, mean in zip(grads, (flat / dist.get_world_size()).split([g.numel() for g in grads])):
+        for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
             grad.copy_(mean.view_as(grad))
 
 
 def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, augment=None, amp=False):
-    """One D update, then one G update, at every level. Each level sees its own band of the real pyramid, never another
-    level's output (the levels train independently, as in the paper), and shares no weights: one backward pass of the
-    summed losses gives each level its own gradients. Returns the sums, then each level's losses and D's outputs."""
+    """One D update, then one G update, at every level, each on its own band of the real pyramid (as in the paper; one
+    backward pass of the summed losses). Returns the sums, then each level's losses and D's mean outputs."""
     with torch.no_grad():  # in float32 even under --amp: a residual is a small difference of two images
         bands, lows = laplacian_pyramid(real, len(G.refiners) + 1)
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
@@ -207,7 +188,7 @@ def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, augment=Non
         real_logits = [logits.float() for logits in D(shown_bands, labels, shown_lows)]
         shown_bands, shown_lows = shown_levels(augment, [fake.detach() for fake in fakes], lows)  # not into G
         fake_logits = [logits.float() for logits in D(shown_bands, labels, shown_lows)]
-        losses_d = torch.stack([d_loss(r, f) for r, f in zip(real_logits, fake_logits)])
+        losses_d = torch.stack([bce(real, 1) + bce(fake, 0) for real, fake in zip(real_logits, fake_logits)])
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(losses_d.sum()).backward()
     average_gradients(D)
@@ -218,7 +199,7 @@ def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, augment=Non
     D.requires_grad_(False)  # G's backward passes through D to the bands without filling D's gradients
     with torch.autocast(real.device.type, cast, enabled=amp):
         shown_bands, shown_lows = shown_levels(augment, fakes, lows)
-        losses_g = torch.stack([g_loss(logits.float()) for logits in D(shown_bands, labels, shown_lows)])
+        losses_g = torch.stack([bce(logits.float(), 1) for logits in D(shown_bands, labels, shown_lows)])  # -log D
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(losses_g.sum()).backward()
     average_gradients(G)
@@ -241,8 +222,7 @@ def update_average(G_average, G, step, decay):  # the moving average of G that s
 
 @torch.no_grad()
 def d_accuracy(D, G, reals, latent_dim, num_classes, sizes, n=1000):
-    """Each level's D (as gan.py's): the share of up to n training and n held-out bands it calls real, and of fakes
-    of the raw G it calls fake, drawn as each level trains (a residual on a real image's upsampled coarse band)."""
+    """Each level's D, as gan.py's; its fakes drawn as each level trains, on the real pyramid's upsampled bands."""
     D.eval(), G.eval()
     device, shares = next(D.parameters()).device, {}
     for name, dataset in {**reals, "d_acc_fake": reals["d_acc_real_train"]}.items():
@@ -274,8 +254,7 @@ def train(args):
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
     checkpoint = load_checkpoint(args) if args.resume else None
-    # A power of two keeps every level of the pyramid exact: 32 for the 28x28 named datasets.
-    args.image_size = args.image_size or (32 if args.dataset in data.DATASETS else 64)
+    args.image_size = args.image_size or (32 if args.dataset in data.DATASETS else 64)  # every level exact
     if rank == 0:
         data.prepare_out(args.out)  # writable, and no other run writing there
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
@@ -288,8 +267,7 @@ def train(args):
     D = Discriminator(args.image_size, channels, args.width, num_classes)
     G, D = G.apply(init_weights).to(device), D.apply(init_weights).to(device)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
-    # One Adam for all levels' G, one for all D (Adam works per weight: the same as one a level), DCGAN's betas.
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))  # per weight: as one Adam a level
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     augment = data.make_augmentation(args.augment, channels, device)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d,
@@ -299,7 +277,7 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
 
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
-    sizes = [COARSEST * 2 ** k for k in range(pyramid_levels(args.image_size))]
+    sizes = pyramid_sizes(args.image_size)
     names = ["d_loss", "g_loss"] + [f"{k}_{size}" for size in sizes for k in ("d_loss", "g_loss", "d_real", "d_fake")]
     # The grid: 4 groups of 10 samples; conditional: a group a class, the same 10 noises in each (a column: one z).
     grid_labels = torch.arange(num_classes or 4, device=device).repeat_interleave(10)
@@ -358,18 +336,16 @@ def train(args):
 def cascade_noise(n, latent_dim, image_size, generator, device, repeat=1):
     """z and a noise plane a finer level, for n samples (each drawn n times in a row, to repeat them)."""
     z = torch.randn(n, latent_dim, generator=generator).to(device).repeat(repeat, 1)
-    sizes = [COARSEST * 2 ** k for k in range(1, pyramid_levels(image_size))]
-    return z, [torch.randn(n, 1, s, s, generator=generator).to(device).repeat(repeat, 1, 1, 1) for s in sizes]
+    return z, [torch.randn(n, 1, s, s, generator=generator).to(device).repeat(repeat, 1, 1, 1)
+               for s in pyramid_sizes(image_size)[1:]]
 
 
 @torch.no_grad()
-def generate_images(G, labels, latent_dim, image_size, device, seed, batch_size=500):
-    """len(labels) images as uint8 (n, C, H, W): the whole cascade, in eval mode (an unconditional G reads no label)."""
-    G.eval()
+def generate_images(G, labels, latent_dim, image_size, device, seed):  # an image a label, uint8 (n, C, H, W)
     noise, images = torch.Generator().manual_seed(seed), []
-    for chunk in labels.split(batch_size):
+    for chunk in labels.split(500):  # the whole cascade, 500 at a time, BatchNorm in eval mode
         z, planes = cascade_noise(len(chunk), latent_dim, image_size, noise, device)
-        images.append(data.to_uint8(G.sample(z, chunk.to(device), planes)[-1]).cpu())
+        images.append(data.to_uint8(G.eval().sample(z, chunk.to(device), planes)[-1]).cpu())
     return torch.cat(images)
 
 
@@ -417,7 +393,6 @@ def load_checkpoint(args):
 
 
 def number(kind, low, high=math.inf):
-    """An argparse type: a number of this kind in [low, high), else one line naming the range."""
     def check(text):
         if not low <= kind(text) < high:
             raise argparse.ArgumentTypeError(f"{text} is not in [{low}, {high})")
@@ -442,16 +417,14 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, every G and D (default 2e-4)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the 8x8 level's noise z (default 64)")
-    p.add_argument("--image-size", type=int, choices=(32, 64, 128, 256), help="a pyramid level a doubling above 8x8 "
-                   "(default 32; a folder: 64)")
+    p.add_argument("--image-size", type=int, choices=(32, 64, 128, 256), help="default 32; a folder: 64")
     p.add_argument("--width", type=COUNT, default=32, help="channels: 2w in a finer G, w, 2w.. in its D (default 32)")
     p.add_argument("--conditional", action="store_true", help="condition the 8x8 level's G and D on the class")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
-    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment all D sees: always "
-                   "(diffaug) or adaptively (ada), for a few thousand images or fewer (default none)")
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default cuda if any)")
     p.add_argument("--out", default=os.path.join("runs", "lapgan"), help="the run's folder (default runs/lapgan)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (--epochs counts the total)")
     p.add_argument("--generate", type=COUNT, metavar="N", help="no training: write N images to OUT/samples.npz")
