@@ -406,8 +406,16 @@ def test_out_of_gpu_memory_exits_2_with_one_line(name, trained, mnist, tmp_path,
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_amp_gives_finite_losses(name, mnist, tmp_path):
+def test_amp_trains_in_bfloat16_on_a_cpu_with_finite_losses(name, mnist, tmp_path, monkeypatch):
+    autocast, entered = torch.autocast, set()
+
+    def recording_autocast(*args, **kwargs):
+        context = autocast(*args, **kwargs)
+        entered.add((context.device, context.fast_dtype, context._enabled))
+        return context
+    monkeypatch.setattr(torch, "autocast", recording_autocast)
     assert tiny_run(name, tmp_path, mnist, "--epochs", 1, "--amp") == 0
+    assert ("cpu", torch.bfloat16, True) in entered
     row = read_metrics(tmp_path)[0]
     assert np.isfinite([float(row["d_loss"]), float(row["g_loss"])]).all()
 
