@@ -481,6 +481,16 @@ def test_fid_prints_fid_reports_line(name, mnist, tmp_path, capsys, monkeypatch)
     assert real.dtype == torch.uint8 and real.shape == (64, *shape)
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_fid_that_cannot_run_exits_2_with_one_line(name, trained, mnist, tmp_path, capsys, monkeypatch):
+    def report(*args, **kwargs):
+        raise fid.FIDError("no Inception weights: put pt_inception-2015-12-05.pth in the torch hub cache")
+    monkeypatch.setattr(fid, "report", report)
+    out = copy_run(trained(name) / "full", tmp_path / "run")
+    assert tiny_run(name, out, mnist, "--resume", "--epochs", 3, "--fid", 10) == 2
+    one_line_error(capsys, "--fid", "no Inception weights")
+
+
 # Processes a test stops (SIGTERM, kill -9) or holds (the lock on OUT): forked from a server that has imported torch
 # and the scripts once, so that each costs a fork, not the two seconds of `import torch`.
 
