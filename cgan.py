@@ -26,27 +26,22 @@ import data
 SCRIPT = os.path.basename(__file__)
 
 
-class Generator(nn.Module):
-    """(z, label) -> image in [-1, 1]: gan.py's MLP, the one-hot label concatenated to z."""
-
+class Generator(nn.Module):  # gan.py's MLP, the one-hot label concatenated to z
     def __init__(self, latent_dim, num_classes, image_shape, hidden=(256, 512, 1024)):
         super().__init__()
-        self.image_shape, self.num_classes = tuple(image_shape), num_classes
+        self.num_classes = num_classes
         layers, width = [], latent_dim + num_classes
         for h in hidden:
             layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.LeakyReLU(0.2)]
             width = h
-        layers += [nn.Linear(width, math.prod(image_shape)), nn.Tanh()]
+        layers += [nn.Linear(width, math.prod(image_shape)), nn.Tanh(), nn.Unflatten(1, image_shape)]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z, labels):  # (B, latent_dim), (B,) -> (B, C, H, W)
-        one_hot = F.one_hot(labels, self.num_classes).to(z.dtype)
-        return self.net(torch.cat([z, one_hot], dim=1)).view(len(z), *self.image_shape)
+    def forward(self, z, labels):  # (B, latent_dim), (B,) -> (B, C, H, W) in [-1, 1]
+        return self.net(torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], dim=1))
 
 
-class Discriminator(nn.Module):
-    """(image, label) -> one logit, "a real image of this class?": w.phi(x) + (V onehot(y)).phi(x)."""
-
+class Discriminator(nn.Module):  # "a real image of this class?": the logit w.phi(x) + (V onehot(y)).phi(x)
     def __init__(self, image_shape, num_classes, hidden=(512, 256)):
         super().__init__()
         self.num_classes = num_classes
@@ -58,48 +53,37 @@ class Discriminator(nn.Module):
         self.realness = nn.Linear(width, 1)  # w.phi(x) + b
         self.class_projection = nn.Linear(num_classes, width, bias=False)  # V onehot(y): one vector per class
 
-    def forward(self, images, labels):  # (B, C, H, W), (B,) -> (B,)
+    def forward(self, images, labels):  # (B, C, H, W), (B,) -> (B,) logits
         features = self.features(images)  # (B, hidden[-1])
         class_vector = self.class_projection(F.one_hot(labels, self.num_classes).to(features.dtype))
         return self.realness(features).squeeze(1) + (class_vector * features).sum(dim=1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The GAN itself: gan.py's non-saturating losses and alternating update, the label given to G and D
+# ---- The GAN itself: gan.py's non-saturating loss and alternating update, the label given to G and D -----------
 
-def d_loss(real_logits, fake_logits):
-    """Binary cross-entropy: real images are labelled 1, generated ones 0."""
-    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
-
-
-def g_loss(fake_logits):
-    """Non-saturating -log D(G(z)): the strongest gradient when D rejects the fakes."""
-    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+def bce(logits, label):  # binary cross-entropy of D's logits (numerically safe) against 1 (real) or 0 (fake)
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
 
 
 def average_gradients(model):
     """Under torchrun, each gradient becomes its mean over the processes (one flat all-reduce; why by hand: gan.py)."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(mean.view_as(grad))
+    if dist.is_initialized():
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads]) / dist.get_world_size()
+        dist.all_reduce(flat)
+        for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(mean.view_as(grad))
 
 
 def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, augment=None, amp=False):
-    """gan.py's alternating update. The fakes are drawn for the real batch's labels: D sees the same classes in both
-    halves and can tell them apart only by the images. Returns the losses, D(x) and D(G(z)) as one device tensor."""
+    """gan.py's update. The fakes are drawn for the real batch's labels: D can tell the halves apart only by the images.
+    Returns the losses, D(x) and D(G(z)) as one device tensor."""
     shown = augment or (lambda images: images)  # what D is shown of an image
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
-    z = torch.randn(len(real), latent_dim, device=real.device)
     with torch.autocast(real.device.type, cast, enabled=amp):
-        fake = G(z, labels)
+        fake = G(torch.randn(len(real), latent_dim, device=real.device), labels)
         real_logits, fake_logits = D(shown(real), labels).float(), D(shown(fake.detach()), labels).float()
-        loss_d = d_loss(real_logits, fake_logits)
+        loss_d = bce(real_logits, 1) + bce(fake_logits, 0)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d).backward()
     average_gradients(D)
@@ -109,15 +93,15 @@ def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, augment=Non
 
     D.requires_grad_(False)  # G's backward passes through D to the image without filling D's gradients
     with torch.autocast(real.device.type, cast, enabled=amp):
-        loss_g = g_loss(D(shown(fake), labels).float())
+        loss_g = bce(D(shown(fake), labels).float(), 1)  # non-saturating: -log D(G(z))
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
     average_gradients(G)
     scaler.step(opt_g)
     scaler.update()
     D.requires_grad_(True)
-    return torch.stack([loss_d.detach(), loss_g.detach(), real_logits.detach().sigmoid().mean(),
-                        fake_logits.detach().sigmoid().mean()])
+    outputs = torch.stack([real_logits, fake_logits]).detach().sigmoid()  # the probabilities D(x) and D(G(z))
+    return torch.stack([loss_d.detach(), loss_g.detach(), *outputs.mean(dim=1)])
 
 
 @torch.no_grad()
@@ -132,8 +116,7 @@ def update_average(G_average, G, step, decay):
 
 @torch.no_grad()
 def d_accuracy(D, G, reals, latent_dim, num_classes, n=1000):
-    """The share of up to n training and n held-out images (each with its label) D calls real, and of n fresh fakes
-    of the raw G (random labels) it calls fake (why: gan.py)."""
+    """gan.py's d_accuracy: the images with their labels, the fakes with random labels."""
     D.eval(), G.eval()
     device = next(D.parameters()).device
     share = {name: pair is not None and torch.cat([D(data.to_float(x.to(device)), y.to(device)) > 0 for x, y in
@@ -169,7 +152,7 @@ def train(args):
     G = Generator(args.latent_dim, num_classes, dataset.image_shape).to(device)
     D = Discriminator(dataset.image_shape, num_classes).to(device)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))  # beta1 0.5: why in gan.py
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))  # DCGAN's beta1: 0.9 overshoots
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     augment = data.make_augmentation(args.augment, dataset.image_shape[0], device)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d,
@@ -187,8 +170,7 @@ def train(args):
              "d_acc_real_test": held_out and (held_out.images, held_out.labels)}
     names = ["d_loss", "g_loss", "d_real", "d_fake"]
     if rank == 0:
-        print(f"{len(dataset.images)} images {dataset.image_shape} in {num_classes} classes from {dataset.source}, "
-              f"{len(batches)} steps an epoch, {device} x {world_size}, epochs {start_epoch + 1}..{args.epochs}")
+        print(f"{len(dataset.images)} images from {dataset.source}, {len(batches)} steps an epoch, {device}")
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if rank > 0:  # every process its own noise, from a stream fixed by (seed, rank, epoch) for --resume
             torch.manual_seed(args.seed * 1_000_003 + rank * 1009 + epoch)
@@ -207,7 +189,7 @@ def train(args):
                     raise FloatingPointError(f"the losses became {means[0]:.3g}/{means[1]:.3g} at epoch {epoch}")
                 if rank == 0:
                     print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} g_loss "
-                          f"{means[1]:.3f} | D(x) {means[2]:.2f} D(G(z)) {means[3]:.2f} | "
+                          f"{means[1]:.3f} | D out real {means[2]:.2f} fake {means[3]:.2f} | "
                           f"{i * args.batch_size / (time.time() - started):.0f} img/s", flush=True)
         if rank > 0:
             continue
@@ -216,8 +198,7 @@ def train(args):
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
                         "seconds": f"{seconds:.2f}", "img_per_s": f"{len(dataset.images) / seconds:.1f}",
                         "augment_p": f"{augment.p.item() if augment else 0:.4f}"})
-        with torch.no_grad():
-            grid = G_average.eval()(grid_noise, grid_labels)
+        grid = G_average.eval()(grid_noise, grid_labels)
         data.save_epoch(args.out, epoch, history, ["d_loss", "g_loss"] + ["augment_p"] * (args.augment == "ada"),
                         grid, {"script": SCRIPT, "epoch": epoch, "args": vars(args), "history": history,
                                "image_shape": list(dataset.image_shape), "classes": dataset.classes,
@@ -233,30 +214,25 @@ def train(args):
 
 
 @torch.no_grad()
-def generate_images(G, labels, latent_dim, device, seed, batch_size=500):
-    """One image per label as uint8 (n, C, H, W), from G in eval mode (BatchNorm's running statistics)."""
-    G.eval()
-    noise = torch.Generator().manual_seed(seed)
-    return torch.cat([data.to_uint8(G(torch.randn(len(y), latent_dim, generator=noise).to(device), y.to(device)))
-                      .cpu() for y in labels.split(batch_size)])
+def generate_images(G, labels, latent_dim, device, seed):  # gan.py's, one image per label
+    z = torch.randn(len(labels), latent_dim, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([data.to_uint8(G.eval()(batch.to(device), y.to(device))).cpu()
+                      for batch, y in zip(z.split(500), labels.split(500))])
 
 
 def generate(args):
     checkpoint = load_checkpoint(args)
-    saved, num_classes = argparse.Namespace(**checkpoint["args"]), len(checkpoint["classes"])
+    latent_dim, num_classes = checkpoint["args"]["latent_dim"], len(checkpoint["classes"])
     if args.label is not None and args.label >= num_classes:
         raise UsageError(f"--label {args.label}: this model's classes are 0..{num_classes - 1}")
-    G = Generator(saved.latent_dim, num_classes, checkpoint["image_shape"]).to(args.device)
+    G = Generator(latent_dim, num_classes, checkpoint["image_shape"]).to(args.device)
     G.load_state_dict(checkpoint["generator_average"])
     labels = torch.full((args.generate,), args.label) if args.label is not None else torch.arange(args.generate)
     labels %= num_classes  # without --label: the classes in turn
-    data.save_samples(args.out, generate_images(G, labels, saved.latent_dim, args.device, args.seed), labels)
+    data.save_samples(args.out, generate_images(G, labels, latent_dim, args.device, args.seed), labels)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The command line: every bad flag or file is one line and exit status 2
-
-class UsageError(Exception):
+class UsageError(Exception):  # bad flags or an unusable checkpoint: one line, exit status 2
     pass
 
 
@@ -284,7 +260,6 @@ def load_checkpoint(args):
 
 
 def number(kind, low, high=math.inf):
-    """An argparse type: a number of this kind in [low, high), else one line naming the range."""
     def check(text):
         if not low <= kind(text) < high:
             raise argparse.ArgumentTypeError(f"{text} is not in [{low}, {high})")
@@ -293,17 +268,15 @@ def number(kind, low, high=math.inf):
     return check
 
 
-COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
-
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, no usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv):
+    COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of class folders")
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=20, help="total passes over the training set (default 20)")
     # Small batches at 5e-4, above DCGAN's 2e-4: the best of batch 32/64 x lr 2e-4/5e-4 on MNIST in 20 epochs.
@@ -313,11 +286,9 @@ def parse_args(argv):
     p.add_argument("--image-size", type=COUNT, help="side of the images (default 28 for mnist/fashion-mnist, else 32)")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
-    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "
-                   "sees, always (diffaug) or adaptively (ada): for a few thousand images or fewer (default none)")
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default cuda if any)")
     p.add_argument("--out", default=os.path.join("runs", "cgan"), help="the run's folder (default runs/cgan)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (--epochs counts the total)")
     p.add_argument("--generate", type=COUNT, metavar="N", help="no training: N images, labels to OUT/samples.npz")

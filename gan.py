@@ -25,56 +25,44 @@ SCRIPT = os.path.basename(__file__)
 
 
 class Generator(nn.Module):
-    """z -> image in [-1, 1]. BatchNorm keeps the hidden activations well scaled from the first step."""
-
     def __init__(self, latent_dim, image_shape, hidden=(256, 512, 1024)):
         super().__init__()
-        self.image_shape = tuple(image_shape)
         layers, width = [], latent_dim
-        for h in hidden:
+        for h in hidden:  # BatchNorm keeps the activations well scaled from the first step
             layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.LeakyReLU(0.2)]
             width = h
-        layers += [nn.Linear(width, math.prod(image_shape)), nn.Tanh()]
+        layers += [nn.Linear(width, math.prod(image_shape)), nn.Tanh(), nn.Unflatten(1, image_shape)]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z):  # (B, latent_dim) -> (B, C, H, W)
-        return self.net(z).view(len(z), *self.image_shape)
+    def forward(self, z):  # (B, latent_dim) -> (B, C, H, W) in [-1, 1]
+        return self.net(z)
 
 
 class Discriminator(nn.Module):
-    """Image -> one logit (no sigmoid: the loss works on logits, which is numerically safe)."""
-
     def __init__(self, image_shape, hidden=(512, 256)):
         super().__init__()
         layers, width = [nn.Flatten()], math.prod(image_shape)
         for h in hidden:
             layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
             width = h
-        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers, nn.Linear(width, 1))  # a logit, no sigmoid: the losses take logits
 
-    def forward(self, images):  # (B, C, H, W) -> (B,)
+    def forward(self, images):  # (B, C, H, W) -> (B,) logits
         return self.net(images).squeeze(1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The GAN itself: the losses (--loss) and the alternating update
+# ---- The GAN itself: the losses (--loss) and the alternating update ---------------------------------------------
 
-def d_loss(real_logits, fake_logits):
-    """Binary cross-entropy: real images are labelled 1, generated ones 0 (non-saturating and minimax GANs)."""
-    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
-
-
-def g_loss(fake_logits):
-    """Non-saturating -log D(G(z)): the strongest gradient when D rejects the fakes."""
-    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+def bce(logits, label):  # binary cross-entropy of D's logits (numerically safe) against 1 (real) or 0 (fake)
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
 
 
 # --loss: D's loss of (real, fake) outputs, G's loss of fake outputs, the output above which D calls an image real.
 LOSSES = {
-    "non-saturating": (d_loss, g_loss, 0.0),
+    # G minimises -log D(G(z)): the strongest gradient when D rejects the fakes
+    "non-saturating": (lambda real, fake: bce(real, 1) + bce(fake, 0), lambda fake: bce(fake, 1), 0.0),
     # the paper's minimax log(1 - D(G(z))) = -softplus(logit): its gradient -sigmoid(logit) vanishes once D wins
-    "minimax": (d_loss, lambda fake: -F.softplus(fake).mean(), 0.0),
+    "minimax": (lambda real, fake: bce(real, 1) + bce(fake, 0), lambda fake: -F.softplus(fake).mean(), 0.0),
     # least squares (Mao et al. 2017, a=0, b=c=1) on D's raw output
     "lsgan": (lambda real, fake: 0.5 * ((real - 1) ** 2).mean() + 0.5 * (fake ** 2).mean(),
               lambda fake: 0.5 * ((fake - 1) ** 2).mean(), 0.5),
@@ -86,26 +74,22 @@ LOSSES = {
 def average_gradients(model):
     """Under torchrun, each gradient becomes its mean over the processes (one flat all-reduce). By hand, as StyleGAN3
     does: D's two forward passes a backward, and G's backward through a frozen D, do not fit DDP's pattern."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(mean.view_as(grad))
+    if dist.is_initialized():
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads]) / dist.get_world_size()
+        dist.all_reduce(flat)
+        for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(mean.view_as(grad))
 
 
 def train_step(G, D, opt_g, opt_d, real, latent_dim, scaler, loss="non-saturating", augment=None, amp=False):
-    """One D update, then one G update against the D just improved (Algorithm 1 of the paper, with k=1). Every image
-    D sees, real or fake, goes through augment (--augment), which G learns through. Returns the losses and D's mean
-    outputs as one device tensor: reading them here (.item()) would wait for the device every step."""
+    """One D update, then one G update against the D just improved (the paper's Algorithm 1, k=1); D sees every image
+    through augment. Returns the losses and D's mean outputs on the device: .item() here would wait every step."""
     d_loss_fn, g_loss_fn, threshold = LOSSES[loss]
     shown = augment or (lambda images: images)  # what D is shown of an image
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
-    z = torch.randn(len(real), latent_dim, device=real.device)
     with torch.autocast(real.device.type, cast, enabled=amp):
-        fake = G(z)
+        fake = G(torch.randn(len(real), latent_dim, device=real.device))
         real_logits, fake_logits = D(shown(real)).float(), D(shown(fake.detach())).float()  # not into G
         loss_d = d_loss_fn(real_logits, fake_logits)
     opt_d.zero_grad(set_to_none=True)
@@ -124,10 +108,9 @@ def train_step(G, D, opt_g, opt_d, real, latent_dim, scaler, loss="non-saturatin
     scaler.step(opt_g)
     scaler.update()
     D.requires_grad_(True)
-    real_out, fake_out = real_logits.detach(), fake_logits.detach()
-    if loss in ("non-saturating", "minimax"):  # D's output is a logit: log the probability D(x)
-        real_out, fake_out = real_out.sigmoid(), fake_out.sigmoid()
-    return torch.stack([loss_d.detach(), loss_g.detach(), real_out.mean(), fake_out.mean()])
+    outputs = torch.stack([real_logits, fake_logits]).detach()  # for BCE, as the probabilities D(x) and D(G(z))
+    outputs = outputs.sigmoid() if loss in ("non-saturating", "minimax") else outputs
+    return torch.stack([loss_d.detach(), loss_g.detach(), *outputs.mean(dim=1)])
 
 
 @torch.no_grad()
@@ -143,8 +126,8 @@ def update_average(G_average, G, step, decay):
 
 @torch.no_grad()
 def d_accuracy(D, G, reals, latent_dim, threshold, n=1000):
-    """The source material's check of D: the share of up to n training and n held-out images it calls real, and of n
-    fresh fakes of the raw G it calls fake. Training pulling away from held-out means D memorises its images."""
+    """The share of up to n training and n held-out images D calls real (should they part, D memorises its training
+    images), and of n fresh fakes of the raw G it calls fake."""
     D.eval(), G.eval()
     device = next(D.parameters()).device
     share = {name: images is not None and torch.cat([D(data.to_float(x.to(device))) > threshold
@@ -177,8 +160,7 @@ def train(args):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     G, D = Generator(args.latent_dim, dataset.image_shape).to(device), Discriminator(dataset.image_shape).to(device)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
-    # Adam with beta1 = 0.5 (DCGAN's): the default 0.9 lets the two players' momentum overshoot.
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))  # DCGAN's beta1: 0.9 overshoots
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     augment = data.make_augmentation(args.augment, dataset.image_shape[0], device)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d,
@@ -220,8 +202,7 @@ def train(args):
         history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
                         "seconds": f"{seconds:.2f}", "img_per_s": f"{len(dataset.images) / seconds:.1f}",
                         "augment_p": f"{augment.p.item() if augment else 0:.4f}"})
-        with torch.no_grad():
-            grid = G_average.eval()(grid_noise)
+        grid = G_average.eval()(grid_noise)
         data.save_epoch(args.out, epoch, history, ["d_loss", "g_loss"] + ["augment_p"] * (args.augment == "ada"),
                         grid, {"script": SCRIPT, "epoch": epoch, "args": vars(args), "history": history,
                                "image_shape": list(dataset.image_shape), "classes": dataset.classes,
@@ -236,20 +217,17 @@ def train(args):
 
 
 @torch.no_grad()
-def generate_images(G, n, latent_dim, device, seed, batch_size=500):
-    """n images as uint8 (n, C, H, W), from G in eval mode (BatchNorm's running statistics)."""
-    G.eval()
-    noise = torch.Generator().manual_seed(seed)
-    return torch.cat([data.to_uint8(G(torch.randn(min(batch_size, n - i), latent_dim, generator=noise).to(device)))
-                      .cpu() for i in range(0, n, batch_size)])
+def generate_images(G, n, latent_dim, device, seed):  # uint8 (n, C, H, W), 500 at a time, BatchNorm in eval mode
+    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([data.to_uint8(G.eval()(batch.to(device))).cpu() for batch in z.split(500)])
 
 
 def generate(args):
     checkpoint = load_checkpoint(args)
-    saved = argparse.Namespace(**checkpoint["args"])
-    G = Generator(saved.latent_dim, checkpoint["image_shape"]).to(args.device)
+    latent_dim = checkpoint["args"]["latent_dim"]
+    G = Generator(latent_dim, checkpoint["image_shape"]).to(args.device)
     G.load_state_dict(checkpoint["generator_average"])
-    data.save_samples(args.out, generate_images(G, args.generate, saved.latent_dim, args.device, args.seed))
+    data.save_samples(args.out, generate_images(G, args.generate, latent_dim, args.device, args.seed))
 
 
 class UsageError(Exception):  # bad flags or an unusable checkpoint: one line, exit status 2
@@ -280,7 +258,6 @@ def load_checkpoint(args):
 
 
 def number(kind, low, high=math.inf):
-    """An argparse type: a number of this kind in [low, high), else one line naming the range."""
     def check(text):
         if not low <= kind(text) < high:
             raise argparse.ArgumentTypeError(f"{text} is not in [{low}, {high})")
@@ -289,15 +266,13 @@ def number(kind, low, high=math.inf):
     return check
 
 
-COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
-
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, no usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv):
+    COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
@@ -307,15 +282,12 @@ def parse_args(argv):
     p.add_argument("--lr", type=RATE, default=1e-3, help="Adam's learning rate, G and D (default 1e-3)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
     p.add_argument("--image-size", type=COUNT, help="side of the images (default 28 for mnist/fashion-mnist, else 32)")
-    p.add_argument("--loss", default="non-saturating", choices=list(LOSSES), help="G minimises -log D(G(z)) "
-                   "(non-saturating, the default) or log(1 - D(G(z))) (minimax, the paper's); or lsgan, hinge")
+    p.add_argument("--loss", default="non-saturating", choices=list(LOSSES), help="(default non-saturating)")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
-    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "
-                   "sees, always (diffaug) or adaptively (ada): for a few thousand images or fewer (default none)")
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default cuda if any)")
     p.add_argument("--out", default=os.path.join("runs", "gan"), help="the run's folder (default runs/gan)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (--epochs counts the total)")
     p.add_argument("--generate", type=COUNT, metavar="N", help="no training: write N images to OUT/samples.npz")

@@ -11,19 +11,12 @@ def no_scaler():
     return torch.amp.GradScaler("cpu", enabled=False)
 
 
-def test_models_take_the_label_and_keep_the_shapes():
-    G, D = cgan.Generator(16, 10, (3, 8, 8)), cgan.Discriminator((3, 8, 8), 10)
-    labels = torch.tensor([0, 3, 9])
-    fake = G(torch.randn(3, 16), labels)
-    assert fake.shape == (3, 3, 8, 8) and fake.abs().max() <= 1
-    assert D(fake, labels).shape == (3,)
-    assert G.net[0].in_features == 16 + 10  # the one-hot label concatenated to z
-
-
-def test_generator_output_depends_on_the_label():
+def test_generator_reads_the_one_hot_label_with_z_and_keeps_the_shapes():
     torch.manual_seed(0)
-    G = cgan.Generator(8, 10, (1, 28, 28)).eval()
+    G, D = cgan.Generator(8, 10, (3, 8, 8)).eval(), cgan.Discriminator((3, 8, 8), 10)
     fake = G(torch.randn(1, 8).repeat(10, 1), torch.arange(10))
+    assert fake.shape == (10, 3, 8, 8) and fake.abs().max() <= 1 and D(fake, torch.arange(10)).shape == (10,)
+    assert G.net[0].in_features == 8 + 10  # the one-hot label concatenated to z
     assert all((fake[0] - fake[k]).abs().max() > 1e-3 for k in range(1, 10))
 
 
@@ -38,10 +31,10 @@ def test_discriminator_is_a_projection_realness_plus_class_vector_dot_features()
     assert not torch.allclose(D(images, labels), D(images, (labels + 1) % 4))
 
 
-def test_losses_are_bce_on_logits_and_non_saturating():
-    real, fake, sig = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0]), torch.sigmoid
-    torch.testing.assert_close(cgan.d_loss(real, fake), -(torch.log(sig(real)) + torch.log(1 - sig(fake))).mean())
-    torch.testing.assert_close(cgan.g_loss(fake), -torch.log(sig(fake)).mean())  # -log D(G(z)), not log(1 - D(G(z)))
+def test_bce_is_binary_cross_entropy_on_logits():
+    logits, sig = torch.tensor([2.0, -1.0, 0.5, -3.0]), torch.sigmoid
+    torch.testing.assert_close(cgan.bce(logits, 1), -torch.log(sig(logits)).mean())
+    torch.testing.assert_close(cgan.bce(logits, 0), -torch.log(1 - sig(logits)).mean())
 
 
 def record_steps(nets, optimizers):
@@ -60,15 +53,18 @@ def record_steps(nets, optimizers):
     return log
 
 
-def test_train_step_updates_d_then_g_on_the_real_batchs_labels():
+def test_train_step_updates_d_then_g_on_the_real_batchs_labels_with_the_non_saturating_loss():
     torch.manual_seed(0)
     G, D = cgan.Generator(8, 10, (1, 6, 6)), cgan.Discriminator((1, 6, 6), 10)
     opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-3), torch.optim.Adam(D.parameters(), lr=1e-3)
-    log, seen_labels, forward = record_steps({"G": G, "D": D}, {"G": opt_g, "D": opt_d}), [], G.forward
-    G.forward = lambda z, labels: (seen_labels.append(labels), forward(z, labels))[1]
+    log, seen = record_steps({"G": G, "D": D}, {"G": opt_g, "D": opt_d}), []
+    G.register_forward_hook(lambda module, inputs, fake: seen.append((inputs[1], fake)))
     real, labels = torch.rand(16, 1, 6, 6) * 2 - 1, torch.arange(16) % 10
     metrics = cgan.train_step(G, D, opt_g, opt_d, real, labels, 8, no_scaler())
-    assert [name for name, _ in log] == ["D", "G"] and torch.equal(seen_labels[0], labels)
+    (seen_labels, fake), = seen
+    assert [name for name, _ in log] == ["D", "G"] and torch.equal(seen_labels, labels)
+    with torch.no_grad():  # G's loss is -log D(G(z)) under the D of G's step (the final D)
+        torch.testing.assert_close(metrics[1], -torch.log(torch.sigmoid(D(fake, labels))).mean())
     (_, at_d), (_, at_g) = log
     assert not at_d["G"][0] and not at_d["D"][0] and all(g is None for g in at_d["G"][1])  # fakes detached for D
     assert at_g["D"][0] and not at_g["G"][0] and all(g is not None and g.abs().sum() > 0 for g in at_g["G"][1])
@@ -103,12 +99,10 @@ def test_generate_writes_labels_and_honours_label(tmp_path, tiny_data_dir, capsy
 
 def test_generate_draws_the_label_asked_for():
     torch.manual_seed(0)
-    G = cgan.Generator(8, 4, (1, 6, 6))
-    labels = torch.tensor([2, 0, 3])
-    images = cgan.generate_images(G, labels, 8, "cpu", seed=3)
+    G, labels = cgan.Generator(8, 4, (1, 6, 6)), torch.tensor([2, 0, 3])
     with torch.no_grad():
         expected = data.to_uint8(G.eval()(torch.randn(3, 8, generator=torch.Generator().manual_seed(3)), labels))
-    assert torch.equal(images, expected)
+    assert torch.equal(cgan.generate_images(G, labels, 8, "cpu", seed=3), expected)
 
 
 @pytest.mark.parametrize("flags", [["--label", "3"], ["--label", "-1", "--generate", "2"], ["--loss", "hinge"]])
