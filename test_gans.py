@@ -349,11 +349,19 @@ def test_device_cuda_without_a_gpu_exits_2(name, capsys):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_unknown_dataset_or_empty_folder_exits_2_naming_it(name, tmp_path, capsys):
+def test_a_bad_dataset_exits_2_with_one_line_naming_it(name, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    for dataset in ("no-such-dataset", tmp_path / "empty"):
-        assert tiny_run(name, tmp_path / "run", tmp_path, "--dataset", dataset, "--image-size", 32) == 2
-        one_line_error(capsys, str(dataset))
+    (tmp_path / "text" / "notes").mkdir(parents=True)
+    (tmp_path / "text" / "notes" / "notes.txt").write_text("not an image")
+    broken = make_tiny_mnist(tmp_path / "broken")
+    with open(os.path.join(broken, "mnist", "train-images-idx3-ubyte.gz"), "r+b") as f:
+        f.truncate(100)
+    for dataset, data_dir, named in [("no-such-dataset", tmp_path, "no-such-dataset"),
+                                     (tmp_path / "empty", tmp_path, "empty"),
+                                     (tmp_path / "text", tmp_path, "notes.txt"),
+                                     ("mnist", broken, "train-images-idx3-ubyte.gz")]:
+        assert tiny_run(name, tmp_path / "run", data_dir, "--dataset", dataset, "--image-size", 32) == 2
+        one_line_error(capsys, named)
 
 
 def break_train_step(monkeypatch, name, what):
