@@ -37,8 +37,7 @@ def test_bce_is_binary_cross_entropy_on_logits():
     torch.testing.assert_close(cgan.bce(logits, 0), -torch.log(1 - sig(logits)).mean())
 
 
-def record_steps(nets, optimizers):
-    """At each optimizer step, log (its name, {net: (changed since the start?, its gradients)})."""
+def record_steps(nets, optimizers):  # at each step: (optimizer, {net: (changed yet?, its gradients)})
     start = {n: [p.detach().clone() for p in net.parameters()] for n, net in nets.items()}
     log = []
 
