@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 class DataError(Exception):
     """Bad input (missing, corrupt or unreadable data) or an unusable output folder; the message names the file."""
 
+
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 GZ_FILES = [stem + ".gz" for stem in IDX_FILES["train"] + IDX_FILES["test"]]
@@ -66,8 +67,6 @@ def load_dataset(name, data_dir="data", split="train", image_size=None, download
         if not os.path.isdir(name):
             raise DataError(f"no folder of images at {name}" if os.sep in name or os.path.exists(name) else
                             f"unknown dataset '{name}': use mnist, fashion-mnist or a folder of images")
-        if image_size is None:
-            raise DataError(f"an image folder needs an image size ({name})")
         try:
             return load_folder(name, image_size)
         except OSError as e:  # a folder we may not list; unreadable files are caught per image
@@ -76,8 +75,7 @@ def load_dataset(name, data_dir="data", split="train", image_size=None, download
     images, labels = read_idx(images_file, 3).copy(), read_idx(labels_file, 1).astype(np.int64)
     classes = list(DATASETS[name]["classes"])
     if len(images) != len(labels) or labels.max() >= len(classes):
-        raise DataError(f"{labels_file} has {len(labels)} labels up to {labels.max()}; {images_file} has "
-                        f"{len(images)} images of classes 0..{len(classes) - 1}")
+        raise DataError(f"{labels_file}: {len(labels)} labels up to {labels.max()} for {len(images)} images")
     images = torch.from_numpy(images).unsqueeze(1)
     if image_size not in (None, images.shape[-1]):  # in chunks: bounded memory for the float copy
         images = torch.cat([F.interpolate(chunk.float(), size=(image_size, image_size), mode="bilinear",
@@ -86,9 +84,9 @@ def load_dataset(name, data_dir="data", split="train", image_size=None, download
     cache_dir = folder if os.access(folder, os.W_OK) else os.path.join(data_dir, name)  # /usr/share: read-only
     return Dataset(images, torch.from_numpy(labels), classes, folder, cache_dir)
 
+
 def find_idx_files(name, data_dir, split, download):
-    """(folder, [images file, labels file]) of the split, plain or gzipped: in DATA_DIR/<name>, else in
-    /usr/share/datasets/<name>, else downloaded into DATA_DIR/<name> (both splits: the test one gives held-out data)."""
+    """(folder, [images file, labels file]) of the split, plain or gzipped; both splits downloaded if in neither folder."""
     def files_in(folder):
         return [next((p for p in (os.path.join(folder, stem), os.path.join(folder, stem + ".gz")) if os.path.isfile(p)),
                      None) for stem in IDX_FILES[split]]
@@ -102,6 +100,7 @@ def find_idx_files(name, data_dir, split, download):
         if not os.path.isfile(os.path.join(local, gz)) and not os.path.isfile(os.path.join(local, gz[:-3])):
             fetch(gz, DATASETS[name]["mirrors"], md5, local)
     return local, files_in(local)
+
 
 def read_idx(path, ndim):
     """An IDX file of unsigned bytes (gzipped or not) as a numpy array, its magic number and length checked."""
@@ -118,30 +117,28 @@ def read_idx(path, ndim):
         raise DataError(f"{path} is truncated or too long: {len(raw)} bytes for a header of {dims}")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
+
 def fetch(filename, mirrors, md5, folder, timeout=30):
     """Download into folder from the first mirror with the right MD5; a failed or wrong download leaves nothing."""
-    def download(out):
-        digest = hashlib.md5()
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(1 << 16):
-                out.write(chunk)
-                digest.update(chunk)
-        if digest.hexdigest() != md5:
-            raise ValueError(f"MD5 {digest.hexdigest()}, expected {md5}")
     failures = []
     for url in (mirror + filename for mirror in mirrors):
         print(f"downloading {url}", file=sys.stderr, flush=True)
         try:
             os.makedirs(folder, exist_ok=True)
-            write_atomic(os.path.join(folder, filename), download)
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                body = response.read()  # at most 10 MB
+            if hashlib.md5(body).hexdigest() != md5:
+                raise ValueError(f"MD5 {hashlib.md5(body).hexdigest()}, expected {md5}")
+            write_atomic(os.path.join(folder, filename), lambda f: f.write(body))
             return os.path.join(folder, filename)
         except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError; IncompleteRead: cut
             failures.append(f"{url}: {getattr(e, 'reason', e)!s:.200}")
     raise DataError(f"could not download {filename} ({'; '.join(failures)}); put the file in {folder} yourself")
 
+
 def load_data(name, data_dir, image_size, rank=0, split="train"):
-    """load_dataset in every process: rank 0 first (it may download), or all stop with its one line. The test split
-    (held-out figures only) is None for a folder or if absent, and never downloaded."""
+    """load_dataset in every process, rank 0 first (it may download), or all stop with its one line. The test split
+    (held-out figures) is None for a folder or if absent; it is never downloaded."""
     if split == "test" and name not in DATASETS:
         return None
     dataset, error = None, [None]
@@ -155,9 +152,10 @@ def load_data(name, data_dir, image_size, rank=0, split="train"):
         raise DataError(error[0])
     return None if error[0] else dataset or load_dataset(name, data_dir, split, image_size, download=False)
 
+
 def load_folder(root, image_size):
     """One sub-folder per class (sorted names give the labels) or loose images as one class; each image's shorter side
-    to image_size, then centre crop; 1 channel if every image is grayscale, else 3; hidden files skipped."""
+    to image_size, then centre crop; 1 channel if every image is grayscale, else 3 (transparency onto white)."""
     entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
     classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
     if classes:  # files beside the class folders are left out
@@ -168,24 +166,23 @@ def load_folder(root, image_size):
     files = [(path, label) for path, label in files if os.path.isfile(path)]
     if not files:
         raise DataError(f"no images in {root}")
-    pictures = [open_image(path, image_size) for path, _ in files]
+    pictures = []
+    for path, _ in files:
+        try:
+            with Image.open(path) as img:
+                img.draft("RGB", (image_size, image_size))  # JPEG: let the decoder downscale, much faster
+                img = ImageOps.exif_transpose(img)
+                if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                    img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+                img = img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+                pictures.append(ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BICUBIC))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise DataError(f"not a readable image: {path} ({type(e).__name__})") from None
     mode = "L" if all(p.mode == "L" for p in pictures) else "RGB"
     images = np.stack([np.asarray(p.convert(mode)).reshape(image_size, image_size, len(mode)) for p in pictures])
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     cache_dir = os.path.join(root, ".cache")  # hidden, so the loader itself skips it next time
     return Dataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, classes, root, cache_dir)
-
-def open_image(path, image_size):
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (image_size, image_size))  # JPEG: let the decoder downscale, much faster
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # onto white
-                img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-            img = img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-            return ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BICUBIC)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"not a readable image: {path} ({type(e).__name__})") from None
 
 
 class Batches:
@@ -204,8 +201,10 @@ class Batches:
         for index in order.to(self.images.device).tensor_split(self.num_batches):
             yield to_float(self.images[index]), self.labels[index]
 
+
 def to_float(images):  # uint8 0..255 -> float32 in [-1, 1], the range of the generators' tanh
     return images.float().div_(127.5).sub_(1.0)
+
 
 def to_uint8(images):  # float in [-1, 1] -> uint8, rounded as torchvision's save_image rounds
     return ((images.detach().float() + 1) * 127.5 + 0.5).clamp_(0, 255).to(torch.uint8)
@@ -214,21 +213,16 @@ def to_uint8(images):  # float in [-1, 1] -> uint8, rounded as torchvision's sav
 # ----------------------------------------------------------------------------------------------------------------
 # Images out, and every file a run writes: each through write_atomic, so no reader (or --resume) sees half a file
 
-def make_grid(images, nrow, padding=2):
-    """[N, C, H, W] images (float in [-1, 1] or uint8) -> one uint8 array [rows, cols, C], nrow images a row."""
+def save_grid(images, path, nrow, padding=2):
+    """[N, C, H, W] images (float in [-1, 1] or uint8) as one PNG, nrow images a row, on grey."""
     images = (images if images.dtype == torch.uint8 else to_uint8(images)).cpu().numpy()
     n, c, h, w = images.shape
     grid = np.full((padding + math.ceil(n / nrow) * (h + padding), padding + nrow * (w + padding), c), 128, np.uint8)
     for i, image in enumerate(images):
         top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         grid[top:top + h, left:left + w] = image.transpose(1, 2, 0)
-    return grid
+    write_atomic(path, lambda f: Image.fromarray(grid.squeeze(2) if c == 1 else grid).save(f, format="PNG"))
 
-def save_grid(images, path, nrow, scale=1):  # scale > 1 enlarges the grid with crisp pixels
-    grid = make_grid(images, nrow)
-    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
-    write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 def save_gif(png_paths, path, duration_ms=250, max_frames=50):
     """The PNG frames as a GIF, the last held longer; at most max_frames, evenly spaced (a long run's every epoch)."""
@@ -239,12 +233,11 @@ def save_gif(png_paths, path, duration_ms=250, max_frames=50):
     write_atomic(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                 duration=durations, loop=0))
 
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
-def plot_curves(series, path, xlabel="epoch", size=(640, 400)):
-    """{name: [values]} against 1..len as a PNG, drawn with PIL: a frame, value and epoch ticks, a legend."""
-    (width, height), (left, right, top, bottom) = size, (64, 16, 16, 44)
-    picture, font = Image.new("RGB", size, "white"), ImageFont.load_default()
+def plot_curves(series, path, width=640, height=400):
+    """{name: [values]} against epochs 1..n as a PNG, drawn with PIL: a frame, value and epoch ticks, a legend."""
+    left, right, top, bottom = 64, 16, 16, 44
+    picture, font = Image.new("RGB", (width, height), "white"), ImageFont.load_default()
     draw = ImageDraw.Draw(picture)
     finite = [float(v) for values in series.values() for v in values if math.isfinite(float(v))] or [0.0]
     margin = 0.05 * (max(finite) - min(finite)) or 1.0
@@ -257,13 +250,15 @@ def plot_curves(series, path, xlabel="epoch", size=(640, 400)):
         draw.line([left - 4, y_at(value), width - right, y_at(value)], fill=(200, 200, 200))
         draw.text((4, y_at(value) - 6), f"{value:.3g}", fill="black", font=font)
         draw.text((x_at(i) - 6, height - bottom + 6), str(i + 1), fill="black", font=font)
-    draw.text(((width - left) // 2 + left - 12, height - 16), xlabel, fill="black", font=font)
-    for k, ((name, values), color) in enumerate(zip(series.items(), COLORS)):
+    draw.text(((width - left) // 2 + left - 12, height - 16), "epoch", fill="black", font=font)
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+    for k, ((name, values), color) in enumerate(zip(series.items(), colors)):
         points = [(x_at(i), y_at(float(v))) for i, v in enumerate(values) if math.isfinite(float(v))]
         draw.line(points + points[-1:] * (len(points) == 1), fill=color, width=3)  # one epoch: a dot
         draw.line([width - 136, top + 12 + 14 * k, width - 116, top + 12 + 14 * k], fill=color, width=2)  # legend
         draw.text((width - 110, top + 6 + 14 * k), name, fill="black", font=font)
     write_atomic(path, lambda f: picture.save(f, format="PNG"))
+
 
 def write_atomic(path, write, mode="wb"):
     """write(f) fills a temporary file, fsynced then renamed over path: on any failure path is as it was."""
@@ -283,7 +278,9 @@ def write_atomic(path, write, mode="wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
 _locks = {}  # out -> the open lock file, held until the process ends
+
 
 def prepare_out(out):
     """Create the run's folder and lock it (OUT/.lock, held until the process ends): a second run stops in one line."""
@@ -299,6 +296,7 @@ def prepare_out(out):
         raise DataError(f"--out {out}: another run is writing there; wait for it or pick another --out") from None
     _locks[os.path.abspath(out)] = lock
 
+
 def read_checkpoint(out):
     """OUT/checkpoint.pt (weights_only) with its "path" added; whether it is this script's own is the script's call."""
     path = os.path.join(out, "checkpoint.pt")
@@ -311,6 +309,7 @@ def read_checkpoint(out):
     if not isinstance(checkpoint, dict) or "generator" not in checkpoint or "args" not in checkpoint:
         raise DataError(f"{path} is not a checkpoint written by a training script")
     return {**checkpoint, "path": path}
+
 
 def resume(checkpoint, parts, device):
     """Load the parts (checkpoint key -> module, optimizer...) and random states; returns (epoch, metrics so far)."""
@@ -325,9 +324,11 @@ def resume(checkpoint, parts, device):
         torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
     return checkpoint["epoch"], list(checkpoint["history"])
 
+
 def random_states(device):  # for --resume to draw the same noise: the CPU's random state and, on CUDA, the GPU's
     return {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda"
                                              else {})}
+
 
 def save_epoch(out, epoch, history, curves, grid, checkpoint, pictures=()):
     """An epoch's files, checkpoint last: metrics.csv (history: a dict per epoch), losses.png (the curves columns),
@@ -347,6 +348,7 @@ def save_epoch(out, epoch, history, curves, grid, checkpoint, pictures=()):
     except OSError as e:  # a full disk: the previous checkpoint stays whole
         raise DataError(f"cannot write epoch {epoch}'s files into {out} ({e.strerror or e}); "
                         f"checkpoint.pt still holds epoch {epoch - 1}") from None
+
 
 def save_samples(out, images, labels=None):
     """--generate's OUT/samples.npz (images uint8 [N, H, W, C], labels if given) and OUT/samples.png (the first 100)."""
@@ -369,13 +371,16 @@ def save_samples(out, images, labels=None):
 def brightness(images):  # + one offset in [-0.5, 0.5) per image
     return images + (torch.rand_like(images[:, :1, :1, :1]) - 0.5)
 
+
 def saturation(images):  # each pixel's distance from its grey scaled by a factor in [0, 2); grayscale unchanged
     mean = images.mean(dim=1, keepdim=True)
     return images if images.shape[1] == 1 else (images - mean) * (torch.rand_like(images[:, :1, :1, :1]) * 2) + mean
 
+
 def contrast(images):  # each image's distance from its mean scaled by a factor in [0.5, 1.5)
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     return (images - mean) * (torch.rand_like(images[:, :1, :1, :1]) + 0.5) + mean
+
 
 def translate(images):
     """Shift each image by its own whole-pixel (dy, dx) in [-S/8, S/8], zeros where it uncovers: one gather."""
@@ -389,6 +394,7 @@ def translate(images):
     batch = torch.arange(b, device=images.device).view(b, 1, 1)
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
+
 def cutout(images):
     """Zero a square of half the side per image, centred anywhere (clipped at the border), as DiffAugment does."""
     b, _, h, w = images.shape
@@ -399,23 +405,8 @@ def cutout(images):
     inside = (rows >= top) & (rows < top + size_y) & (cols >= left) & (cols < left + size_x)  # (B, H, W)
     return images * (~inside).unsqueeze(1).to(images.dtype)
 
+
 AUGMENTATIONS = {"color": (brightness, saturation, contrast), "translation": (translate,), "cutout": (cutout,)}
-
-def default_policy(channels):  # no colour for grayscale, where it would be brightness and contrast only
-    return ("color", "translation", "cutout") if channels == 3 else ("translation", "cutout")
-
-def augment(images, policy, p=1.0):
-    """Each operation of the policy hits each image with probability p. p = 1.0 (DiffAugment) draws no coin; ADA's p
-    is a 0-d device tensor, which keeps the step free of device-to-host syncs."""
-    for operation in (operation for name in policy for operation in AUGMENTATIONS[name]):
-        if isinstance(p, float) and p >= 1:
-            images = operation(images)
-        else:
-            chosen = torch.rand(len(images), 1, 1, 1, device=images.device) < p
-            images = torch.where(chosen, operation(images), images)
-    return images
-
-
 # ADA moves p by (images since the last update) / ADA_SPEED_IMAGES every ADA_INTERVAL steps of D: from 0 to 1 in
 # 20,000 images, a third of a Fashion-MNIST epoch (the paper's 500,000 is more than a whole CPU run sees).
 ADA_SPEED_IMAGES, ADA_INTERVAL = 20_000, 4
@@ -427,21 +418,28 @@ class Augmentation:
     are all-reduced under torchrun and stay on the device: no sync a step."""
 
     def __init__(self, policy, device, target=None):
-        self.policy, self.target, self.adaptive = tuple(policy), target, target is not None
-        self.p = torch.tensor(0.0 if self.adaptive else 1.0, device=device)
+        self.policy, self.target = tuple(policy), target
+        self.p = torch.tensor(1.0 if target is None else 0.0, device=device)
         self.sign_sum, self.count, self.steps = torch.zeros((), device=device), torch.zeros((), device=device), 0
 
     def __call__(self, images, policy=None):  # policy: a part of this run's, where given
-        return augment(images, self.policy if policy is None else policy, self.p if self.adaptive else 1.0)
+        for name in self.policy if policy is None else policy:
+            for operation in AUGMENTATIONS[name]:
+                if self.target is None:  # DiffAugment: every image, no coin drawn
+                    images = operation(images)
+                else:  # each image with probability p, a 0-d device tensor: no device-to-host sync
+                    chosen = torch.rand(len(images), 1, 1, 1, device=images.device) < self.p
+                    images = torch.where(chosen, operation(images), images)
+        return images
 
     def observe(self, real_outputs):
         """After a D step: D's outputs on the augmented reals, minus the value above which D calls an image real."""
-        if not self.adaptive:
+        if self.target is None:
             return
         self.sign_sum += real_outputs.detach().float().sign().sum()
         self.count += real_outputs.numel()
         self.steps += 1
-        if self.steps % ADA_INTERVAL == 0:
+        if self.steps == ADA_INTERVAL:
             totals = torch.stack([self.sign_sum, self.count])
             if dist.is_initialized():
                 dist.all_reduce(totals)
@@ -457,6 +455,8 @@ class Augmentation:
         self.p, self.sign_sum, self.count = (state[k].to(self.p.device).clone() for k in ("p", "sign_sum", "count"))
         self.steps = int(state["steps"])
 
+
 def make_augmentation(kind, channels, device, target=0.6):
-    """--augment none/diffaug/ada -> None (nothing drawn) or an Augmentation of default_policy(channels)."""
-    return None if kind == "none" else Augmentation(default_policy(channels), device, target if kind == "ada" else None)
+    """--augment none/diffaug/ada -> None (nothing drawn) or an Augmentation (no colour on grayscale)."""
+    policy = ("color", "translation", "cutout") if channels == 3 else ("translation", "cutout")
+    return None if kind == "none" else Augmentation(policy, device, target if kind == "ada" else None)

@@ -21,7 +21,6 @@ import re
 import sys
 import tempfile
 import urllib.parse
-import urllib.request
 import warnings
 import zipfile
 
@@ -64,8 +63,7 @@ class BasicConv2d(nn.Module):
 
     @torch.no_grad()
     def fold_batchnorm(self):
-        # In eval mode BN is y = (x - mean) * gamma / sqrt(var + eps) + beta: a per-channel affine map that can live
-        # in the conv's weight and bias. Computed in float64 so the folded float32 weights are correctly rounded.
+        # eval-mode BN is a per-channel affine map: into the conv's weight and bias, in float64 for correct rounding
         bn = self.bn
         scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
         self.conv.weight.copy_(self.conv.weight.double() * scale[:, None, None, None])
@@ -210,7 +208,7 @@ class FIDInception(nn.Module):
         x = x.expand(-1, 3, -1, -1)  # grayscale: 3 identical channels, as PIL's convert("RGB") gives
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        pool = lambda x: F.max_pool2d(x, kernel_size=3, stride=2)  # noqa: E731
+        pool = nn.MaxPool2d(kernel_size=3, stride=2)
         blocks = {64: [self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, pool],  # (B, 64, 73, 73)
                   192: [self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, pool],  # (B, 192, 35, 35)
                   768: [self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
@@ -234,10 +232,9 @@ class FIDInception(nn.Module):
     def prepare_for_inference(self):
         """Fold each BatchNorm into its conv and go channels-last (NHWC, oneDNN's native layout): ~2.5x faster on a
         CPU, same features to ~1e-6 relative. Call after loading weights: the folded model has another layout."""
-        with one_thread():
-            for module in self.modules():
-                if isinstance(module, BasicConv2d) and isinstance(module.bn, nn.BatchNorm2d):
-                    module.fold_batchnorm()
+        for module in self.modules():
+            if isinstance(module, BasicConv2d) and isinstance(module.bn, nn.BatchNorm2d):
+                module.fold_batchnorm()
         self.channels_last = True
         return self.to(memory_format=torch.channels_last).eval()
 
@@ -259,48 +256,21 @@ def clean_resize(images):
     return torch.from_numpy(out)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Weights
-
-def download_weights(url=WEIGHTS_URL, cache_dir=None, timeout=60):
-    """The weights file in cache_dir (torch hub's by default), downloaded once and checked against the sha256 prefix
-    in its name; a failed, cut-off or wrong download leaves nothing behind."""
+def download_weights(url=WEIGHTS_URL, cache_dir=None):
+    """The weights file in cache_dir (torch hub's by default), downloaded once by torch hub, which checks the sha256
+    prefix in its name and leaves nothing behind from a failed, cut-off or wrong download."""
     cache_dir = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
-    filename = os.path.basename(urllib.parse.urlparse(url).path)
-    target, tmp = os.path.join(cache_dir, filename), os.path.join(cache_dir, f"{filename}.part{os.getpid()}")
-    if os.path.isfile(target):
-        return target
-    expected = re.search(r"-([0-9a-f]{6,})\.", filename)  # torch hub's name-<sha256 prefix>.ext
-    offline = f"offline, copy {filename} into {cache_dir} or pass --weights FILE"
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            print(f"downloading {url} into {cache_dir}", file=sys.stderr)
-            sha256 = hashlib.sha256()
-            while chunk := response.read(1 << 20):
-                sha256.update(chunk)
-                out.write(chunk)
-        if expected and not sha256.hexdigest().startswith(expected.group(1)):
-            raise FIDError(f"{url} has sha256 {sha256.hexdigest()[:16]}..., not {expected.group(1)}...; {offline}")
-        os.replace(tmp, target)
-    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts; IncompleteRead
-        raise FIDError(f"could not download {url} ({one_line(e)}); {offline}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    target = os.path.join(cache_dir, os.path.basename(urllib.parse.urlparse(url).path))
+    expected = re.search(r"-([0-9a-f]{6,})\.", target)  # torch hub's name-<sha256 prefix>.ext
+    if not os.path.isfile(target):
+        print(f"downloading {url} into {cache_dir}", file=sys.stderr)
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            torch.hub.download_url_to_file(url, target, expected and expected.group(1), progress=False)
+        except (OSError, RuntimeError, http.client.HTTPException) as e:  # offline, a wrong hash, a cut-off
+            raise FIDError(f"could not download {url} ({one_line(e)}); offline, copy {os.path.basename(target)} into "
+                           f"{cache_dir} or pass --weights FILE") from None
     return target
-
-
-@contextlib.contextmanager
-def one_thread():
-    # Loading and folding 94 convs is many tiny steps: threads cost more than they give, and on a busy CPU a
-    # descheduled thread stalls the others (folding took 2.9 s on 2 threads of a loaded 2-core machine, 0.03 s on 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def one_line(error):
@@ -322,11 +292,15 @@ def load_inception(weights=None, device=None, url=WEIGHTS_URL, cache_dir=None):
             raise FIDError(f"cannot read Inception weights {weights} ({one_line(e)})") from None
         if not isinstance(state, collections.abc.Mapping):
             raise FIDError(f"{weights} is not a state dict")
-    with one_thread():
+    device = check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 94 convs loaded and folded in tiny steps: on a busy CPU threads only stall each other
+    try:
         model = FIDInception()
         model.load_pytorch_fid_state_dict(state, source)
-    device = check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.prepare_for_inference().to(device)
+        return model.prepare_for_inference().to(device)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def check_device(device):  # as given (None stays None), or one line saying why torch cannot use it
@@ -340,8 +314,8 @@ def check_device(device):  # as given (None stays None), or one line saying why 
 
 @contextlib.contextmanager
 def no_tf32(device):
-    """Full float32 convolutions on CUDA: TF32 (on by default for cuDNN on Ampere+) perturbs the features."""
-    # torch >= 2.9 has a per-operator setting, and mixing it with the old allow_tf32 flag is an error: use one.
+    """Full float32 convolutions on CUDA: TF32 (cuDNN's default on Ampere+) perturbs the features. torch >= 2.9 has
+    a per-operator setting, and mixing it with the old allow_tf32 flag is an error: one of them."""
     conv = getattr(torch.backends.cudnn, "conv", None)
     owner, flag, off = ((conv, "fp32_precision", "ieee") if hasattr(conv, "fp32_precision")
                         else (torch.backends.cudnn, "allow_tf32", False))
@@ -391,11 +365,8 @@ def image_batches(images, batch_size):
         yield torch.stack(batch) if all(b.shape == batch[0].shape for b in batch) else [b[None] for b in batch]
 
 
-def check_images(images, dims=2048, batch_size=50, resize="legacy", source="images"):
-    """One-line errors for bad arguments, before any weights are loaded (image files are checked as they are read)."""
-    if dims not in FEATURE_LAYERS or batch_size < 1 or resize not in RESIZE_MODES:
-        raise FIDError(f"dims must be one of {tuple(FEATURE_LAYERS)}, the batch size positive and resize one of "
-                       f"{', '.join(RESIZE_MODES)}; got {dims}, {batch_size}, {resize!r}")
+def check_images(images, source="images"):
+    """One-line errors for bad images, before any weights are loaded (image files are checked as they are read)."""
     if not isinstance(images, list) and (images.ndim != 4 or images.shape[1] not in (1, 3) or not (
             images.dtype in (torch.uint8, np.uint8) or torch.as_tensor(images[:1]).is_floating_point())):
         raise FIDError(f"{source}: expected uint8 or float (-1..1) images [N, C, H, W] with C 1 or 3, got "
@@ -407,7 +378,7 @@ def check_images(images, dims=2048, batch_size=50, resize="legacy", source="imag
 def compute_features(images, dims=2048, batch_size=50, device=None, weights=None, resize="legacy"):
     """Features [N, dims] (float32, CPU) of images: uint8 [N, C, H, W] (C 1 or 3), floats in [-1, 1], or a list of
     image files. weights as load_inception takes them; resize "legacy" (pytorch-fid) or "clean" (clean-fid)."""
-    check_images(images, dims, batch_size, resize)
+    check_images(images)
     model = load_inception(weights, device)
     return torch.cat([batch_features(model, batch, dims, resize) for batch in image_batches(images, batch_size)])
 
@@ -457,12 +428,8 @@ def save_statistics(path, mu, sigma, **info):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrtm(S1 S2)), in float64 torch; numpy arrays or tensors in.
-
-    Tr(sqrtm(S1 S2)) is the sum of the square roots of the eigenvalues of S1 S2. With S1 = L L^T, S1 S2 is similar
-    to the symmetric L^T S2 L, so a factorisation and one symmetric eigenvalue problem replace scipy's general sqrtm
-    (pytorch-fid's route): >10x faster at 2048 dims, and singular covariances give clamped zeros, not NaN or
-    "imaginary component" errors.
-    """
+    With S1 = L L^T, S1 S2 is similar to the symmetric L^T S2 L: one symmetric eigenvalue problem replaces scipy's
+    sqrtm (pytorch-fid's), >10x faster at 2048 dims, and singular covariances give zeros, not NaN or complex values."""
     mu1, mu2 = (torch.atleast_1d(torch.as_tensor(m).detach().cpu().double()) for m in (mu1, mu2))
     sigma1, sigma2 = (torch.atleast_2d(torch.as_tensor(s).detach().cpu().double()) for s in (sigma1, sigma2))
     d = mu1.shape[0]
@@ -495,31 +462,26 @@ def as_features(*sets, names=("generated", "real")):
 
 
 def polynomial_mmd2(x, y):
-    """The unbiased squared MMD of two sets of m features each, under the kernel k(x, y) = (x.y / d + 1)^3. The inner
-    products in the features' precision (float32: twice as fast, 3e-7 relative off all-float64 on 2048-d features),
-    the cube and the sums in float64 (all-float32, torch-fidelity's numpy route, was 3e-3 off)."""
+    """The unbiased squared MMD of two sets of m features under k(x, y) = (x.y / d + 1)^3: the inner products in the
+    features' precision (float32: 3e-7 relative off float64), the cube and the sums in float64 (float32: 3e-3 off)."""
     d, m = x.shape[1], len(x)
 
     def kernel_sum(p, q, skip_diagonal):
         k = ((p @ q.T).double() / d + 1) ** 3
         return k.sum() - (k.diagonal().sum() if skip_diagonal else 0)
-
     within = kernel_sum(x, x, True) + kernel_sum(y, y, True)  # k(x_i, x_i) left out: that is what makes it unbiased
     return float(within / (m * (m - 1)) - 2 * kernel_sum(x, y, False) / (m * m))
 
 
-def kid_subset_size(num_a, num_b, subset_size=KID_SUBSET_SIZE):
-    """The subset size KID uses: subset_size, or all of the smaller set when it has fewer images."""
+def kid_subset_size(num_a, num_b, subset_size=KID_SUBSET_SIZE):  # subset_size, or all of the smaller set
     return min(subset_size, num_a, num_b)
 
 
 def kernel_inception_distance(features_a, features_b, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
                               seed=KID_SEED):
-    """KID (Bińkowski et al. 2018, arXiv:1801.01401): (mean, std) of polynomial_mmd2 over random subsets.
-
-    Drawn as torch-fidelity 0.4.0 does: numpy's RandomState(seed), per subset indices of features_a (generated) then
-    of features_b, without replacement; std with ddof 0. A set smaller than subset_size makes every subset the size of
-    the smaller set, with a warning (torch-fidelity refuses). Unbiased: it does not drift with N, and may be < 0."""
+    """KID (Bińkowski et al. 2018, arXiv:1801.01401): (mean, std) of polynomial_mmd2 over random subsets, drawn as
+    torch-fidelity 0.4.0 does (RandomState(seed), indices of a then of b, without replacement; std with ddof 0). A set
+    smaller than subset_size shrinks the subsets, with a warning (torch-fidelity refuses). Unbiased; may be < 0."""
     a, b = as_features(features_a, features_b)
     if len(a) < 2 or len(b) < 2 or subsets < 1 or subset_size < 2:
         raise FIDError(f"KID needs at least 2 images per side and per subset and 1 subset, got {len(a)} and "
@@ -558,10 +520,8 @@ def kth_neighbour_radii(x, k, batch_size):
 
 def precision_recall(real_features, fake_features, k=PRC_K, batch_size=2048):
     """(precision, recall) of Kynkäänniemi et al. 2019 (arXiv:1904.06991), as torch-fidelity 0.4.0 computes them.
-
     Each point's ball reaches its k-th nearest neighbour in its own set. Precision: the share of fakes in some real
-    ball (realistic?); recall: the share of reals in some fake ball (variety covered?). Both depend on N: compare
-    equal N per side. Memory: one batch_size x batch_size block of distances at a time, never N x N."""
+    ball; recall: the share of reals in some fake ball. Both depend on N. Memory: one batch_size^2 block at a time."""
     real, fake = as_features(real_features, fake_features, names=("real", "generated"))
     for name, n in (("real", len(real)), ("generated", len(fake))):
         if not 1 <= k <= n - 1:
@@ -602,8 +562,7 @@ def report(fake, real, device=None, cache_dir=None):
 # Command line: folders, .npz files and dataset names
 
 def read_input(source, args):
-    """One side of the command line: {"images": a list of files or uint8 [N, C, H, W]} to run through the network,
-    or a statistics .npz's {"mu", "sigma", "features"}; with "count" and "what" for the protocol."""
+    """One side: {"images": files or uint8 [N, C, H, W]} or {"mu", "sigma", "features"}, with "count" and "what"."""
     if os.path.isdir(source):
         images = sorted(os.path.join(source, f) for f in os.listdir(source)
                         if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
@@ -625,24 +584,22 @@ def read_input(source, args):
     elif source in DATASET_NAMES:
         try:
             import data  # lazily: only dataset names need this repo's data.py; fid.py stays copyable without it
+            images = data.load_dataset(source, data_dir=args.data_dir, split="train").images
         except ImportError:
             raise FIDError(f"dataset name {source!r} needs data.py beside fid.py; pass a folder or .npz") from None
-        try:
-            images = data.load_dataset(source, data_dir=args.data_dir, split="train").images
         except data.DataError as e:
             raise FIDError(str(e)) from None
     else:
         raise FIDError(f"{source}: no such folder or file, and not a dataset name ({', '.join(DATASET_NAMES)})")
     images = images[:args.num_samples]
-    check_images(images, args.dims, args.batch_size, args.resize, source)
+    check_images(images, source)
     if (args.kid or args.prc) and len(images) <= PRC_K:
         raise FIDError(f"{source}: precision/recall need at least {PRC_K + 1} images, got {len(images)}")
     return dict(images=images, count=len(images), what=f"{source} train" if source in DATASET_NAMES else source)
 
 
 def statistics_input(source, npz, args):
-    """A statistics .npz, refused in one line when it cannot serve this run: another resize (pytorch-fid's own files
-    record none: they are legacy), or no features for KID and precision/recall."""
+    """A statistics .npz, refused in one line when it cannot serve this run (pytorch-fid's own files are legacy)."""
     mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise FIDError(f"{source}: mu {list(mu.shape)} and sigma {list(sigma.shape)} do not match")
@@ -664,28 +621,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = ArgumentParser(prog="fid.py", description="FID (with --kid, --prc: KID, precision, recall) of image set A "
-                       "against the reference set B, as pytorch-fid and torch-fidelity compute them. Each is a folder "
-                       "of images, a .npz with mu/sigma (pytorch-fid statistics) or images (from --generate), or "
-                       "mnist or fashion-mnist (the training split).", epilog="Speed: a 2-core CPU does about 25 "
-                       "images/s at any image size (10,000 images: about 7 minutes), a GPU hundreds: save the real "
-                       "images' statistics once with --save-stats. Fewer images than --dims bias FID upwards: use "
-                       "10,000 or more to compare with published figures, or read KID, which is unbiased.")
+    p = ArgumentParser(prog="fid.py", description="FID (and KID, precision, recall) of image set A against the "
+                       "reference B: each a folder of images, a .npz of mu/sigma or of images, or mnist/fashion-mnist.")
     p.add_argument("a", metavar="A", help="the generated (or evaluated) set")
     p.add_argument("b", metavar="B", help="the reference (real) set; with --save-stats, the .npz to write")
-    p.add_argument("--save-stats", action="store_true", help="write A's mu and sigma to B instead (with --kid or "
-                   "--prc, its features too)")
+    p.add_argument("--save-stats", action="store_true", help="write A's statistics to B (its features with --kid)")
     p.add_argument("--dims", type=int, default=2048, choices=tuple(FEATURE_LAYERS), help="feature block (default 2048)")
-    p.add_argument("--resize", default="legacy", choices=RESIZE_MODES, help="legacy: pytorch-fid's bilinear to "
-                   "299x299 (default); clean: clean-fid's PIL bicubic of each channel as float32")
-    p.add_argument("--kid", action="store_true", help=f"also KID: mean ± std of the unbiased MMD^2 over {KID_SUBSETS} "
-                   f"subsets of {KID_SUBSET_SIZE} (or all of the smaller set)")
+    p.add_argument("--resize", default="legacy", choices=RESIZE_MODES, help="pytorch-fid's (default) or clean-fid's")
+    p.add_argument("--kid", action="store_true", help=f"also KID over {KID_SUBSETS} subsets of {KID_SUBSET_SIZE}")
     p.add_argument("--prc", action="store_true", help=f"also precision and recall (k = {PRC_K} nearest neighbours)")
     p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--num-samples", type=int, default=None, metavar="N", help="use at most N images per input")
-    p.add_argument("--weights", default=None, metavar="FILE", help="Inception weights (default: pytorch-fid's, "
-                   "downloaded once into torch hub's cache)")
+    p.add_argument("--weights", default=None, metavar="FILE", help="Inception weights (default: pytorch-fid's)")
     p.add_argument("--data-dir", default="data", help="where dataset names are looked for (default data)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_samples is not None and args.num_samples < 2:
@@ -712,7 +660,12 @@ def main(argv=None):
                                                     resize=args.resize)
                 side["mu"], side["sigma"] = statistics_of_features(side["features"])
             if args.save_stats:
-                save(args, sides[0])
+                (a,) = sides
+                extra = {"features": a["features"].numpy()} if args.kid or args.prc else {}
+                save_statistics(args.b, a["mu"], a["sigma"], dims=args.dims, resize=args.resize, source=a["what"],
+                                num_images=a["count"], **extra)
+                print(f"saved mu and sigma{' and features' if extra else ''} of {args.a} to {args.b} [{a['count']} "
+                      f"images, Inception {args.dims}-d {FEATURE_LAYERS[args.dims]}, resize {args.resize}]")
             else:
                 print_figures(args, *sides)
     except FIDError as e:
@@ -723,16 +676,7 @@ def main(argv=None):
     return 0
 
 
-def save(args, side):
-    extra = {"features": side["features"].numpy()} if args.kid or args.prc else {}
-    save_statistics(args.b, side["mu"], side["sigma"], dims=args.dims, resize=args.resize, source=side["what"],
-                    num_images=side["count"], **extra)
-    print(f"saved mu and sigma{' and features' if extra else ''} of {args.a} to {args.b} "
-          f"[{side['count']} images, Inception {args.dims}-d {FEATURE_LAYERS[args.dims]}, resize {args.resize}]")
-
-
-def print_figures(args, a, b):
-    """FID, then KID and precision/recall when asked, each with the protocol it was computed under."""
+def print_figures(args, a, b):  # each figure with the protocol it was computed under
     line = protocol(a["count"], b["count"], len(a["mu"]), args.resize, b["what"])
     print(f"FID: {frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma'])} [{line}]")
     if args.kid:
