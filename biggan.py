@@ -27,8 +27,7 @@ SCRIPT = os.path.basename(__file__)
 
 
 def spectrally_normed(layer):
-    """layer with its weight divided by its largest singular value (Miyato et al. 2018), the weight drawn first from
-    N(0, 0.02), biases 0 (the authors' init), so that spectral norm's first power iteration sees the weight trained."""
+    """layer / its largest singular value (Miyato et al. 2018), initialised first as the authors do: N(0, 0.02), 0."""
     nn.init.normal_(layer.weight, mean=0.0, std=0.02)
     if getattr(layer, "bias", None) is not None:
         nn.init.zeros_(layer.bias)
@@ -40,8 +39,7 @@ def sn_conv(c_in, c_out, kernel_size, bias=True):
 
 
 class ConditionalBatchNorm(nn.Module):
-    """BatchNorm whose scale 1 + Linear(c) and shift Linear(c) come from the condition c of each sample (the class
-    embedding and this block's chunk of z). With no condition it is plain BatchNorm with a learned scale and shift."""
+    """BatchNorm scaled by 1 + Linear(c), shifted by Linear(c); c: the class (embedded, or one-hot) and a chunk of z."""
 
     def __init__(self, channels, condition_dim):
         super().__init__()
@@ -56,8 +54,7 @@ class ConditionalBatchNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """SAGAN's block (Zhang et al. 2019): every position attends to every other (keys and values max-pooled 2x2, as
-    in the authors' code). gamma starts at 0: the block begins as the identity and learns how much to attend."""
+    """SAGAN's block (Zhang et al. 2019), keys and values max-pooled 2x2 as in the authors' code; gamma 0: identity."""
 
     def __init__(self, channels):
         super().__init__()
@@ -88,13 +85,11 @@ class GBlock(nn.Module):
     def forward(self, x, condition):  # (B, c_in, S, S) -> (B, c_out, 2S, 2S)
         h = F.interpolate(F.relu(self.bn1(x, condition)), scale_factor=2, mode="nearest")
         h = self.conv2(F.relu(self.bn2(self.conv1(h), condition)))
-        # A 1x1 conv commutes with nearest upsampling: the same shortcut as upsample-then-conv, at a quarter the cost.
-        return h + F.interpolate(self.shortcut(x), scale_factor=2, mode="nearest")
+        return h + F.interpolate(self.shortcut(x), scale_factor=2, mode="nearest")  # conv first: same, 1/4 the cost
 
 
 class DBlock(nn.Module):
-    """BigGAN's ResBlock down: [ReLU]-conv3x3-ReLU-conv3x3-[avgpool 2x2], plus the input, through a 1x1 conv where the
-    shape changes. The first block has no ReLU before its first conv: its input is the image itself."""
+    """BigGAN's ResBlock down: [ReLU]-conv3x3-ReLU-conv3x3-[avgpool 2x2], plus the input (1x1 conv if reshaped)."""
 
     def __init__(self, c_in, c_out, preactivation=True, downsample=True):
         super().__init__()
@@ -110,12 +105,9 @@ class DBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """z (and a class) -> image in [-1, 1]: linear to 4x4 x width, one ResBlock up per doubling, BN-ReLU-conv3x3-tanh.
-    Each block's BatchNorms read the class through one shared embedding (shared_dim; 0: a linear map of the one-hot
-    class in each) and, with hier, a chunk of z of their own: one chunk per block plus one for the linear layer."""
+    """z (and a class) -> image in [-1, 1]: linear to 4x4, one ResBlock up per doubling, BN-ReLU-conv3x3-tanh."""
 
-    def __init__(self, latent_dim, image_size, channels, width, num_classes=0, shared_dim=128, hier=True,
-                 attention=0):
+    def __init__(self, latent_dim, image_size, channels, width, num_classes=0, shared_dim=128, hier=True, attention=0):
         super().__init__()
         num_blocks = image_size.bit_length() - 3  # 4x4 -> image_size: 3 blocks at 32x32, 4 at 64x64
         self.num_classes, self.hier, self.width = num_classes, hier, width
@@ -147,8 +139,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Image (and a class) -> one raw score: ResBlocks down to 8x8 and two more without downsampling, ReLU, a sum
-    over positions, a linear layer, plus the projection <embed(y), h> (Miyato & Koyama 2018) when conditional."""
+    """Image (and a class) -> raw score: ResBlocks to 8x8 (+2), ReLU, sum, linear, + projection (Miyato & Koyama)."""
 
     def __init__(self, image_size, channels, width, num_classes=0, attention=0):
         super().__init__()
@@ -174,22 +165,7 @@ class Discriminator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The GAN itself: where images reach D, the hinge loss, orthogonal regularisation, D steps per G step
-
-def discriminate(D, images, labels, augment=None):
-    """D's scores. Every image D sees, in D's step and G's, passes here: through --augment, which G learns through."""
-    return D(augment(images) if augment else images, labels)
-
-
-def d_loss(real_scores, fake_scores):
-    """Hinge (Lim & Ye 2017): only images inside the margin, D(x) < 1 or D(G(z)) > -1, push D."""
-    return F.relu(1 - real_scores.float()).mean() + F.relu(1 + fake_scores.float()).mean()
-
-
-def g_loss(fake_scores):
-    """G raises D's raw score of its fakes, without a margin."""
-    return -fake_scores.float().mean()
-
+# The GAN itself: orthogonal regularisation, the hinge loss, D steps per G step
 
 def orthogonal_penalty(G):
     """sum of ||W W^T * (1 - I)||_F^2 over G's raw weights W (before spectral norm; not the embedding, as theirs), W
@@ -199,7 +175,7 @@ def orthogonal_penalty(G):
 
 
 def average_gradients(model):
-    """Under torchrun, each gradient becomes its mean over the processes, in one flat all-reduce (why: gan.py)."""
+    """Under torchrun, each gradient becomes its mean over the processes (one flat all-reduce; why: gan.py)."""
     if not dist.is_initialized():
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -211,9 +187,9 @@ def average_gradients(model):
 
 
 def train_step(G, D, opt_g, opt_d, group, latent_dim, scaler, ortho_beta=1e-4, augment=None, amp=False):
-    """One D update per (real, labels) batch of the group (--d-steps of them), then one G update. The fakes take the
-    classes of the reals beside them. Only the last fake batch is made with a graph: G's update scores that batch
-    again, with the D just improved. Returns the metrics (names in train) as one device tensor."""
+    """One D update per (real, labels) batch of the group (--d-steps of them), then one G update that scores the last
+    fake batch (the only one made with a graph) again, with the D just improved. Fakes take the reals' classes."""
+    shown = augment or (lambda images: images)  # what D is shown of an image
     cast = torch.float16 if group[0][0].device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
     totals = torch.zeros(3, device=group[0][0].device)
     for i, (real, labels) in enumerate(group):
@@ -222,21 +198,22 @@ def train_step(G, D, opt_g, opt_d, group, latent_dim, scaler, ortho_beta=1e-4, a
             with torch.set_grad_enabled(i == len(group) - 1):
                 fake = G(z, labels)
             # Reals and fakes in one pass (D has no BatchNorm, so this is two passes' result); fake detached: not G's.
-            both = discriminate(D, torch.cat([real, fake.detach()]), labels.repeat(2), augment)
+            both = D(shown(torch.cat([real, fake.detach()])), labels.repeat(2)).float()
             real_scores, fake_scores = both.tensor_split(2)
-            loss_d = d_loss(real_scores, fake_scores)
+            # hinge (Lim & Ye 2017): only scores inside the margin, D(x) < 1 or D(G(z)) > -1, push D
+            loss_d = F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
         opt_d.zero_grad(set_to_none=True)
         scaler.scale(loss_d).backward()
         average_gradients(D)
         scaler.step(opt_d)
         scaler.update()  # before the next D step: a GradScaler steps each optimizer once per update
         if augment:  # ADA's p moves by the sign of D's scores of the reals (hinge: real above 0)
-            augment.observe(real_scores.detach().float())
-        totals += torch.stack([loss_d.detach(), real_scores.detach().mean(), fake_scores.detach().mean()]).float()
+            augment.observe(real_scores.detach())
+        totals += torch.stack([loss_d.detach(), real_scores.detach().mean(), fake_scores.detach().mean()])
 
     D.requires_grad_(False)  # G's backward passes through D to the image without filling D's gradients
     with torch.autocast(real.device.type, cast, enabled=amp):
-        loss_g = g_loss(discriminate(D, fake, labels, augment))
+        loss_g = -D(shown(fake), labels).float().mean()  # G raises D's raw score of its fakes, without a margin
     penalty = orthogonal_penalty(G) if ortho_beta else torch.zeros(())  # float32, no autocast
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g + ortho_beta * penalty.to(loss_g.device)).backward()
@@ -245,7 +222,7 @@ def train_step(G, D, opt_g, opt_d, group, latent_dim, scaler, ortho_beta=1e-4, a
     scaler.update()
     D.requires_grad_(True)
     means = totals / len(group)
-    return torch.stack([means[0], loss_g.detach().float(), means[1], means[2], penalty.detach().to(means.device)])
+    return torch.stack([means[0], loss_g.detach(), means[1], means[2], penalty.detach().to(means.device)])
 
 
 def step_groups(batches, d_steps):
@@ -267,8 +244,7 @@ def update_average(G_average, G, step, decay):
 
 @torch.no_grad()
 def d_accuracy(D, G, dataset, held_out, latent_dim, num_classes, n=1000):
-    """The share of up to n training and n held-out images (held_out None: a folder has none) that D scores above 0,
-    the hinge's middle, and of n fresh fakes of the raw G that it scores at or below 0 (why: gan.py)."""
+    """The shares of training and held-out images D scores above 0 (the hinge's middle), of fakes at or below 0."""
     D.eval(), G.eval()
     device = next(D.parameters()).device
     share = {name: part is not None and torch.cat([D(data.to_float(x.to(device)), y.to(device)) > 0 for x, y in
@@ -317,14 +293,12 @@ def train(args):
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
     steps = math.ceil(len(batches) / args.d_steps)  # G steps an epoch
     names = ["d_loss", "g_loss", "d_real_output", "d_fake_output", "ortho_penalty"]  # what train_step returns
-    # The grid: one row per class, the same z down each column (one z, every class); 100 z's without classes.
-    columns = 10 if num_classes else 100
+    columns = 10 if num_classes else 100  # the grid: a row per class, one z down each column
     grid_labels = torch.arange(max(num_classes, 1), device=device).repeat_interleave(columns)
     grid_noise = sample_z(columns, args.latent_dim, args.truncation, torch.Generator().manual_seed(args.seed))
     grid_noise = grid_noise.repeat(max(num_classes, 1), 1).to(device)
     if rank == 0:
-        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {num_classes or 'no'} "
-              f"classes, {steps} G steps an epoch, {device} x {world_size}, epochs {start_epoch + 1}..{args.epochs}")
+        print(f"{len(dataset.images)} images from {dataset.source}, {steps} G steps an epoch, {device}")
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if rank > 0:  # every process its own noise, from a stream fixed by (seed, rank, epoch) for --resume
             torch.manual_seed(args.seed * 1_000_003 + rank * 1009 + epoch)
@@ -370,8 +344,7 @@ def train(args):
 
 
 def sample_z(n, latent_dim, truncation=None, generator=None):
-    """z for sampling: N(0, I), or with the truncation trick each entry |z| > T drawn again until inside [-T, T],
-    which is the normal truncated to [-T, T], drawn here in one go by its inverse CDF (T = 0: z = 0)."""
+    """z ~ N(0, I), or N(0, I) truncated to [-T, T] (the truncation trick), drawn in one go by its inverse CDF."""
     if truncation is None:
         return torch.randn(n, latent_dim, generator=generator)
     low = torch.special.ndtr(torch.tensor(-float(truncation), dtype=torch.float64))  # P(z < -T)
@@ -381,7 +354,7 @@ def sample_z(n, latent_dim, truncation=None, generator=None):
 
 @torch.no_grad()
 def generate_images(G, labels, latent_dim, device, seed, truncation=None, batch_size=500):
-    """len(labels) images as uint8 (n, C, H, W), from G in eval mode; labels (n,) on the CPU, read if conditional."""
+    """len(labels) images as uint8 (n, C, H, W), from G in eval mode; labels (n,) on the CPU."""
     G.eval()
     noise = torch.Generator().manual_seed(seed)
     return torch.cat([data.to_uint8(G(sample_z(len(chunk), latent_dim, truncation, noise).to(device), chunk.to(device)))
@@ -404,10 +377,7 @@ def generate(args):
     data.save_samples(args.out, images, labels if num_classes else None)  # labels: conditional only
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The command line: every bad flag or file is one line and exit status 2
-
-class UsageError(Exception):
+class UsageError(Exception):  # bad flags or an unusable checkpoint: one line, exit status 2
     pass
 
 
@@ -448,19 +418,12 @@ def number(kind, low, high=math.inf):
 COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
 
 
-def power_of_two(text):  # --image-size: G doubles the side from 4x4, D halves it down to 8x8
-    if int(text) < 32 or int(text) & (int(text) - 1):
-        raise argparse.ArgumentTypeError(f"{text} is not a power of two from 32")
-    return int(text)
-
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, no usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# --preset paper: the authors' CIFAR-10 run for a GPU (BigGAN-PyTorch's launch_cifar_ema.sh: the paper gives that model
-# only in outline). Like the defaults: lr 2e-4 for G and D, Adam (0, 0.999), N(0, 0.02) init, hinge loss, spectral norm.
+# --preset paper: the authors' CIFAR-10 run (BigGAN-PyTorch's launch_cifar_ema.sh), for a GPU; lr as the defaults.
 PRESETS = {
     "cpu": {},  # the defaults: 2 epochs of Fashion-MNIST, 1,876 steps of 0.5 s on 2 CPU cores, a good grid
     "paper": {"image_size": 32, "width": 256, "latent_dim": 128, "shared_dim": 0, "hier": False, "attention": 0,
@@ -470,8 +433,7 @@ PRESETS = {
 
 def parse_args(argv):
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (the defaults below) or paper: "
-                   + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper"].items()) + "; flags win")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (the defaults) or paper; flags win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=2, help="total passes over the training set (default 2)")
@@ -479,17 +441,14 @@ def parse_args(argv):
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate of D (default 2e-4)")
     p.add_argument("--lr-g", type=RATE, default=2e-4, help="Adam's learning rate of G (default 2e-4)")
     p.add_argument("--latent-dim", type=COUNT, default=80, help="size of z (default 80: 4 chunks of 20 at 32x32)")
-    p.add_argument("--image-size", type=power_of_two, help="a power of two from 32 (default 32; a folder: 64)")
+    p.add_argument("--image-size", type=int, choices=(32, 64, 128, 256, 512), help="default 32; a folder: 64")
     p.add_argument("--width", type=COUNT, default=32, help="channels of every block of G and D (default 32)")
-    p.add_argument("--shared-dim", type=number(int, 0), default=128, help="G's class embedding (default 128; 0: none)")
+    p.add_argument("--shared-dim", type=number(int, 0), default=128, help="class embedding (default 128; 0: one-hot)")
     p.add_argument("--hier", action=argparse.BooleanOptionalAction, default=True, help="a chunk of z for each G block")
-    p.add_argument("--attention", type=number(int, 0), default=16, help="the side at which G and D self-attend, "
-                   "8 .. image size / 2 (default 16; 0: none)")
-    p.add_argument("--ortho-beta", type=number(float, 0), default=1e-4, help="of G's orthogonal regularisation "
-                   "(default 1e-4; 0: none)")
+    p.add_argument("--attention", type=number(int, 0), default=16, help="self-attention side (default 16; 0: none)")
+    p.add_argument("--ortho-beta", type=number(float, 0), default=1e-4, help="G's ortho. regularisation (default 1e-4)")
     p.add_argument("--d-steps", type=COUNT, default=1, help="D steps a G step, each on its own batch (default 1)")
-    p.add_argument("--truncation", type=number(float, 0), metavar="T", help="samples from z truncated to [-T, T] "
-                   "(grids, --generate, --fid; default: not truncated; 0: z = 0, one image a class)")
+    p.add_argument("--truncation", type=number(float, 0), metavar="T", help="sample z truncated to [-T, T]")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "
