@@ -702,7 +702,7 @@ def test_torchrun_two_processes_average_gradients_to_the_whole_batch_gradient(na
 # ----------------------------------------------------------------------------------------------------------------
 # gan.py: the losses of --loss, and the alternating update
 
-def test_each_loss_value_and_gradient_match_hand_computed():
+def test_gan_each_loss_value_and_gradient_match_hand_computed():
     real = torch.tensor([2.0, -1.0], requires_grad=True)
     fake = torch.tensor([0.5, -3.0], requires_grad=True)
     sig = torch.sigmoid
@@ -729,7 +729,7 @@ def test_each_loss_value_and_gradient_match_hand_computed():
         torch.testing.assert_close(torch.autograd.grad(loss, fake)[0], g_fake_grad.detach(), msg=name)
 
 
-def test_minimax_generator_gradient_saturates_when_d_rejects_the_fake():
+def test_gan_minimax_gradient_saturates_when_d_rejects_the_fake():
     """At logit -10 (D is sure the image is fake) the minimax loss's gradient is -sigmoid(-10) = -4.5e-5, the
     non-saturating one's about -1: the paper's reason to train G on -log D(G(z))."""
     gradient = {}
@@ -740,7 +740,7 @@ def test_minimax_generator_gradient_saturates_when_d_rejects_the_fake():
     assert gradient["non-saturating"].item() == pytest.approx(-1.0, abs=1e-4)
 
 
-def test_train_step_updates_d_then_g_with_the_fake_detached_for_d_and_d_frozen_for_g():
+def test_gan_train_step_updates_d_then_g_with_the_fake_detached_for_d_and_d_frozen_for_g():
     torch.manual_seed(0)
     G, D = gan.Generator(8, (1, 6, 6)), gan.Discriminator((1, 6, 6))
     opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-3), torch.optim.Adam(D.parameters(), lr=1e-3)
@@ -770,7 +770,7 @@ def test_train_step_updates_d_then_g_with_the_fake_detached_for_d_and_d_frozen_f
     assert result.shape == (4,) and torch.isfinite(result).all()
 
 
-def test_moving_average_decay_ramps_up_from_the_first_step():
+def test_gan_moving_average_decay_ramps_up_from_the_first_step():
     """decay = min(decay, (1 + step) / (10 + step)): the average follows G closely at first, then slowly."""
     G_average, G = gan.Generator(4, (1, 2, 2), hidden=(3,)), gan.Generator(4, (1, 2, 2), hidden=(3,))
     for step, decay in [(0, 0.1), (10, 11 / 20), (10_000, 0.999)]:
