@@ -3,7 +3,6 @@
     python dcgan.py --dataset fashion-mnist --epochs 5                # 32x32 grids, GIF, metrics in runs/dcgan/
     python dcgan.py --dataset fashion-mnist --conditional --out runs/dcgan-cond   # one row per class in the grids
     python dcgan.py --out runs/dcgan-cond --generate 1000 --label 3   # 1000 dresses into samples.npz/.png
-    python dcgan.py --preset paper --dataset faces/ --device cuda     # the paper's 64x64 model on a folder of images
 """
 import argparse
 import copy
@@ -24,22 +23,17 @@ import data
 SCRIPT = os.path.basename(__file__)
 
 
-class Generator(nn.Module):
-    """z (and a class) -> image in [-1, 1]: a 4x4 map, then one stride-2 transposed convolution per doubling (kernel
-    4, stride 2: no checkerboard). Conditional (num_classes > 0): a class embedding joins z; else labels are ignored."""
-
+class Generator(nn.Module):  # z (and a class embedding) -> image in [-1, 1]: 4x4, then a stride-2 block per doubling
     def __init__(self, latent_dim, image_size, channels, width, num_classes=0, label_dim=16):
         super().__init__()
         self.label_embedding = nn.Embedding(num_classes, label_dim) if num_classes else None
         in_dim = latent_dim + (label_dim if num_classes else 0)
         width_at = [width * image_size // (8 * 2 ** i) for i in range(image_size.bit_length() - 3)]  # 4x4, 8x8, ...
-        layers = [nn.ConvTranspose2d(in_dim, width_at[0], kernel_size=4, stride=1, padding=0, bias=False),
-                  nn.BatchNorm2d(width_at[0]), nn.ReLU()]  # (B, 4w, 4, 4) at 32x32
-        for c_in, c_out in zip(width_at, width_at[1:]):  # (B, 2w, 8, 8), (B, w, 16, 16) at 32x32
-            layers += [nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(c_out), nn.ReLU()]
-        layers += [nn.ConvTranspose2d(width_at[-1], channels, kernel_size=4, stride=2, padding=1), nn.Tanh()]
-        self.net = nn.Sequential(*layers)  # (B, C, 32, 32): no BatchNorm on the output (DCGAN rule)
+        layers = [nn.ConvTranspose2d(in_dim, width_at[0], 4, bias=False), nn.BatchNorm2d(width_at[0]), nn.ReLU()]
+        for c_in, c_out in zip(width_at, width_at[1:]):  # kernel 4, stride 2, padding 1: the side doubles
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers += [nn.ConvTranspose2d(width_at[-1], channels, 4, 2, 1), nn.Tanh()]  # no BatchNorm on G's output
+        self.net = nn.Sequential(*layers)  # (B, 4w, 4, 4), (B, 2w, 8, 8), (B, w, 16, 16), (B, C, 32, 32) at 32x32
 
     def forward(self, z, labels=None):  # (B, latent_dim), (B,) -> (B, C, S, S)
         if self.label_embedding is not None:
@@ -47,18 +41,13 @@ class Generator(nn.Module):
         return self.net(z[:, :, None, None])
 
 
-class Discriminator(nn.Module):
-    """Image (and a class) -> one logit: stride-2 convolutions down to 4x4 (no pooling), then a 4x4 convolution.
-    Conditional: the projection <embed(y), features> (Miyato & Koyama 2018) gives each class its own last layer."""
-
+class Discriminator(nn.Module):  # image -> logit: stride-2 convs to 4x4; <embed(y), features> (Miyato & Koyama 2018)
     def __init__(self, image_size, channels, width, num_classes=0):
         super().__init__()
         width_at = [width * 2 ** i for i in range(image_size.bit_length() - 3)]  # 16x16, 8x8, 4x4 at 32x32
-        layers = [nn.Conv2d(channels, width_at[0], kernel_size=4, stride=2, padding=1),  # (B, w, 16, 16)
-                  nn.LeakyReLU(0.2)]  # no BatchNorm on the input layer (DCGAN rule)
+        layers = [nn.Conv2d(channels, width_at[0], 4, 2, 1), nn.LeakyReLU(0.2)]  # (B, w, 16, 16), no BatchNorm
         for c_in, c_out in zip(width_at, width_at[1:]):  # (B, 2w, 8, 8), (B, 4w, 4, 4) at 32x32
-            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers, nn.Flatten())  # (B, 4w * 4 * 4)
         self.logit = nn.Linear(width_at[-1] * 16, 1)  # = a 4x4 convolution to one channel
         self.projection = nn.Embedding(num_classes, width_at[-1] * 16) if num_classes else None
@@ -67,78 +56,56 @@ class Discriminator(nn.Module):
 
     def forward(self, images, labels=None):  # (B, C, S, S), (B,) -> (B,)
         h = self.features(images)
-        logits = self.logit(h).squeeze(1)
-        if self.projection is not None:
-            logits = logits + (self.projection(labels) * h).sum(dim=1)
-        return logits
+        projection = (self.projection(labels) * h).sum(dim=1) if self.projection is not None else 0
+        return self.logit(h).squeeze(1) + projection
 
 
-def init_weights(module):
-    """DCGAN's init: conv weights from N(0, 0.02), BatchNorm scales from N(1, 0.02), biases 0. G's label embedding
-    keeps its N(0, 1) init, the scale of z, so that the class is not drowned out."""
+def init_weights(module):  # DCGAN's N(0, 0.02) (BatchNorm scales N(1, 0.02)); G's label embedding keeps N(0, 1)
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d)):
         nn.init.normal_(module.weight, mean=1.0 if isinstance(module, nn.BatchNorm2d) else 0.0, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The GAN itself: gan.py's losses (--loss), an optional R1 penalty, and the alternating update
+# ---- The GAN itself: gan.py's losses (--loss), an optional R1 penalty, and the alternating update --------------
 
-def d_loss(real_logits, fake_logits):
-    """Binary cross-entropy: real images are labelled 1, generated ones 0 (non-saturating and minimax GANs)."""
-    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+def bce(logits, label):  # binary cross-entropy of D's logits (numerically safe) against 1 (real) or 0 (fake)
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
 
 
-def g_loss(fake_logits):
-    """Non-saturating -log D(G(z)): the strongest gradient when D rejects the fakes."""
-    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
-
-
-# --loss: D's loss of (real, fake) outputs, G's loss of fake outputs, the output above which D calls an image real.
+# --loss (why each: gan.py): D's loss of (real, fake) outputs, G's loss of fake outputs, D's real/fake threshold.
 LOSSES = {
-    "non-saturating": (d_loss, g_loss, 0.0),
-    # the paper's minimax log(1 - D(G(z))) = -softplus(logit): its gradient -sigmoid(logit) vanishes once D wins
-    "minimax": (d_loss, lambda fake: -F.softplus(fake).mean(), 0.0),
-    # least squares (Mao et al. 2017, a=0, b=c=1) on D's raw output
+    "non-saturating": (lambda real, fake: bce(real, 1) + bce(fake, 0), lambda fake: bce(fake, 1), 0.0),
+    "minimax": (lambda real, fake: bce(real, 1) + bce(fake, 0), lambda fake: -F.softplus(fake).mean(), 0.0),
     "lsgan": (lambda real, fake: 0.5 * ((real - 1) ** 2).mean() + 0.5 * (fake ** 2).mean(),
               lambda fake: 0.5 * ((fake - 1) ** 2).mean(), 0.5),
-    # hinge (Lim & Ye 2017): only outputs inside the margin, D(x) < 1 or D(G(z)) > -1, push D
     "hinge": (lambda real, fake: F.relu(1 - real).mean() + F.relu(1 + fake).mean(), lambda fake: -fake.mean(), 0.0),
 }
 
 
-def r1_penalty(D, real, labels=None, augment=None):
-    """R1 (Mescheder et al. 2018): E||grad_x D(x)||^2 at the reals stops D sharpening around them, running away from
-    G. create_graph: D's update follows the penalty. With --augment: through it, at the un-augmented x."""
+def r1_penalty(D, real, labels=None, augment=None):  # R1 (Mescheder et al. 2018): E||grad_x D(x)||^2 at the reals
     real = real.detach().requires_grad_(True)
     (grads,) = torch.autograd.grad(D(augment(real) if augment else real, labels).float().sum(), real, create_graph=True)
     return grads.float().flatten(1).pow(2).sum(1).mean()
 
 
-def average_gradients(model):
-    """Under torchrun, each gradient becomes its mean over the processes: one flat all-reduce (why: gan.py)."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(mean.view_as(grad))
+def average_gradients(model):  # under torchrun, each gradient its mean over the processes (why by hand: gan.py)
+    if dist.is_initialized():
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads]) / dist.get_world_size()
+        dist.all_reduce(flat)
+        for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(mean.view_as(grad))
 
 
 def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, loss="non-saturating", r1_gamma=0.0,
                augment=None, amp=False):
-    """gan.py's step (one D update, then one G update against the new D) on the batch's classes, which unconditional
-    models ignore. r1_gamma > 0 adds gamma/2 times R1 to D's loss."""
+    """gan.py's step on the batch's classes (unconditional models ignore them); r1_gamma adds gamma/2 R1 to D's loss."""
     d_loss_fn, g_loss_fn, threshold = LOSSES[loss]
     shown = augment or (lambda images: images)  # what D is shown of an image
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
-    z = torch.randn(len(real), latent_dim, device=real.device)
     with torch.autocast(real.device.type, cast, enabled=amp):
-        fake = G(z, labels)
+        fake = G(torch.randn(len(real), latent_dim, device=real.device), labels)
         real_logits, fake_logits = D(shown(real), labels).float(), D(shown(fake.detach()), labels).float()  # not G
         loss_d = d_loss_fn(real_logits, fake_logits)
         if r1_gamma:
@@ -159,15 +126,14 @@ def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, loss="non-s
     scaler.step(opt_g)
     scaler.update()
     D.requires_grad_(True)
-    real_out, fake_out = real_logits.detach(), fake_logits.detach()
+    outputs = torch.stack([real_logits, fake_logits]).detach()
     if loss in ("non-saturating", "minimax"):  # D's output is a logit: log the probability D(x)
-        real_out, fake_out = real_out.sigmoid(), fake_out.sigmoid()
-    return torch.stack([loss_d.detach(), loss_g.detach(), real_out.mean(), fake_out.mean()])
+        outputs = outputs.sigmoid()
+    return torch.cat([torch.stack([loss_d, loss_g]).detach(), outputs.mean(dim=1)])
 
 
 @torch.no_grad()
-def update_average(G_average, G, step, decay):
-    """The moving average of G's weights that samples come from, its decay ramped up (why: gan.py)."""
+def update_average(G_average, G, step, decay):  # what samples come from, its decay ramped up (why: gan.py)
     decay = min(decay, (1 + step) / (10 + step))
     for average, current in zip(G_average.parameters(), G.parameters()):
         average.lerp_(current, 1 - decay)
@@ -176,23 +142,17 @@ def update_average(G_average, G, step, decay):
 
 
 @torch.no_grad()
-def d_accuracy(D, G, dataset, held_out, latent_dim, num_classes, threshold, n=1000):
-    """gan.py's check of D: the share of up to n training and n held-out images (each with its own class) that D
-    calls real, and of n fresh fakes of the raw G, of random classes, that it calls fake. A folder: an empty cell."""
+def d_accuracy(D, G, reals, latent_dim, num_classes, threshold, n=1000):  # gan.py's, each image with a class
     D.eval(), G.eval()
     device = next(D.parameters()).device
-
-    def calls_real(images, labels):
-        logits = torch.cat([D(data.to_float(x.to(device)), y.to(device))
-                            for x, y in zip(images[:n].split(250), labels[:n].split(250))])
-        return f"{(logits > threshold).float().mean():.4f}"
-    share = {"d_acc_real_train": calls_real(dataset.images, dataset.labels),
-             "d_acc_real_test": calls_real(held_out.images, held_out.labels) if held_out else ""}
+    share = {name: part is not None and torch.cat([D(data.to_float(x.to(device)), y.to(device)) > threshold for x, y
+                                                   in zip(part.images[:n].split(250), part.labels[:n].split(250))])
+             .float().mean() for name, part in reals.items()}
     labels = torch.randint(max(num_classes, 1), (n,), device=device)
-    logits = torch.cat([D(G(torch.randn(len(y), latent_dim, device=device), y), y) for y in labels.split(250)])
-    share["d_acc_fake"] = f"{(logits <= threshold).float().mean():.4f}"
+    share["d_acc_fake"] = torch.cat([D(G(torch.randn(len(y), latent_dim, device=device), y), y) <= threshold
+                                     for y in labels.split(250)]).float().mean()
     D.train(), G.train()
-    return share
+    return {name: f"{value:.4f}" if value is not False else "" for name, value in share.items()}
 
 
 def train(args):
@@ -219,8 +179,7 @@ def train(args):
     D = Discriminator(args.image_size, dataset.image_shape[0], args.width, num_classes)
     G, D = G.apply(init_weights).to(device), D.apply(init_weights).to(device)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
-    # Adam with beta1 = 0.5 (DCGAN's); G's rate is its own flag: at --lr-g 1e-3 G keeps up with D for longer.
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(0.5, 0.999))  # DCGAN's beta1: 0.9 overshoots
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     augment = data.make_augmentation(args.augment, dataset.image_shape[0], device)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d,
@@ -235,10 +194,10 @@ def train(args):
     grid_noise = torch.randn(columns, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     grid_noise = grid_noise.repeat(max(num_classes, 1), 1).to(device)
     grid_labels = torch.arange(max(num_classes, 1), device=device).repeat_interleave(columns)
+    reals = {"d_acc_real_train": dataset, "d_acc_real_test": held_out}
     names, threshold = ["d_loss", "g_loss", "d_real", "d_fake"], LOSSES[args.loss][2]
     if rank == 0:
-        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} steps an "
-              f"epoch, {device} x {world_size}, epochs {start_epoch + 1}..{args.epochs}")
+        print(f"{len(dataset.images)} images from {dataset.source}, {len(batches)} steps an epoch, {device}")
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if rank > 0:  # every process its own noise, from a stream fixed by (seed, rank, epoch) for --resume
             torch.manual_seed(args.seed * 1_000_003 + rank * 1009 + epoch)
@@ -262,12 +221,11 @@ def train(args):
         if rank > 0:
             continue
         seconds = time.time() - started
-        accuracy = d_accuracy(D, G, dataset, held_out, args.latent_dim, num_classes, threshold)
-        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{len(dataset.images) / seconds:.1f}",
+        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)},
+                        **d_accuracy(D, G, reals, args.latent_dim, num_classes, threshold), "seconds": f"{seconds:.2f}",
+                        "img_per_s": f"{len(dataset.images) / seconds:.1f}",
                         "augment_p": f"{augment.p.item() if augment else 0:.4f}"})
-        with torch.no_grad():
-            grid = G_average.eval()(grid_noise, grid_labels)
+        grid = G_average.eval()(grid_noise, grid_labels)
         data.save_epoch(args.out, epoch, history, ["d_loss", "g_loss"] + ["augment_p"] * (args.augment == "ada"),
                         grid, {"script": SCRIPT, "epoch": epoch, "args": vars(args), "history": history,
                                "image_shape": list(dataset.image_shape), "classes": dataset.classes,
@@ -283,32 +241,28 @@ def train(args):
 
 
 @torch.no_grad()
-def generate_images(G, labels, latent_dim, device, seed, batch_size=500):
-    """One image of each class in labels (int64, on the CPU), as uint8 (n, C, H, W), from G in eval mode."""
-    G.eval()
-    noise = torch.Generator().manual_seed(seed)
-    return torch.cat([data.to_uint8(G(torch.randn(len(y), latent_dim, generator=noise).to(device), y.to(device)))
-                      .cpu() for y in labels.split(batch_size)])
+def generate_images(G, labels, latent_dim, device, seed):  # an image a label: uint8 (n, C, H, W), 500 at a time
+    z = torch.randn(len(labels), latent_dim, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([data.to_uint8(G.eval()(batch.to(device), y.to(device))).cpu()
+                      for batch, y in zip(z.split(500), labels.split(500))])
 
 
 def generate(args):
     checkpoint = load_checkpoint(args)
-    saved, classes = argparse.Namespace(**checkpoint["args"]), len(checkpoint["classes"])
-    if args.label is not None and not (saved.conditional and args.label < classes):
+    saved = argparse.Namespace(**checkpoint["args"])
+    num_classes = len(checkpoint["classes"]) if saved.conditional else 0
+    if args.label is not None and args.label >= num_classes:
         raise UsageError(f"--label {args.label}: the model is " + (
-            f"conditional on classes 0..{classes - 1}" if saved.conditional else "not conditional"))
-    G = Generator(saved.latent_dim, saved.image_size, checkpoint["image_shape"][0], saved.width,
-                  classes if saved.conditional else 0).to(args.device)
-    G.load_state_dict(checkpoint["generator_average"])
-    labels = torch.arange(args.generate) % classes if args.label is None else torch.full((args.generate,), args.label)
+            f"conditional on classes 0..{num_classes - 1}" if num_classes else "not conditional"))
+    G = Generator(saved.latent_dim, saved.image_size, checkpoint["image_shape"][0], saved.width, num_classes)
+    G.to(args.device).load_state_dict(checkpoint["generator_average"])
+    labels = torch.arange(args.generate) % max(num_classes, 1)  # every class in turn
+    labels = labels if args.label is None else torch.full_like(labels, args.label)
     data.save_samples(args.out, generate_images(G, labels, saved.latent_dim, args.device, args.seed),
-                      labels if saved.conditional else None)
+                      labels if num_classes else None)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The command line: every bad flag or file is one line and exit status 2
-
-class UsageError(Exception):
+class UsageError(Exception):  # bad flags or an unusable checkpoint: one line, exit status 2
     pass
 
 
@@ -337,7 +291,6 @@ def load_checkpoint(args):
 
 
 def number(kind, low, high=math.inf):
-    """An argparse type: a number of this kind in [low, high), else one line naming the range."""
     def check(text):
         if not low <= kind(text) < high:
             raise argparse.ArgumentTypeError(f"{text} is not in [{low}, {high})")
@@ -349,26 +302,18 @@ def number(kind, low, high=math.inf):
 COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
 
 
-def power_of_two(text):  # --image-size: one more block in G and D per doubling
-    if int(text) < 32 or int(text) & (int(text) - 1):
-        raise argparse.ArgumentTypeError(f"{text} is not a power of two >= 32")
-    return int(text)
-
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, no usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# --preset paper: Radford et al.'s LSUN/faces model, for a GPU. The rest is the paper's already: BatchNorm (not on
-# G's output or D's input), ReLU/LeakyReLU 0.2, N(0, 0.02) init, Adam betas (0.5, 0.999), non-saturating loss, no R1.
+# --preset paper: Radford et al.'s LSUN/faces model, for a GPU (the rest of the paper's recipe is the default).
 PRESETS = {
     "cpu": {},  # the defaults below: a recognisable grid in minutes on a laptop CPU
     "paper": {
         "image_size": 64,  # 64x64 images (section 4; Figure 1)
         "width": 128,  # G: 1024, 512, 256, 128 channels at 4..32 px (Figure 1); D mirrors it (authors' code, ndf 128)
-        "latent_dim": 100,  # a 100-d z (Figure 1)
-        "batch_size": 128,  # mini-batch SGD with batches of 128 (section 4)
+        "latent_dim": 100, "batch_size": 128,  # a 100-d z (Figure 1), mini-batches of 128 (section 4)
         "lr": 2e-4, "lr_g": 2e-4,  # Adam at lr 0.0002, beta1 0.5 (section 4)
         "average_decay": 0.0,  # samples from G's own weights: the paper keeps no moving average
     },
@@ -377,8 +322,7 @@ PRESETS = {
 
 def parse_args(argv):
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default): the defaults below; paper: "
-                   + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper"].items()) + "; flags win")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
@@ -386,20 +330,16 @@ def parse_args(argv):
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate of D (default 2e-4)")
     p.add_argument("--lr-g", type=RATE, default=2e-4, help="Adam's learning rate of G (default 2e-4)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
-    p.add_argument("--image-size", type=power_of_two, help="32, 64, ... (default 32; 64 for a folder)")
-    p.add_argument("--width", type=COUNT, default=64, help="channels of G's last and D's first layer, doubled per "
-                   "halving of the resolution (default 64; 32 is 3x faster on a CPU)")
+    p.add_argument("--image-size", type=int, choices=(32, 64, 128, 256, 512, 1024), help="default 32, 64 for a folder")
+    p.add_argument("--width", type=COUNT, default=64, help="channels of G's last and D's first layer (default 64)")
     p.add_argument("--conditional", action="store_true", help="condition G and D on the class label")
-    p.add_argument("--loss", default="non-saturating", choices=list(LOSSES), help="G minimises -log D(G(z)) "
-                   "(non-saturating, the default) or log(1 - D(G(z))) (minimax, the GAN paper's); or lsgan, hinge")
+    p.add_argument("--loss", default="non-saturating", choices=list(LOSSES), help="(default non-saturating)")
     p.add_argument("--r1-gamma", type=number(float, 0), default=0.0, help="gamma of R1 (default 0: off)")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
-    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "
-                   "sees, always (diffaug) or adaptively (ada): for a few thousand images or fewer (default none)")
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default cuda if any)")
     p.add_argument("--out", default=os.path.join("runs", "dcgan"), help="the run's folder (default runs/dcgan)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (--epochs counts the total)")
     p.add_argument("--generate", type=COUNT, metavar="N", help="no training: write N images to OUT/samples.npz")

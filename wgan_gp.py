@@ -3,8 +3,6 @@
     python wgan_gp.py --epochs 20                                    # MNIST 32x32; grids, GIF, metrics in runs/wgan_gp/
     python wgan_gp.py --dataset fashion-mnist --conditional --out runs/wgan_gp-cond   # one row per class in the grids
     python wgan_gp.py --preset paper --device cuda                   # the paper's CIFAR-10 model and settings
-
-Watch the Wasserstein estimate (`wasserstein` in metrics.csv and losses.png): it falls as the samples improve.
 """
 import argparse
 import copy
@@ -25,21 +23,17 @@ import data
 SCRIPT = os.path.basename(__file__)
 
 
-class Generator(nn.Module):
-    """dcgan.py's generator: z (and a class, if num_classes) -> image in [-1, 1], from 4x4 up, doubling per block."""
-
+class Generator(nn.Module):  # dcgan.py's: z (and a class embedding) -> image in [-1, 1], doubling from 4x4 per block
     def __init__(self, latent_dim, image_size, channels, width, num_classes=0, label_dim=16):
         super().__init__()
         self.label_embedding = nn.Embedding(num_classes, label_dim) if num_classes else None
         in_dim = latent_dim + (label_dim if num_classes else 0)
         width_at = [width * image_size // (8 * 2 ** i) for i in range(image_size.bit_length() - 3)]  # 4x4, 8x8, ...
-        layers = [nn.ConvTranspose2d(in_dim, width_at[0], kernel_size=4, stride=1, padding=0, bias=False),
-                  nn.BatchNorm2d(width_at[0]), nn.ReLU()]  # (B, 4w, 4, 4) at 32x32
-        for c_in, c_out in zip(width_at, width_at[1:]):  # (B, 2w, 8, 8), (B, w, 16, 16) at 32x32
-            layers += [nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(c_out), nn.ReLU()]
-        layers += [nn.ConvTranspose2d(width_at[-1], channels, kernel_size=4, stride=2, padding=1), nn.Tanh()]
-        self.net = nn.Sequential(*layers)  # (B, C, 32, 32)
+        layers = [nn.ConvTranspose2d(in_dim, width_at[0], 4, bias=False), nn.BatchNorm2d(width_at[0]), nn.ReLU()]
+        for c_in, c_out in zip(width_at, width_at[1:]):  # kernel 4, stride 2, padding 1: the side doubles
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers += [nn.ConvTranspose2d(width_at[-1], channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)  # (B, 4w, 4, 4), (B, 2w, 8, 8), (B, w, 16, 16), (B, C, 32, 32) at 32x32
 
     def forward(self, z, labels=None):  # (B, latent_dim), (B,) -> (B, C, S, S)
         if self.label_embedding is not None:
@@ -47,19 +41,14 @@ class Generator(nn.Module):
         return self.net(z[:, :, None, None])
 
 
-class Critic(nn.Module):
-    """dcgan.py's D without a sigmoid (the score estimates a distance, not a probability), and layer normalization for
-    BatchNorm, which mixes a batch's images while the penalty is a promise about each (section 4 of the paper)."""
-
+class Critic(nn.Module):  # dcgan.py's D, its score unbounded (it estimates a distance, not a probability)
     def __init__(self, image_size, channels, width, num_classes=0):
         super().__init__()
         width_at = [width * 2 ** i for i in range(image_size.bit_length() - 3)]  # 16x16, 8x8, 4x4 at 32x32
-        layers = [nn.Conv2d(channels, width_at[0], kernel_size=4, stride=2, padding=1),  # (B, w, 16, 16)
-                  nn.LeakyReLU(0.2)]
-        for c_in, c_out in zip(width_at, width_at[1:]):  # (B, 2w, 8, 8), (B, 4w, 4, 4) at 32x32
-            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1),
-                       nn.GroupNorm(num_groups=1, num_channels=c_out), nn.LeakyReLU(0.2)]
-        self.features = nn.Sequential(*layers, nn.Flatten())  # (B, 4w * 4 * 4)
+        layers = [nn.Conv2d(channels, width_at[0], 4, 2, 1), nn.LeakyReLU(0.2)]  # (B, w, 16, 16)
+        for c_in, c_out in zip(width_at, width_at[1:]):  # no BatchNorm: the penalty is per image (section 4)
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(1, c_out), nn.LeakyReLU(0.2)]  # layer norm
+        self.features = nn.Sequential(*layers, nn.Flatten())  # (B, 2w, 8, 8), (B, 4w, 4, 4), then (B, 4w * 4 * 4)
         self.score = nn.Linear(width_at[-1] * 16, 1)  # = a 4x4 convolution to one channel
         self.projection = nn.Embedding(num_classes, width_at[-1] * 16) if num_classes else None
         if self.projection is not None:
@@ -67,31 +56,21 @@ class Critic(nn.Module):
 
     def forward(self, images, labels=None):  # (B, C, S, S), (B,) -> (B,)
         h = self.features(images)
-        scores = self.score(h).squeeze(1)
-        if self.projection is not None:
-            scores = scores + (self.projection(labels) * h).sum(dim=1)
-        return scores
+        projection = (self.projection(labels) * h).sum(dim=1) if self.projection is not None else 0
+        return self.score(h).squeeze(1) + projection
 
 
-def init_weights(module):
-    """DCGAN's init: conv weights from N(0, 0.02), BatchNorm scales from N(1, 0.02), biases 0."""
+def init_weights(module):  # DCGAN's N(0, 0.02) (BatchNorm scales N(1, 0.02)); G's label embedding keeps N(0, 1)
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d)):
         nn.init.normal_(module.weight, mean=1.0 if isinstance(module, nn.BatchNorm2d) else 0.0, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The WGAN itself: critic loss, gradient penalty, generator loss and the n_critic:1 update
-
-def critic_loss(real_scores, fake_scores):
-    """The critic maximises E[D(real)] - E[D(fake)], the Wasserstein estimate; as a loss, its negative."""
-    return fake_scores.mean() - real_scores.mean()
-
+# ---- The WGAN itself: the gradient penalty and the n_critic:1 update ---------------------------------------------
 
 def gradient_penalty(D, real, fake, labels=None):
-    """E[(||grad_x D(x)||_2 - 1)^2] at a random point x between each real and fake image: each sample's own norm,
-    over its channels and pixels. create_graph: the critic's update follows the penalty (a second derivative)."""
+    """E[(||grad_x D(x)||_2 - 1)^2] at a random point between each real and fake image, each sample's own norm."""
     alpha = torch.rand(len(real), 1, 1, 1, device=real.device)
     between = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     # sum, not mean: each sample's gradient at full size, of order 1, needs no loss scaling under --amp
@@ -99,27 +78,17 @@ def gradient_penalty(D, real, fake, labels=None):
     return ((grads.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
-def g_loss(fake_scores):
-    """The generator maximises the critic's score of its samples."""
-    return -fake_scores.mean()
+def average_gradients(model):  # under torchrun, each gradient its mean over the processes (why by hand: gan.py)
+    if dist.is_initialized():
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads]) / dist.get_world_size()
+        dist.all_reduce(flat)
+        for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(mean.view_as(grad))
 
 
-def average_gradients(model):
-    """Under torchrun, each gradient becomes its mean over the processes: one flat all-reduce (why: gan.py)."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(mean.view_as(grad))
-
-
-def train_step(G, D, opt_g, opt_d, group, latent_dim, scaler, gp_weight=10.0, clip_value=None, augment=None,
-               amp=False):
-    """A critic update per (real, labels) batch of the group, n_critic of them, then one G update (Algorithm 1).
-    clip_value: weight clipping instead of the penalty. --augment: the penalty is between the augmented images."""
+def train_step(G, D, opt_g, opt_d, group, latent_dim, scaler, gp_weight=10, clip_value=None, augment=None, amp=False):
+    """A critic update per (real, labels) batch of the group, n_critic of them, then one G update (Algorithm 1)."""
     shown = augment or (lambda images: images)  # what the critic is shown of an image
     device = group[0][0].device
     cast = torch.float16 if device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
@@ -131,7 +100,7 @@ def train_step(G, D, opt_g, opt_d, group, latent_dim, scaler, gp_weight=10.0, cl
             real_shown, fake_shown = shown(real), shown(fake)
             real_scores, fake_scores = D(real_shown, labels).float(), D(fake_shown, labels).float()
             penalty = gradient_penalty(D, real_shown, fake_shown, labels) if clip_value is None else real.new_zeros(())
-            loss_d = critic_loss(real_scores, fake_scores) + gp_weight * penalty
+            loss_d = fake_scores.mean() - real_scores.mean() + gp_weight * penalty  # -Wasserstein estimate + lambda GP
         opt_d.zero_grad(set_to_none=True)
         scaler.scale(loss_d).backward()
         average_gradients(D)
@@ -146,7 +115,7 @@ def train_step(G, D, opt_g, opt_d, group, latent_dim, scaler, gp_weight=10.0, cl
 
     D.requires_grad_(False)  # G's backward passes through D to the image without filling D's gradients
     with torch.autocast(device.type, cast, enabled=amp):  # a fresh batch, with the last batch's classes
-        loss_g = g_loss(D(shown(G(torch.randn(len(real), latent_dim, device=device), labels)), labels).float())
+        loss_g = -D(shown(G(torch.randn(len(real), latent_dim, device=device), labels)), labels).float().mean()
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
     average_gradients(G)
@@ -157,16 +126,14 @@ def train_step(G, D, opt_g, opt_d, group, latent_dim, scaler, gp_weight=10.0, cl
     return torch.stack([means[0], loss_g.detach(), means[1], means[2]])
 
 
-def step_groups(batches, n):
-    """Consecutive batches in lists of n, one list per generator step (the last list may be shorter)."""
+def step_groups(batches, n):  # consecutive batches in lists of n, one a generator step (the last may be shorter)
     batches = iter(batches)
     while group := list(itertools.islice(batches, n)):
         yield group
 
 
 @torch.no_grad()
-def update_average(G_average, G, step, decay):
-    """The moving average of G's weights that samples come from, its decay ramped up (why: gan.py)."""
+def update_average(G_average, G, step, decay):  # what samples come from, its decay ramped up (why: gan.py)
     decay = min(decay, (1 + step) / (10 + step))
     for average, current in zip(G_average.parameters(), G.parameters()):
         average.lerp_(current, 1 - decay)
@@ -175,23 +142,17 @@ def update_average(G_average, G, step, decay):
 
 
 @torch.no_grad()
-def critic_scores(D, G, dataset, held_out, latent_dim, num_classes, n=1000):
-    """The critic has no real/fake threshold for gan.py's accuracy: its mean score on up to n training and n held-out
-    images (each with its class) and on n fresh fakes of the raw G instead. A folder: an empty held-out cell."""
+def critic_scores(D, G, reals, latent_dim, num_classes, n=1000):  # gan.py's d_accuracy as mean scores (no threshold)
     D.eval(), G.eval()
     device = next(D.parameters()).device
-
-    def mean_score(images, labels):
-        scores = torch.cat([D(data.to_float(x.to(device)), y.to(device))
-                            for x, y in zip(images[:n].split(250), labels[:n].split(250))])
-        return f"{scores.mean():.4f}"
-    scores = {"critic_real_train": mean_score(dataset.images, dataset.labels),
-              "critic_real_test": mean_score(held_out.images, held_out.labels) if held_out else ""}
+    scores = {name: part is not None and torch.cat([D(data.to_float(x.to(device)), y.to(device)) for x, y
+                                                    in zip(part.images[:n].split(250), part.labels[:n].split(250))])
+              .mean() for name, part in reals.items()}
     labels = torch.randint(max(num_classes, 1), (n,), device=device)
-    values = torch.cat([D(G(torch.randn(len(y), latent_dim, device=device), y), y) for y in labels.split(250)])
-    scores["critic_fake"] = f"{values.mean():.4f}"
+    scores["critic_fake"] = torch.cat([D(G(torch.randn(len(y), latent_dim, device=device), y), y)
+                                       for y in labels.split(250)]).mean()
     D.train(), G.train()
-    return scores
+    return {name: f"{value:.4f}" if value is not False else "" for name, value in scores.items()}
 
 
 def train(args):
@@ -235,10 +196,10 @@ def train(args):
     grid_noise = torch.randn(columns, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     grid_noise = grid_noise.repeat(max(num_classes, 1), 1).to(device)
     grid_labels = torch.arange(max(num_classes, 1), device=device).repeat_interleave(columns)
-    names = ["d_loss", "g_loss", "wasserstein", "gradient_penalty"]  # wasserstein: E[D(real)] - E[D(fake)]
+    reals = {"critic_real_train": dataset, "critic_real_test": held_out}
+    names = ["d_loss", "g_loss", "wasserstein", "gradient_penalty"]  # wasserstein falls as the samples improve
     if rank == 0:
-        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} critic and "
-              f"{steps} generator steps an epoch, {device} x {world_size}, epochs {start_epoch + 1}..{args.epochs}")
+        print(f"{len(dataset.images)} images from {dataset.source}, {steps} generator steps an epoch, {device}")
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if rank > 0:  # every process its own noise, from a stream fixed by (seed, rank, epoch) for --resume
             torch.manual_seed(args.seed * 1_000_003 + rank * 1009 + epoch)
@@ -263,12 +224,11 @@ def train(args):
         if rank > 0:
             continue
         seconds = time.time() - started
-        scores = critic_scores(D, G, dataset, held_out, args.latent_dim, num_classes)
-        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **scores,
-                        "seconds": f"{seconds:.2f}", "img_per_s": f"{len(dataset.images) / seconds:.1f}",
+        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)},
+                        **critic_scores(D, G, reals, args.latent_dim, num_classes), "seconds": f"{seconds:.2f}",
+                        "img_per_s": f"{len(dataset.images) / seconds:.1f}",
                         "augment_p": f"{augment.p.item() if augment else 0:.4f}"})
-        with torch.no_grad():
-            grid = G_average.eval()(grid_noise, grid_labels)
+        grid = G_average.eval()(grid_noise, grid_labels)
         curves = ["d_loss", "g_loss", "wasserstein"] + ["augment_p"] * (args.augment == "ada")
         data.save_epoch(args.out, epoch, history, curves, grid, {"script": SCRIPT, "epoch": epoch, "args": vars(args),
                         "history": history, "image_shape": list(dataset.image_shape), "classes": dataset.classes,
@@ -284,32 +244,28 @@ def train(args):
 
 
 @torch.no_grad()
-def generate_images(G, labels, latent_dim, device, seed, batch_size=500):
-    """One image of each class in labels (int64, on the CPU), as uint8 (n, C, H, W), from G in eval mode."""
-    G.eval()
-    noise = torch.Generator().manual_seed(seed)
-    return torch.cat([data.to_uint8(G(torch.randn(len(y), latent_dim, generator=noise).to(device), y.to(device)))
-                      .cpu() for y in labels.split(batch_size)])
+def generate_images(G, labels, latent_dim, device, seed):  # an image a label: uint8 (n, C, H, W), 500 at a time
+    z = torch.randn(len(labels), latent_dim, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([data.to_uint8(G.eval()(batch.to(device), y.to(device))).cpu()
+                      for batch, y in zip(z.split(500), labels.split(500))])
 
 
 def generate(args):
     checkpoint = load_checkpoint(args)
-    saved, classes = argparse.Namespace(**checkpoint["args"]), len(checkpoint["classes"])
-    if args.label is not None and not (saved.conditional and args.label < classes):
+    saved = argparse.Namespace(**checkpoint["args"])
+    num_classes = len(checkpoint["classes"]) if saved.conditional else 0
+    if args.label is not None and args.label >= num_classes:
         raise UsageError(f"--label {args.label}: the model is " + (
-            f"conditional on classes 0..{classes - 1}" if saved.conditional else "not conditional"))
-    G = Generator(saved.latent_dim, saved.image_size, checkpoint["image_shape"][0], saved.width,
-                  classes if saved.conditional else 0).to(args.device)
-    G.load_state_dict(checkpoint["generator_average"])
-    labels = torch.arange(args.generate) % classes if args.label is None else torch.full((args.generate,), args.label)
+            f"conditional on classes 0..{num_classes - 1}" if num_classes else "not conditional"))
+    G = Generator(saved.latent_dim, saved.image_size, checkpoint["image_shape"][0], saved.width, num_classes)
+    G.to(args.device).load_state_dict(checkpoint["generator_average"])
+    labels = torch.arange(args.generate) % max(num_classes, 1)  # every class in turn
+    labels = labels if args.label is None else torch.full_like(labels, args.label)
     data.save_samples(args.out, generate_images(G, labels, saved.latent_dim, args.device, args.seed),
-                      labels if saved.conditional else None)
+                      labels if num_classes else None)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The command line: every bad flag or file is one line and exit status 2
-
-class UsageError(Exception):
+class UsageError(Exception):  # bad flags or an unusable checkpoint: one line, exit status 2
     pass
 
 
@@ -338,7 +294,6 @@ def load_checkpoint(args):
 
 
 def number(kind, low, high=math.inf):
-    """An argparse type: a number of this kind in [low, high), else one line naming the range."""
     def check(text):
         if not low <= kind(text) < high:
             raise argparse.ArgumentTypeError(f"{text} is not in [{low}, {high})")
@@ -350,56 +305,40 @@ def number(kind, low, high=math.inf):
 COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
 
 
-def power_of_two(text):  # --image-size: one more block in G and the critic per doubling
-    if int(text) < 32 or int(text) & (int(text) - 1):
-        raise argparse.ArgumentTypeError(f"{text} is not a power of two >= 32")
-    return int(text)
-
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, no usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# --preset paper: Gulrajani et al.'s CIFAR-10 model, for a GPU; lambda 10 and Adam's betas (0, 0.9) are the defaults
-PRESETS = {
+PRESETS = {  # --preset paper: Gulrajani et al.'s CIFAR-10 model, for a GPU (lambda 10, Adam betas (0, 0.9): defaults)
     "cpu": {},  # the defaults below: a recognisable grid in minutes on a laptop CPU
-    "paper": {
-        "image_size": 32,  # CIFAR-10's 32x32 (section 5)
-        "width": 128,  # G 512, 256, 128 channels at 4..16 px, the critic 128, 256, 512 (authors' gan_cifar.py, DIM 128)
-        "latent_dim": 128,  # a 128-d z (authors' gan_cifar.py)
-        "batch_size": 64, "n_critic": 5, "lr": 1e-4,  # Algorithm 1's m, n_critic and alpha
-        "average_decay": 0.0,  # samples from G's own weights: the paper keeps no moving average
+    "paper": {  # G 512, 256, 128 channels at 4..16 px, the critic 128, 256, 512 (authors' gan_cifar.py, DIM 128)
+        "image_size": 32, "width": 128, "latent_dim": 128,  # CIFAR-10 (section 5), DIM 128, a 128-d z (gan_cifar.py)
+        "batch_size": 64, "n_critic": 5, "lr": 1e-4, "average_decay": 0.0,  # Algorithm 1's m, n_critic, alpha
     },
 }
 
 
 def parse_args(argv):
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default): the defaults below; paper: "
-                   + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper"].items()) + "; flags win")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
-    # batch 32, 2 critic steps, lr 5e-4 (the paper: 64, 5, 1e-4) score best in 10 CPU minutes: docs/cpu-training.md
     p.add_argument("--epochs", type=COUNT, default=20, help="total passes over the training set (default 20)")
     p.add_argument("--batch-size", type=COUNT, default=32, help="images a critic step, over all processes (default 32)")
     p.add_argument("--lr", type=RATE, help="of G and the critic (default 5e-4; 5e-5, WGAN's, with --clip-value)")
     p.add_argument("--n-critic", type=COUNT, default=2, help="critic steps a generator step (default 2; the paper's 5)")
     p.add_argument("--gp-weight", type=number(float, 0), default=10.0, help="lambda of the penalty (default 10)")
-    p.add_argument("--clip-value", type=RATE, metavar="C", help="the first WGAN (Arjovsky et al. 2017) instead of "
-                   "the penalty: every critic weight clamped to [-C, C] after each step, RMSprop (the paper's C: 0.01)")
+    p.add_argument("--clip-value", type=RATE, metavar="C", help="WGAN's weight clipping to [-C, C] for the penalty")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
-    p.add_argument("--image-size", type=power_of_two, help="32, 64, ... (default 32; 64 for a folder)")
-    p.add_argument("--width", type=COUNT, default=32, help="channels of G's last and the critic's first layer, "
-                   "doubled per halving of the resolution (default 32; 64 on a GPU)")
+    p.add_argument("--image-size", type=int, choices=(32, 64, 128, 256, 512, 1024), help="default 32, 64 for a folder")
+    p.add_argument("--width", type=COUNT, default=32, help="channels of G's last and D's first layer (default 32)")
     p.add_argument("--conditional", action="store_true", help="condition G and the critic on the class label")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
-    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image the "
-                   "critic sees, always (diffaug) or adaptively (ada): for a few thousand images or fewer")
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default cuda if any)")
     p.add_argument("--out", default=os.path.join("runs", "wgan_gp"), help="the run's folder (default runs/wgan_gp)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (--epochs counts the total)")
     p.add_argument("--generate", type=COUNT, metavar="N", help="no training: write N images to OUT/samples.npz")
