@@ -3,8 +3,6 @@
     python stylegan.py --dataset fashion-mnist               # 32x32 grids, GIF, metrics in runs/stylegan/
     python stylegan.py --generate 1000 --truncation 0.7      # samples.npz/.png, style_mixing.png, truncation.png
     python stylegan.py --preset paper --dataset cifar/ --device cuda   # StyleGAN2-ADA's cifar configuration
-
-The logistic (non-saturating) loss with lazy R1 on the reals; docs/stylegan.md lists every ingredient's source.
 """
 import argparse
 import copy
@@ -23,36 +21,26 @@ import torch.nn.functional as F
 import data
 
 SCRIPT = os.path.basename(__file__)
-MAPPING_LR_MULT = 0.01  # the mapping network learns 100x slower than the rest (StyleGAN, app. C.1)
-W_AVERAGE_BETA = 0.995  # running mean of w, for truncation (the official w_avg_beta)
 R1_INTERVAL, PL_INTERVAL = 16, 4  # lazy regularisation: R1 every 16 minibatches, path length every 4 (sec. 3.1)
-PL_DECAY = 0.01  # the path length's running mean a (the official pl_decay)
-
-
-def blur_kernel(x, gain):  # the [1, 3, 3, 1] binomial filter, summing to gain, one per channel of x: (C, 1, 4, 4)
-    taps = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
-    return (taps[:, None] * taps[None, :] * (gain / 64)).expand(x.shape[1], 1, 4, 4)
+BLUR = torch.tensor([1.0, 3.0, 3.0, 1.0]).outer(torch.tensor([1.0, 3.0, 3.0, 1.0])) / 64  # the binomial filter
 
 
 def upsample(x):  # (B, C, H, W) -> (B, C, 2H, 2W): zeros between the pixels, then the filter (upfirdn2d(up=2))
-    return F.conv_transpose2d(x, blur_kernel(x, gain=4.0), stride=2, padding=1, groups=x.shape[1])
+    return F.conv_transpose2d(x, 4 * BLUR.to(x).expand(x.shape[1], 1, 4, 4), stride=2, padding=1, groups=x.shape[1])
 
 
 def downsample(x):  # (B, C, H, W) -> (B, C, H/2, W/2): the filter, then every 2nd pixel: no aliasing for D to use
-    return F.conv2d(x, blur_kernel(x, gain=1.0), stride=2, padding=1, groups=x.shape[1])
+    return F.conv2d(x, BLUR.to(x).expand(x.shape[1], 1, 4, 4), stride=2, padding=1, groups=x.shape[1])
 
 
 def leaky_relu(x):  # times sqrt(2): unit variance out (the official lrelu's gain)
     return F.leaky_relu(x, 0.2) * math.sqrt(2)
 
 
-class EqualLinear(nn.Module):
-    """Equalised learning rate (Karras et al. 2018): weights stored N(0, 1) / lr_mult and scaled by lr_mult /
-    sqrt(fan_in) when used, so that Adam's steps are the same relative size in every layer."""
-
+class EqualLinear(nn.Module):  # equalised learning rate (ProGAN): N(0, 1) weights, scaled by 1 / sqrt(fan_in) in use
     def __init__(self, in_features, out_features, bias_init=0.0, lr_mult=1.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mult)
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mult)  # lr_mult scales its learning rate
         self.bias = nn.Parameter(torch.full((out_features,), bias_init / lr_mult))
         self.weight_gain, self.bias_gain = lr_mult / math.sqrt(in_features), lr_mult
 
@@ -60,25 +48,20 @@ class EqualLinear(nn.Module):
         return F.linear(x, self.weight * self.weight_gain, self.bias * self.bias_gain)
 
 
-class EqualConv2d(nn.Module):
-    """A convolution with equalised learning rate, "same" padding; down=True halves the resolution first (D)."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, down=False):
+class EqualConv2d(nn.Module):  # a convolution with equalised learning rate and "same" padding
+    def __init__(self, in_channels, out_channels, kernel_size):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.weight_gain, self.down = 1 / math.sqrt(in_channels * kernel_size ** 2), down
+        self.weight_gain = 1 / math.sqrt(in_channels * kernel_size ** 2)
 
-    def forward(self, x):  # (B, in, H, W) -> (B, out, H, W), or H/2, W/2 with down
-        x = downsample(x) if self.down else x
+    def forward(self, x):  # (B, in, H, W) -> (B, out, H, W)
         return F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2)
 
 
 class ModulatedConv2d(nn.Module):
-    """StyleGAN2's heart (sec. 2.2). A style s = affine(w) (bias 1: "leave the channel alone") scales the weight's
-    input channels, w' = w * s; demodulation divides each output channel by the norm unit-variance inputs would give
-    it, w'' = w' / sqrt(sum w'^2 + 1e-8), in place of StyleGAN's instance norm and its "droplets". Computed as the
-    official training path: the activations times s, one convolution for the batch, the outputs times 1 / |w'|."""
+    """StyleGAN2's heart (sec. 2.2): a style s = affine(w) scales the input channels, w' = w s, and demodulation,
+    w'' = w' / sqrt(sum w'^2 + 1e-8), replaces instance norm. As the official training path: one conv for the batch."""
 
     def __init__(self, in_channels, out_channels, w_dim, kernel_size=3, demodulate=True, up=False):
         super().__init__()
@@ -98,24 +81,17 @@ class ModulatedConv2d(nn.Module):
         return x
 
 
-class SynthesisLayer(nn.Module):
-    """Modulated 3x3 convolution, per-pixel noise times a learned strength (0 at first), bias, leaky ReLU.
-    noise_mode: "random" (training), "const" (one fixed noise image per layer: repeatable grids) or "none"."""
-
+class SynthesisLayer(nn.Module):  # modulated 3x3 conv, per-pixel noise times a learned strength (0 at first), bias
     def __init__(self, in_channels, out_channels, w_dim, resolution, up=False):
         super().__init__()
         self.conv = ModulatedConv2d(in_channels, out_channels, w_dim, kernel_size=3, up=up)
-        self.noise_strength = nn.Parameter(torch.zeros([]))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.noise_strength, self.bias = nn.Parameter(torch.zeros([])), nn.Parameter(torch.zeros(out_channels))
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
 
     def forward(self, x, w, noise_mode="random"):  # (B, in, R or R/2, ...), (B, w_dim) -> (B, out, R, R)
         x = self.conv(x, w)
-        if noise_mode == "random":
-            x = x + torch.randn(len(x), 1, *x.shape[2:], device=x.device, dtype=x.dtype) * self.noise_strength
-        elif noise_mode == "const":
-            x = x + self.noise_const * self.noise_strength
-        return leaky_relu(x + self.bias[:, None, None])
+        noise = self.noise_const if noise_mode == "const" else torch.randn_like(x[:, :1])  # const: repeatable grids
+        return leaky_relu(x + noise * self.noise_strength + self.bias[:, None, None])
 
 
 class ToRGB(nn.Module):  # features -> this resolution's image: a modulated 1x1 conv without demodulation, a bias
@@ -132,14 +108,11 @@ def channels_at(image_size, width, channel_base):  # {4: c4, 8: c8, ...}: min(ch
     return {4 * 2 ** i: max(1, min(channel_base // (4 * 2 ** i), width)) for i in range(image_size.bit_length() - 2)}
 
 
-class MappingNetwork(nn.Module):
-    """z, normalised, -> w through num_layers layers at a 100x lower learning rate. w_avg, the running mean of w,
-    is the centre of the truncation trick, w = w_avg + psi (w - w_avg)."""
-
+class MappingNetwork(nn.Module):  # z -> w at 1/100 the learning rate (StyleGAN, app. C.1); w_avg: truncation's centre
     def __init__(self, latent_dim, w_dim, num_layers):
         super().__init__()
         dims = [latent_dim] + [w_dim] * num_layers
-        self.layers = nn.ModuleList(EqualLinear(a, b, lr_mult=MAPPING_LR_MULT) for a, b in zip(dims, dims[1:]))
+        self.layers = nn.ModuleList(EqualLinear(a, b, lr_mult=0.01) for a, b in zip(dims, dims[1:]))
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
     def forward(self, z, psi=1.0, track_average=False):  # (B, latent_dim) -> (B, w_dim)
@@ -147,15 +120,11 @@ class MappingNetwork(nn.Module):
         for layer in self.layers:
             x = leaky_relu(layer(x))
         if track_average:  # in training only: the mean of the ws G learns from
-            self.w_avg.copy_(x.detach().float().mean(0).lerp(self.w_avg, W_AVERAGE_BETA))
+            self.w_avg.copy_(x.detach().float().mean(0).lerp(self.w_avg, 0.995))  # the official w_avg_beta
         return self.w_avg.lerp(x, psi) if psi != 1 else x
 
 
-class SynthesisNetwork(nn.Module):
-    """ws (one w per layer) -> image: the learned 4x4 constant, a layer at 4x4, then per doubling an upsampling
-    layer and a plain one; a ToRGB per resolution, the images upsampled and summed (skip generator, sec. 4.1). A
-    ToRGB shares its w with the next resolution's first layer (as the official code): 2 ws a resolution."""
-
+class SynthesisNetwork(nn.Module):  # ws -> image: a ToRGB per resolution, upsampled and summed (skip G, sec. 4.1)
     def __init__(self, w_dim, image_size, channels, width, channel_base):
         super().__init__()
         widths = list(channels_at(image_size, width, channel_base).items())  # [(4, c4), (8, c8), ...]
@@ -166,116 +135,117 @@ class SynthesisNetwork(nn.Module):
             self.layers.append(SynthesisLayer(c_in, c_out, w_dim, resolution, up=True))
             self.layers.append(SynthesisLayer(c_out, c_out, w_dim, resolution))
             self.to_rgbs.append(ToRGB(c_out, channels, w_dim))
-        self.num_ws = len(self.layers) + 1
 
     def forward(self, ws, noise_mode="random"):  # (B, num_ws, w_dim) -> (B, C, S, S)
         x = self.layers[0](self.const.expand(len(ws), -1, -1, -1), ws[:, 0], noise_mode)  # (B, c4, 4, 4)
         image = self.to_rgbs[0](x, ws[:, 1])  # (B, C, 4, 4)
-        for j in range(1, len(self.to_rgbs)):  # (B, c8, 8, 8), (B, c16, 16, 16), ...
+        for j in range(1, len(self.to_rgbs)):  # (B, c8, 8, 8), ...: ToRGB shares its w with the next layer
             x = self.layers[2 * j - 1](x, ws[:, 2 * j - 1], noise_mode)
             x = self.layers[2 * j](x, ws[:, 2 * j], noise_mode)
             image = upsample(image) + self.to_rgbs[j](x, ws[:, 2 * j + 1])
         return image  # no tanh, as in the paper: D and the [-1, 1] data keep it in range
 
 
-def broadcast(w, num_ws):  # (B, w_dim) -> (B, num_ws, w_dim), a tensor of its own (path length differentiates it)
-    return w[:, None].repeat(1, num_ws, 1)
-
-
-def mix_styles(ws, other_ws, cutoff):  # style mixing: the layers from cutoff on take their w from other_ws
-    return torch.cat([ws[..., :cutoff, :], other_ws[..., cutoff:, :]], dim=-2)
-
-
-class Generator(nn.Module):
-    """z -> image: mapping, the same w for every layer, synthesis. pl_mean, the path length's running mean, lives
-    here so that the checkpoint resumes it."""
-
+class Generator(nn.Module):  # z -> image: mapping, the same w for every layer, synthesis
     def __init__(self, latent_dim, w_dim, image_size, channels, width, channel_base, mapping_layers):
         super().__init__()
         self.mapping = MappingNetwork(latent_dim, w_dim, mapping_layers)
         self.synthesis = SynthesisNetwork(w_dim, image_size, channels, width, channel_base)
-        self.num_ws = self.synthesis.num_ws
-        self.register_buffer("pl_mean", torch.zeros([]))
+        self.num_ws = len(self.synthesis.layers) + 1
+        self.register_buffer("pl_mean", torch.zeros([]))  # the path length's running mean, resumed with G
+
+    def ws(self, z, psi=1.0, track_average=False, mixing_prob=0.0):  # (B, latent_dim) -> (B, num_ws, w_dim)
+        ws = self.mapping(z, psi, track_average)[:, None].repeat(1, self.num_ws, 1)
+        if mixing_prob > 0 and torch.rand([]).item() < mixing_prob:  # style mixing (StyleGAN, sec. 3.1)
+            cutoff = int(torch.randint(1, self.num_ws, []))
+            ws = torch.cat([ws[:, :cutoff], self.ws(torch.randn_like(z))[:, cutoff:]], dim=1)
+        return ws
 
     def forward(self, z, psi=1.0, noise_mode="random"):  # (B, latent_dim) -> (B, C, S, S)
-        return self.synthesis(broadcast(self.mapping(z, psi), self.num_ws), noise_mode)
+        return self.synthesis(self.ws(z, psi), noise_mode)
 
 
-def minibatch_stddev(x, group_size):  # (B, C, H, W) -> (B, C + 1, H, W)
-    """ProGAN's extra feature: the standard deviation of each feature over a group of samples, averaged, so that D
-    sees how varied a batch is. The group: the largest divisor of B up to group_size (batches differ by one)."""
-    n, c, h, w = x.shape
-    group = max(d for d in range(1, min(group_size, n) + 1) if n % d == 0)
-    y = x.reshape(group, n // group, c, h, w)  # sample k is in group k mod n/group
-    y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt().mean(dim=(1, 2, 3))  # (n / group,)
-    return torch.cat([x, y.reshape(-1, 1, 1, 1).repeat(group, 1, h, w)], dim=1)
-
-
-class Discriminator(nn.Module):
-    """Image -> one logit: the official 'orig' D. fromRGB, two 3x3 convs a halving (the second after downsampling),
-    then at 4x4 the minibatch stddev, a conv, a linear layer and the output."""
-
+class Discriminator(nn.Module):  # image -> one logit: the official 'orig' D (no residuals)
     def __init__(self, image_size, channels, width, channel_base, mbstd_group=4):
         super().__init__()
         widths = channels_at(image_size, width, channel_base)
         self.from_rgb = EqualConv2d(channels, widths[image_size], kernel_size=1)  # (B, c32, 32, 32) at 32 px
         self.blocks = nn.ModuleList(  # (B, c16, 16, 16), (B, c8, 8, 8), (B, c4, 4, 4) at 32 px
-            nn.ModuleList([EqualConv2d(widths[r], widths[r], 3), EqualConv2d(widths[r], widths[r // 2], 3, down=True)])
+            nn.ModuleList([EqualConv2d(widths[r], widths[r], 3), EqualConv2d(widths[r], widths[r // 2], 3)])
             for r in sorted(widths, reverse=True)[:-1])
         self.mbstd_group = mbstd_group
         self.conv = EqualConv2d(widths[4] + 1, widths[4], 3)  # (B, c4, 4, 4) after the stddev channel
-        self.fc = EqualLinear(widths[4] * 16, widths[4])
-        self.out = EqualLinear(widths[4], 1)
+        self.fc, self.out = EqualLinear(widths[4] * 16, widths[4]), EqualLinear(widths[4], 1)
 
     def forward(self, images):  # (B, C, S, S) -> (B,)
         x = leaky_relu(self.from_rgb(images))
         for conv0, conv1 in self.blocks:
-            x = leaky_relu(conv1(leaky_relu(conv0(x))))
-        x = leaky_relu(self.conv(minibatch_stddev(x, self.mbstd_group)))
+            x = leaky_relu(conv1(downsample(leaky_relu(conv0(x)))))
+        group = max(d for d in range(1, min(self.mbstd_group, len(x)) + 1) if len(x) % d == 0)  # divides B
+        y = x.unflatten(0, (group, -1))  # minibatch stddev (ProGAN): sample k in group k mod B/group
+        y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt().mean(dim=(1, 2, 3))  # (B / group,): how varied
+        x = leaky_relu(self.conv(torch.cat([x, y[:, None, None, None].repeat(group, 1, 4, 4)], dim=1)))
         return self.out(leaky_relu(self.fc(x.flatten(1)))).squeeze(1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The GAN itself: the logistic loss, the alternating update with lazy R1 and path length, style mixing, the average
+# ---- The GAN itself: the logistic loss, lazy R1 and path length, the alternating update --------------------------
 
-def d_loss(real_logits, fake_logits):
-    """StyleGAN2's logistic loss softplus(-D(x)) + softplus(D(G(z))): gan.py's binary cross-entropy on logits."""
-    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+def bce(logits, label):  # binary cross-entropy of D's logits (numerically safe) against 1 (real) or 0 (fake)
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
 
 
-def g_loss(fake_logits):  # non-saturating softplus(-D(G(z))) = -log D(G(z))
-    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+def r1_penalty(D, real, shown):  # R1 (Mescheder et al. 2018): E||grad_x D(x)||^2 at the reals, through augment
+    real = real.detach().requires_grad_(True)
+    (grads,) = torch.autograd.grad(D(shown(real)).float().sum(), real, create_graph=True)
+    return grads.float().flatten(1).square().sum(1).mean()
 
 
-METRICS = ["d_loss", "g_loss", "d_real", "d_fake", "r1_penalty", "pl_penalty"]
+def path_length_penalty(G, z, mixing_prob=0.0):  # sec. 3.2: E[(|J^T y| - a)^2], J = d image / d w, y random
+    ws = G.ws(z, mixing_prob=mixing_prob)
+    images = G.synthesis(ws)
+    noise = torch.randn_like(images) / math.sqrt(images.shape[2] * images.shape[3])
+    (grads,) = torch.autograd.grad((images * noise).sum(), ws, create_graph=True)
+    lengths = grads.float().square().sum(2).mean(1).sqrt()  # |J^T y|, (B,)
+    G.pl_mean.copy_(G.pl_mean.lerp(lengths.detach().mean(), 0.01))  # a, its running mean (the official pl_decay)
+    return (lengths - G.pl_mean).square().mean()
+
+
+def average_gradients(model):
+    """Under torchrun, each gradient becomes its mean over the processes (one flat all-reduce). By hand, as StyleGAN3
+    does: D's two forward passes a backward, and G's backward through a frozen D, do not fit DDP's pattern."""
+    if dist.is_initialized():
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads]) / dist.get_world_size()
+        dist.all_reduce(flat)
+        for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(mean.view_as(grad))
 
 
 def train_step(G, D, opt_g, opt_d, real, latent_dim, scaler, step, r1_gamma, mixing_prob=0.0, pl_weight=0.0,
                augment=None, amp=False):
-    """One D update, then one G update on the same fakes against the D just improved; every image D sees goes
-    through augment (--augment). step (from 1, over the run) sets the lazy terms: R1 on every R1_INTERVAL-th step,
-    path length on every PL_INTERVAL-th, each weighted by its interval to weigh on average what it would every step.
-    Returns METRICS as one device tensor (see gan.py), each penalty as its raw value times its interval."""
+    """One D update, then one G update on the same fakes against the D just improved; D sees every image through
+    augment. step (from 1) sets the lazy terms: R1 on every R1_INTERVAL-th step, path length on every PL_INTERVAL-th,
+    each times its interval to weigh what it would every step. Returns the losses, D's mean outputs and the penalties
+    (times their intervals) on the device: .item() here would wait every step."""
     shown = augment or (lambda images: images)  # what D is shown of an image
     zero = torch.zeros([], device=real.device)
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
     z = torch.randn(len(real), latent_dim, device=real.device)
     with torch.autocast(real.device.type, cast, enabled=amp):
-        fake = G.synthesis(style_ws(G, z, mixing_prob, track_average=True))
+        fake = G.synthesis(G.ws(z, track_average=True, mixing_prob=mixing_prob))
         real_logits, fake_logits = D(shown(real)).float(), D(shown(fake.detach())).float()  # not into G
-        loss_d = d_loss(real_logits, fake_logits)
+        loss_d = bce(real_logits, 1) + bce(fake_logits, 0)  # StyleGAN2's logistic loss
         r1 = r1_penalty(D, real, shown) if r1_gamma and step % R1_INTERVAL == 0 else zero
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d + R1_INTERVAL * r1_gamma / 2 * r1).backward()
     average_gradients(D)
     scaler.step(opt_d)
-    if augment:  # ADA's p moves by the sign of D's logits on the reals
+    if augment:  # ADA's p moves by what D said of the reals
         augment.observe(real_logits.detach())
 
     D.requires_grad_(False)  # G's backward passes through D to the image without filling D's gradients
     with torch.autocast(real.device.type, cast, enabled=amp):
-        loss_g = g_loss(D(shown(fake)).float())
+        loss_g = bce(D(shown(fake)).float(), 1)  # non-saturating: -log D(G(z))
         pl = zero
         if pl_weight and step % PL_INTERVAL == 0:  # on half the batch, as the official pl_batch_shrink 2
             pl = path_length_penalty(G, z[:max(1, len(z) // 2)], mixing_prob)
@@ -289,71 +259,28 @@ def train_step(G, D, opt_g, opt_d, real, latent_dim, scaler, step, r1_gamma, mix
                         fake_logits.detach().sigmoid().mean(), R1_INTERVAL * r1.detach(), PL_INTERVAL * pl.detach()])
 
 
-def r1_penalty(D, real, shown):
-    """R1 (Mescheder et al. 2018): E||grad_x D(x)||^2 at the un-augmented reals, through the (differentiable)
-    augmentation. create_graph: D's update follows the penalty's own gradient."""
-    real = real.detach().requires_grad_(True)
-    (grads,) = torch.autograd.grad(D(shown(real)).float().sum(), real, create_graph=True)
-    return grads.float().flatten(1).square().sum(1).mean()
-
-
-def style_ws(G, z, mixing_prob=0.0, track_average=False):
-    """The per-layer ws G is trained on. With probability mixing_prob a second z takes over from a random layer on
-    (style mixing regularisation, StyleGAN sec. 3.1), so that neighbouring layers cannot rely on sharing a style."""
-    ws = broadcast(G.mapping(z, track_average=track_average), G.num_ws)
-    if mixing_prob > 0 and torch.rand([]).item() < mixing_prob:
-        cutoff = int(torch.randint(1, G.num_ws, []))
-        ws = mix_styles(ws, broadcast(G.mapping(torch.randn_like(z)), G.num_ws), cutoff)
-    return ws
-
-
-def path_length_penalty(G, z, mixing_prob=0.0):
-    """Path length regularisation (sec. 3.2): |J^T y|, J the Jacobian of the image by w and y a random image,
-    should be the same for every w. Returns E[(|J^T y| - a)^2], a = G.pl_mean its running mean."""
-    ws = style_ws(G, z, mixing_prob)
-    images = G.synthesis(ws)
-    noise = torch.randn_like(images) / math.sqrt(images.shape[2] * images.shape[3])
-    (grads,) = torch.autograd.grad((images * noise).sum(), ws, create_graph=True)
-    lengths = grads.float().square().sum(2).mean(1).sqrt()  # (B,)
-    G.pl_mean.copy_(G.pl_mean.lerp(lengths.detach().mean(), PL_DECAY))
-    return (lengths - G.pl_mean).square().mean()
-
-
-def average_gradients(model):
-    """Under torchrun, each gradient becomes its mean over the processes (one flat all-reduce; see gan.py)."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(mean.view_as(grad))
-
-
 @torch.no_grad()
 def update_average(G_average, G, step, decay, ramp=0.05):
-    """Samples come from a moving average of G's weights (see gan.py), with StyleGAN2-ADA's ramp: decay is the
-    per-step decay of the full half-life, log(0.5) / log(decay) steps, but until ramp * step exceeds that the
-    half-life is ramp * step, so that early samples are not an average of noise. Buffers (w_avg...) are copied."""
+    """gan.py's moving average of G with StyleGAN2-ADA's ramp: decay gives the full half-life, log(0.5) / log(decay)
+    steps, but while ramp * step is shorter that is the half-life: early samples are not an average of noise."""
     half_life = min(math.log(0.5) / math.log(decay), ramp * step) if decay > 0 else 0.0
     beta = 0.5 ** (1 / half_life) if half_life > 0 else 0.0
     for average, current in zip(G_average.parameters(), G.parameters()):
         average.lerp_(current, 1 - beta)
-    for average, current in zip(G_average.buffers(), G.buffers()):
+    for average, current in zip(G_average.buffers(), G.buffers()):  # w_avg, pl_mean, the fixed noise
         average.copy_(current)
 
 
 @torch.no_grad()
-def d_accuracy(D, G, reals, latent_dim, n=1000):
-    """As gan.py's: the share of up to n training and n held-out images D calls real (logit > 0), and of n fresh
-    fakes of the raw G it calls fake. Training pulling away from held-out means D memorises its images."""
+def d_accuracy(D, G, reals, latent_dim, threshold, n=1000):
+    """The share of up to n training and n held-out images D calls real (should they part, D memorises its training
+    images), and of n fresh fakes of the raw G it calls fake."""
     D.eval(), G.eval()
     device = next(D.parameters()).device
-    share = {name: images is not None and torch.cat([D(data.to_float(x.to(device))) > 0
+    share = {name: images is not None and torch.cat([D(data.to_float(x.to(device))) > threshold
                                                      for x in images[:n].split(250)]).float().mean()
              for name, images in reals.items()}
-    share["d_acc_fake"] = torch.cat([D(G(torch.randn(250, latent_dim, device=device))) <= 0
+    share["d_acc_fake"] = torch.cat([D(G(torch.randn(250, latent_dim, device=device))) <= threshold
                                      for _ in range(n // 250)]).float().mean()
     D.train(), G.train()
     return {name: f"{value:.4f}" if value is not False else "" for name, value in share.items()}
@@ -380,9 +307,8 @@ def train(args):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     channels = dataset.image_shape[0]
     G = Generator(args.latent_dim, args.w_dim, args.image_size, channels, args.width, args.channel_base,
-                  args.mapping_layers)
-    D = Discriminator(args.image_size, channels, args.width, args.channel_base, args.mbstd_group)
-    G, D = G.to(device), D.to(device)
+                  args.mapping_layers).to(device)
+    D = Discriminator(args.image_size, channels, args.width, args.channel_base, args.mbstd_group).to(device)
     torch.backends.cudnn.benchmark = True  # speed only: cuDNN picks its fastest convolutions for these shapes
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
     # Adam (0, 0.99), StyleGAN2's. A network regularised every k steps takes k + 1 steps' worth of gradient in k:
@@ -405,14 +331,15 @@ def train(args):
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
     grid_noise = torch.randn(100, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     reals = {"d_acc_real_train": dataset.images, "d_acc_real_test": held_out and held_out.images}
+    names = ["d_loss", "g_loss", "d_real", "d_fake", "r1_penalty", "pl_penalty"]
     widths = "/".join(map(str, channels_at(args.image_size, args.width, args.channel_base).values()))  # 4..S px
     if rank == 0:
-        print(f"{len(dataset.images)} images {dataset.image_shape} from {dataset.source}, {len(batches)} steps an "
-              f"epoch, {device} x {world_size}, channels {widths}, epochs {start_epoch + 1}..{args.epochs}")
+        print(f"{len(dataset.images)} images from {dataset.source}, {len(batches)} steps an epoch, {device}, "
+              f"channels {widths}")
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if rank > 0:  # every process its own noise, from a stream fixed by (seed, rank, epoch) for --resume
             torch.manual_seed(args.seed * 1_000_003 + rank * 1009 + epoch)
-        started, totals = time.time(), torch.zeros(len(METRICS), device=device)
+        started, totals = time.time(), torch.zeros(len(names), device=device)
         for i, (real, _) in enumerate(batches.epoch(epoch), 1):
             step = (epoch - 1) * len(batches) + i
             real = real.tensor_split(world_size)[rank]  # this process's share of the global batch
@@ -433,12 +360,11 @@ def train(args):
         if rank > 0:
             continue
         seconds = time.time() - started
-        accuracy = d_accuracy(D, G, reals, args.latent_dim)
-        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(METRICS, means)}, **accuracy,
+        accuracy = d_accuracy(D, G, reals, args.latent_dim, 0.0)
+        history.append({"epoch": epoch, **{k: f"{v:.5f}" for k, v in zip(names, means)}, **accuracy,
                         "seconds": f"{seconds:.2f}", "img_per_s": f"{len(dataset.images) / seconds:.1f}",
                         "augment_p": f"{augment.p.item() if augment else 0:.4f}"})
-        with torch.no_grad():
-            grid = G_average.eval()(grid_noise, noise_mode="const")
+        grid = G_average.eval()(grid_noise, noise_mode="const")
         pictures = style_grids(G_average, args.latent_dim, device, args.seed) if epoch == args.epochs else []
         data.save_epoch(args.out, epoch, history, ["d_loss", "g_loss"] + ["augment_p"] * (args.augment == "ada"),
                         grid, {"script": SCRIPT, "epoch": epoch, "args": vars(args), "history": history,
@@ -455,12 +381,10 @@ def train(args):
 
 
 @torch.no_grad()
-def generate_images(G, n, latent_dim, device, seed, psi=1.0, batch_size=500):
-    """n images as uint8 (n, C, H, W), truncated by psi, with each layer's fixed noise (as generate.py does)."""
-    G.eval()
-    noise = torch.Generator().manual_seed(seed)
-    return torch.cat([data.to_uint8(G(torch.randn(min(batch_size, n - i), latent_dim, generator=noise).to(device),
-                                      psi, noise_mode="const")).cpu() for i in range(0, n, batch_size)])
+def generate_images(G, n, latent_dim, device, seed, psi=1.0):  # uint8 (n, C, H, W), 500 at a time, fixed noise
+    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([data.to_uint8(G.eval()(batch.to(device), psi, noise_mode="const")).cpu()
+                      for batch in z.split(500)])
 
 
 @torch.no_grad()
@@ -470,10 +394,9 @@ def style_grids(G, latent_dim, device, seed, columns=9, rows=6, cutoff=4):
     ones; a cell takes the coarse ws (ws[:4], at 32 px the 4x4 and 8x8 layers: shape) from its column's source, the
     fine ones (16x16 and up: stroke, texture) from its row's. truncation.png: one z a row, psi from 1 down to 0."""
     G.eval()
-    z = torch.randn(columns + rows, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    ws = broadcast(G.mapping(z), G.num_ws)
-    coarse, fine = ws[:columns], ws[columns:]
-    cells = mix_styles(coarse[None].expand(rows, -1, -1, -1), fine[:, None].expand(-1, columns, -1, -1), cutoff)
+    ws = G.ws(torch.randn(columns + rows, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device))
+    coarse = torch.arange(G.num_ws, device=device)[:, None] < cutoff  # (num_ws, 1)
+    cells = torch.where(coarse, ws[None, :columns], ws[columns:, None])  # (rows, columns, num_ws, w_dim)
     sources = G.synthesis(ws, noise_mode="const")
     mixed = G.synthesis(cells.flatten(0, 1), noise_mode="const").unflatten(0, (rows, columns))
     top = torch.cat([torch.zeros_like(sources[:1]), sources[:columns]])  # the corner: mid grey
@@ -499,10 +422,7 @@ def generate(args):
     print(f"wrote style_mixing.png and truncation.png into {args.out}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The command line: every bad flag or file is one line and exit status 2
-
-class UsageError(Exception):
+class UsageError(Exception):  # bad flags or an unusable checkpoint: one line, exit status 2
     pass
 
 
@@ -532,16 +452,12 @@ def load_checkpoint(args):
 
 
 def number(kind, low, high=math.inf):
-    """An argparse type: a number of this kind in [low, high), else one line naming the range."""
     def check(text):
         if not low <= kind(text) < high:
             raise argparse.ArgumentTypeError(f"{text} is not in [{low}, {high})")
         return kind(text)
     check.__name__ = kind.__name__  # for argparse's "invalid int value"
     return check
-
-
-COUNT, RATE, DECAY, WEIGHT = number(int, 1), number(float, 1e-12), number(float, 0, 1), number(float, 0)
 
 
 def probability(text):
@@ -571,10 +487,11 @@ PRESETS = {
 
 
 def parse_args(argv):
+    COUNT, RATE, DECAY, WEIGHT = number(int, 1), number(float, 1e-12), number(float, 0, 1), number(float, 0)
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help=(
-        "cpu (default): the defaults below, a grid in minutes on a CPU; paper: StyleGAN2-ADA's cifar settings, "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper"].items()) + "; flags given win"))
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default): the defaults below; paper: "
+                   + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper"].items())
+                   + "; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=3, help="total passes over the training set (default 3)")
@@ -584,25 +501,23 @@ def parse_args(argv):
     p.add_argument("--w-dim", type=COUNT, default=128, help="size of w, the mapping network's output (default 128)")
     p.add_argument("--mapping-layers", type=COUNT, default=2, help="layers of the mapping network (default 2)")
     p.add_argument("--image-size", type=int, choices=[32, 64, 128, 256, 512, 1024], metavar="S",
-                   help="side of the images, a power of two (default 32 for mnist/fashion-mnist, 64 for a folder)")
+                   help="side of the images (default 32 for mnist/fashion-mnist, 64 for a folder)")
     p.add_argument("--width", type=COUNT, default=64, help="the most channels of any layer (default 64)")
-    p.add_argument("--channel-base", type=COUNT, default=512, help="channels at resolution r: min(channel_base / "
-                   "r, width) (default 512: 64/64/32/16 at 4/8/16/32 px)")
+    p.add_argument("--channel-base", type=COUNT, default=512, help="channels at resolution r: min(channel_base / r, "
+                   "width) (default 512: 64/64/32/16 at 4/8/16/32 px)")
     p.add_argument("--r1-gamma", type=WEIGHT, default=0.1, help=f"weight gamma of R1, gamma/2 E||grad D(x)||^2 on "
                    f"the reals, every {R1_INTERVAL} steps (default 0.1; 0: off)")
     p.add_argument("--style-mixing", type=probability, default=0.0, help="chance a batch mixes 2 z (default 0)")
     p.add_argument("--pl-weight", type=WEIGHT, default=0.0, help="path length regularisation's weight (default 0)")
     p.add_argument("--mbstd-group", type=COUNT, default=4, help="group of D's minibatch stddev (default 4)")
     p.add_argument("--truncation", type=probability, default=1.0, metavar="PSI", help="with --generate: w = w_avg + "
-                   "PSI (w - w_avg); 0: the mean image for every z (default 1: none)")
-    p.add_argument("--average-decay", type=DECAY, default=0.999, help="per-step decay of the moving average of G, "
-                   "a half-life of log(0.5)/log(decay) steps, ramped up as 0.05 x the steps (default 0.999)")
+                   "PSI (w - w_avg); 0: the mean image (default 1: none)")
+    p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G, a half-life ramped "
+                   "up as 0.05 x the steps (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
-    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "
-                   "sees, always (diffaug) or adaptively (ada): for a few thousand images or fewer (default none)")
+    p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default cuda if any)")
     p.add_argument("--out", default=os.path.join("runs", "stylegan"), help="the run's folder (default runs/stylegan)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (--epochs counts the total)")
     p.add_argument("--generate", type=COUNT, metavar="N", help="no training: write N images to OUT/samples.npz")
