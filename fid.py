@@ -637,7 +637,7 @@ def parse_args(argv):
     p.add_argument("--data-dir", default="data", help="where dataset names are looked for (default data)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_samples is not None and args.num_samples < 2:
-        p.error(f"--batch-size must be at least 1 and --num-samples at least 2")
+        p.error("--batch-size must be at least 1 and --num-samples at least 2")
     return args
 
 
