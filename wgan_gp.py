@@ -329,7 +329,8 @@ def parse_args(argv):
     p.add_argument("--lr", type=RATE, help="of G and the critic (default 5e-4; 5e-5, WGAN's, with --clip-value)")
     p.add_argument("--n-critic", type=COUNT, default=2, help="critic steps a generator step (default 2; the paper's 5)")
     p.add_argument("--gp-weight", type=number(float, 0), default=10.0, help="lambda of the penalty (default 10)")
-    p.add_argument("--clip-value", type=RATE, metavar="C", help="clip the critic's weights to [-C, C] (the first WGAN) instead of the penalty")
+    p.add_argument("--clip-value", type=RATE, metavar="C", help="clip the critic's weights to [-C, C] instead of "
+                                                                "the penalty (the first WGAN)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
     p.add_argument("--image-size", type=int, choices=(32, 64, 128, 256, 512, 1024), help="default 32, 64 for a folder")
     p.add_argument("--width", type=COUNT, default=32, help="channels of G's last and D's first layer (default 32)")
