@@ -39,6 +39,19 @@ import wgan_gp
 torch.set_num_threads(1)
 
 SCRIPTS = ["gan", "cgan", "dcgan", "wgan_gp", "infogan", "acgan", "began", "lapgan", "biggan", "stylegan"]
+from pathlib import Path
+import bench
+import functools
+import hashlib
+import http.server
+import importlib
+import math
+import re
+import score
+import threading
+import torch.nn as nn
+import torch.nn.functional as F
+import zlib
 
 
 def write_idx(path, array):
@@ -781,3 +794,1553 @@ def test_gan_moving_average_decay_ramps_up_from_the_first_step():
         for average, old, current in zip(G_average.parameters(), before, G.parameters()):
             torch.testing.assert_close(average, decay * old + (1 - decay) * current)
         assert torch.equal(G_average.net[1].running_mean, G.net[1].running_mean)  # buffers are copied
+
+
+# ---- cgan.py ----------------------------------------------------------------------------------------------------------
+
+TINY_CGAN = ["--latent-dim", "8"]
+
+
+def no_scaler_cgan():
+    return torch.amp.GradScaler("cpu", enabled=False)
+
+
+def test_generator_reads_the_one_hot_label_with_z_and_keeps_the_shapes():
+    torch.manual_seed(0)
+    G, D = cgan.Generator(8, 10, (3, 8, 8)).eval(), cgan.Discriminator((3, 8, 8), 10)
+    fake = G(torch.randn(1, 8).repeat(10, 1), torch.arange(10))
+    assert fake.shape == (10, 3, 8, 8) and fake.abs().max() <= 1 and D(fake, torch.arange(10)).shape == (10,)
+    assert G.net[0].in_features == 8 + 10  # the one-hot label concatenated to z
+    assert all((fake[0] - fake[k]).abs().max() > 1e-3 for k in range(1, 10))
+
+
+def test_discriminator_is_a_projection_realness_plus_class_vector_dot_features():
+    torch.manual_seed(0)
+    D = cgan.Discriminator((1, 6, 6), 4, hidden=(8, 5))
+    images, labels = torch.randn(3, 1, 6, 6), torch.tensor([0, 2, 3])
+    features = D.features(images)
+    class_vectors = D.class_projection.weight.t()[labels]  # V's column of each label
+    expected = D.realness(features).squeeze(1) + (class_vectors * features).sum(1)
+    torch.testing.assert_close(D(images, labels), expected)
+    assert not torch.allclose(D(images, labels), D(images, (labels + 1) % 4))
+
+
+def test_bce_is_binary_cross_entropy_on_logits():
+    logits, sig = torch.tensor([2.0, -1.0, 0.5, -3.0]), torch.sigmoid
+    torch.testing.assert_close(cgan.bce(logits, 1), -torch.log(sig(logits)).mean())
+    torch.testing.assert_close(cgan.bce(logits, 0), -torch.log(1 - sig(logits)).mean())
+
+
+def record_steps(nets, optimizers):  # at each step: (optimizer, {net: (changed yet?, its gradients)})
+    start = {n: [p.detach().clone() for p in net.parameters()] for n, net in nets.items()}
+    log = []
+
+    def snapshot():
+        return {n: (any(not torch.equal(p, q) for p, q in zip(net.parameters(), start[n])),
+                    [None if p.grad is None else p.grad.clone() for p in net.parameters()]) for n, net in nets.items()}
+    for name, opt in optimizers.items():
+        def step(*args, _step=opt.step, _name=name, **kwargs):
+            log.append((_name, snapshot()))
+            return _step(*args, **kwargs)
+        opt.step = step
+    return log
+
+
+def test_train_step_updates_d_then_g_on_the_real_batchs_labels_with_the_non_saturating_loss():
+    torch.manual_seed(0)
+    G, D = cgan.Generator(8, 10, (1, 6, 6)), cgan.Discriminator((1, 6, 6), 10)
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-3), torch.optim.Adam(D.parameters(), lr=1e-3)
+    log, seen = record_steps({"G": G, "D": D}, {"G": opt_g, "D": opt_d}), []
+    G.register_forward_hook(lambda module, inputs, fake: seen.append((inputs[1], fake)))
+    real, labels = torch.rand(16, 1, 6, 6) * 2 - 1, torch.arange(16) % 10
+    metrics = cgan.train_step(G, D, opt_g, opt_d, real, labels, 8, no_scaler_cgan())
+    (seen_labels, fake), = seen
+    assert [name for name, _ in log] == ["D", "G"] and torch.equal(seen_labels, labels)
+    with torch.no_grad():  # G's loss is -log D(G(z)) under the D of G's step (the final D)
+        torch.testing.assert_close(metrics[1], -torch.log(torch.sigmoid(D(fake, labels))).mean())
+    (_, at_d), (_, at_g) = log
+    assert not at_d["G"][0] and not at_d["D"][0] and all(g is None for g in at_d["G"][1])  # fakes detached for D
+    assert at_g["D"][0] and not at_g["G"][0] and all(g is not None and g.abs().sum() > 0 for g in at_g["G"][1])
+    assert all(torch.equal(a, b) for a, b in zip(at_d["D"][1], at_g["D"][1]))  # G's backward left D's grads alone
+    assert metrics.shape == (4,) and torch.isfinite(metrics).all() and 0 <= metrics[2] <= 1 and 0 <= metrics[3] <= 1
+    assert all(p.requires_grad for p in D.parameters())
+
+
+def test_grid_has_one_row_per_class_and_d_accuracy_uses_labels(tmp_path, tiny_data_dir):
+    assert run(cgan, tmp_path, tiny_data_dir, "--epochs", "1", *TINY_CGAN) == 0
+    out = tmp_path / "run"
+    assert Image.open(out / "samples" / "epoch_001.png").size == (2 + 10 * 30, 2 + 10 * 30)  # MNIST: 10 classes
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"d_real", "d_fake", "d_acc_real_train", "d_acc_real_test", "d_acc_fake"} <= set(header)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["script"] == "cgan.py" and len(checkpoint["classes"]) == 10
+
+
+def test_generate_writes_labels_and_honours_label(tmp_path, tiny_data_dir, capsys):
+    assert run(cgan, tmp_path, tiny_data_dir, "--epochs", "1", *TINY_CGAN) == 0
+    assert run(cgan, tmp_path, tiny_data_dir, "--generate", "6") == 0
+    samples = np.load(tmp_path / "run" / "samples.npz")
+    assert samples["images"].shape == (6, 28, 28, 1) and samples["images"].dtype == np.uint8
+    assert samples["labels"].dtype == np.int64 and samples["labels"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert run(cgan, tmp_path, tiny_data_dir, "--generate", "5", "--label", "3") == 0
+    assert np.load(tmp_path / "run" / "samples.npz")["labels"].tolist() == [3] * 5
+    capsys.readouterr()
+    assert run(cgan, tmp_path, tiny_data_dir, "--generate", "4", "--label", "10") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--label 10" in err and "0..9" in err
+
+
+def test_generate_draws_the_label_asked_for():
+    torch.manual_seed(0)
+    G, labels = cgan.Generator(8, 4, (1, 6, 6)), torch.tensor([2, 0, 3])
+    with torch.no_grad():
+        expected = data.to_uint8(G.eval()(torch.randn(3, 8, generator=torch.Generator().manual_seed(3)), labels))
+    assert torch.equal(cgan.generate_images(G, labels, 8, "cpu", seed=3), expected)
+
+
+@pytest.mark.parametrize("flags", [["--label", "3"], ["--label", "-1", "--generate", "2"], ["--loss", "hinge"]])
+def test_label_only_with_generate_and_no_loss_flag(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cgan.main(["--out", str(tmp_path / "run"), *flags])
+    assert stop.value.code == 2 and capsys.readouterr().err.startswith("cgan.py: error: ")
+
+
+# ---- dcgan.py ---------------------------------------------------------------------------------------------------------
+
+TINY_DCGAN = ["--width", "4", "--latent-dim", "8", "--epochs", "1"]
+
+
+def models_dcgan(image_size, channels, num_classes=0, width=8):
+    return (dcgan.Generator(16, image_size, channels, width, num_classes),
+            dcgan.Discriminator(image_size, channels, width, num_classes))
+
+
+@pytest.mark.parametrize("image_size, channels", [(32, 1), (64, 3)])
+def test_nets_follow_the_dcgan_rules_one_stride_2_block_per_doubling(image_size, channels):
+    G, D = models_dcgan(image_size, channels)
+    fake = G.apply(dcgan.init_weights)(torch.randn(5, 16))
+    assert fake.shape == (5, channels, image_size, image_size) and D(fake).shape == (5,)
+    convs = [sum(isinstance(m, kind) for m in net.modules()) for net, kind in ((G, nn.ConvTranspose2d), (D, nn.Conv2d))]
+    assert convs == {32: [4, 3], 64: [5, 4]}[image_size]
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in D.modules())
+    assert isinstance(D.features[1], nn.LeakyReLU) and D.features[1].negative_slope == 0.2  # no BN on D's input
+    assert isinstance(G.net[-1], nn.Tanh) and isinstance(G.net[-2], nn.ConvTranspose2d)  # no BN on G's output
+    assert any(isinstance(m, nn.BatchNorm2d) for m in D.modules())
+    assert abs(torch.cat([m.weight.flatten() for m in G.net if isinstance(m, nn.ConvTranspose2d)]).std() - 0.02) < 2e-3
+
+
+def test_conditional_output_depends_on_the_label():
+    torch.manual_seed(0)
+    G, D = models_dcgan(32, 1, num_classes=10)
+    labels = torch.arange(10)
+    fake = G.eval()(torch.randn(1, 16).repeat(10, 1), labels)
+    assert all((fake[0] - fake[k]).abs().max() > 1e-4 for k in range(1, 10))
+    nn.init.normal_(D.projection.weight, std=1.0)
+    assert D(fake[:1].repeat(10, 1, 1, 1), labels).unique().numel() == 10
+
+
+def test_the_loss_table_is_gan_pys():  # whose values test_gans.py checks by hand
+    import gan
+    real, fake = torch.randn(5), torch.randn(5)
+    assert list(dcgan.LOSSES) == list(gan.LOSSES)
+    for (d_loss, g_loss, threshold), (d_gan, g_gan, threshold_gan) in zip(dcgan.LOSSES.values(), gan.LOSSES.values()):
+        assert d_loss(real, fake) == d_gan(real, fake) and g_loss(fake) == g_gan(fake) and threshold == threshold_gan
+
+
+def test_r1_penalty_is_the_squared_gradient_norm_through_the_augmentation_at_the_unaugmented_reals():
+    weight, real, mask = torch.randn(1, 18), torch.randn(4, 2, 3, 3), (torch.arange(18) % 2).float()
+    D = lambda images, labels=None: (images.flatten(1) * weight).sum(1) ** 2  # noqa: E731  grad = 2 (w.x) w
+    for augment, kept in ((None, torch.ones(18)), (lambda images: images * mask.view(1, 2, 3, 3), mask)):
+        x = real.flatten(1) * kept  # what D sees; the gradient at the reals passes through the mask again
+        expected = ((2 * (x * weight).sum(1, keepdim=True) * weight * kept) ** 2).sum(1).mean()
+        torch.testing.assert_close(dcgan.r1_penalty(D, real, augment=augment), expected)
+
+
+def step_dcgan(G, D, real, **options):
+    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    return dcgan.train_step(G, D, opt_g, opt_d, real, None, 16, torch.amp.GradScaler("cpu", enabled=False), **options)
+
+
+def test_r1_gamma_adds_half_gamma_times_r1_to_ds_loss(monkeypatch):
+    monkeypatch.setattr(dcgan, "r1_penalty", lambda *args: torch.tensor(3.0))
+    losses = []
+    for gamma in (0.0, 2.0):
+        torch.manual_seed(0)
+        losses.append(step_dcgan(*models_dcgan(32, 1, width=4), torch.rand(4, 1, 32, 32) * 2 - 1, r1_gamma=gamma)[0].item())
+    assert losses[1] == pytest.approx(losses[0] + 2.0 / 2 * 3.0)
+
+
+def test_d_sees_independently_augmented_reals_and_fakes_in_both_steps():
+    torch.manual_seed(0)
+    G, D = models_dcgan(32, 1, width=4)
+    seen, forward = [], D.forward
+    D.forward = lambda images, labels=None: seen.append(images.detach().clone()) or forward(images, labels)
+    step_dcgan(G, D, torch.ones(8, 1, 32, 32), augment=data.Augmentation(("cutout",), "cpu"))
+    assert len(seen) == 3  # reals and fakes in D's step_dcgan, fakes in G's
+    squares = [(images == 0).flatten(1) for images in seen]
+    assert all(square.any(1).all() for square in squares)  # every image D saw had its square cut out
+    assert not torch.equal(squares[0], squares[1]) and not torch.equal(squares[1], squares[2])  # fresh draws
+
+
+def test_accuracy_counts_what_d_calls_real_and_fake():
+    D = lambda images, labels=None: images.flatten(1).mean(1)  # noqa: E731  "real" = bright
+    G = lambda z, labels=None: -torch.ones(len(z), 1, 4, 4)  # noqa: E731  every fake dark: D calls all fake
+    D.eval = D.train = G.eval = G.train = lambda: None
+    D.parameters = lambda: iter([torch.zeros(1)])
+    images = torch.cat([torch.full((6, 1, 4, 4), 255, dtype=torch.uint8), torch.zeros(4, 1, 4, 4, dtype=torch.uint8)])
+    reals = {"d_acc_real_train": data.Dataset(images, torch.zeros(10, dtype=torch.int64)), "d_acc_real_test": None}
+    assert dcgan.d_accuracy(D, G, reals, latent_dim=3, num_classes=0, threshold=0.0) == {
+        "d_acc_real_train": "0.6000", "d_acc_real_test": "", "d_acc_fake": "1.0000"}
+
+
+def test_dcgan_paper_preset_builds_the_papers_networks():
+    args = dcgan.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.latent_dim, args.batch_size, args.lr, args.lr_g) == (
+        64, 128, 100, 128, 2e-4, 2e-4)
+    G, D = dcgan.Generator(100, 64, 1, 128), dcgan.Discriminator(64, 1, 128)
+    # G: 100*1024*16 + 1024*512*16 + 512*256*16 + 256*128*16 conv weights, 2*(1024+512+256+128) BatchNorm, 128*16+1
+    # D: 16*128+128, 128*256*16 + 256*512*16 + 512*1024*16 convs, 2*(256+512+1024) BatchNorm, 1024*16+1 linear
+    assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (12_654_337, 11_032_193)
+
+
+def test_resume_keeps_the_runs_loss_r1_gamma_and_learning_rates(tiny_data_dir, tmp_path):
+    assert run(dcgan, tmp_path, tiny_data_dir, *TINY_DCGAN, "--loss", "hinge", "--r1-gamma", "1", "--lr-g", "1e-3") == 0
+    assert run(dcgan, tmp_path, tiny_data_dir, *TINY_DCGAN[:-1], "2", "--resume") == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (checkpoint["args"]["loss"], checkpoint["args"]["r1_gamma"]) == ("hinge", 1)
+    assert [checkpoint[k]["param_groups"][0]["lr"] for k in ("opt_g", "opt_d")] == [1e-3, 2e-4]
+
+
+# ---- wgan_gp.py -------------------------------------------------------------------------------------------------------
+
+TINY_WGAN_GP = ["--width", "4", "--latent-dim", "8", "--epochs", "1"]
+
+
+def models_wgan_gp(image_size, channels, num_classes=0, width=8):
+    return (wgan_gp.Generator(16, image_size, channels, width, num_classes),
+            wgan_gp.Critic(image_size, channels, width, num_classes))
+
+
+@pytest.mark.parametrize("image_size, channels", [(32, 1), (64, 3)])
+def test_one_block_per_doubling_and_a_critic_without_batchnorm_or_sigmoid(image_size, channels):
+    G, D = models_wgan_gp(image_size, channels)
+    fake = G(torch.randn(5, 16))
+    assert fake.shape == (5, channels, image_size, image_size) and D(fake).shape == (5,)
+    convs = [sum(isinstance(m, kind) for m in net.modules()) for net, kind in ((G, nn.ConvTranspose2d), (D, nn.Conv2d))]
+    assert convs == {32: [4, 3], 64: [5, 4]}[image_size]
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Sigmoid)) for m in D.modules())
+    scores = D(torch.randn(64, channels, image_size, image_size) * 50)
+    assert not ((scores >= 0) & (scores <= 1)).all()  # unbounded, not a probability
+
+
+def test_the_critics_score_depends_on_the_label():
+    _, D = models_wgan_gp(32, 1, num_classes=10)
+    nn.init.normal_(D.projection.weight, std=1.0)
+    assert D(torch.randn(1, 1, 32, 32).repeat(10, 1, 1, 1), torch.arange(10)).unique().numel() == 10
+
+
+def test_gradient_penalty_matches_hand_computed_values_with_each_samples_own_gradient_norm():
+    # A linear critic D(x) = <w, x>: its gradient is w everywhere, so the penalty is (||w|| - 1)^2.
+    w = (torch.arange(18, dtype=torch.float32).view(1, 2, 3, 3) / 10).requires_grad_(True)
+    penalty = wgan_gp.gradient_penalty(lambda x, labels=None: (x * w).flatten(1).sum(1),
+                                       torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3))
+    norm = (w.detach() ** 2).sum().sqrt()
+    assert penalty.item() == pytest.approx(((norm - 1) ** 2).item(), rel=1e-5)
+    penalty.backward()  # create_graph: differentiable in the critic's weights, with the analytic gradient
+    torch.testing.assert_close(w.grad, 2 * (norm - 1) * w.detach() / norm)
+    # D(x) = 0.5 ||x||^2 has gradient x; with real == fake the point between is x whatever alpha is.
+    x = torch.stack([torch.full((1, 2, 2), v) for v in (0.0, 0.5, 1.0, 3.0)])  # norms 0, 1, 2, 6
+    penalty = wgan_gp.gradient_penalty(lambda images, labels=None: 0.5 * (images ** 2).flatten(1).sum(1), x, x.clone())
+    assert penalty.item() == pytest.approx((1 + 0 + 1 + 25) / 4)
+
+
+def test_train_step_makes_a_critic_update_per_batch_then_one_generator_update():
+    G, D = models_wgan_gp(32, 1)
+    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    order = []
+    for name, optimizer in (("g", opt_g), ("d", opt_d)):
+        optimizer.step = (lambda step, name: lambda *a, **k: order.append(name) or step(*a, **k))(optimizer.step, name)
+    group = [(torch.rand(4, 1, 32, 32) * 2 - 1, None) for _ in range(5)]
+    metrics = wgan_gp.train_step(G, D, opt_g, opt_d, group, 16, torch.amp.GradScaler("cpu", enabled=False))
+    assert order == ["d"] * 5 + ["g"]
+    assert metrics.shape == (4,) and torch.isfinite(metrics).all() and metrics[3] > 0  # d, g, wasserstein, penalty
+
+
+def test_step_groups_puts_n_batches_in_each_generator_step():
+    assert list(wgan_gp.step_groups(iter(range(7)), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(wgan_gp.step_groups(range(2), 5)) == [[0, 1]]
+
+
+def test_run_groups_n_critic_batches_per_generator_step(tiny_data_dir, tmp_path, monkeypatch):
+    sizes, train_step = [], wgan_gp.train_step
+    monkeypatch.setattr(wgan_gp, "train_step", lambda G, D, o_g, o_d, group, *rest: sizes.append(len(group))
+                        or train_step(G, D, o_g, o_d, group, *rest))
+    assert run(wgan_gp, tmp_path, tiny_data_dir, *TINY_WGAN_GP, "--batch-size", "8", "--n-critic", "3") == 0  # 8 batches
+    assert sizes == [3, 3, 2]
+
+
+def test_metrics_hold_the_wasserstein_estimate_and_the_critics_scores(tiny_data_dir, tmp_path):
+    assert run(wgan_gp, tmp_path, tiny_data_dir, *TINY_WGAN_GP) == 0
+    row = next(csv.DictReader((tmp_path / "run" / "metrics.csv").read_text().splitlines()))
+    columns = ("wasserstein", "gradient_penalty", "critic_real_train", "critic_real_test", "critic_fake")
+    assert np.isfinite([float(row[column]) for column in columns]).all() and float(row["gradient_penalty"]) > 0
+
+
+def test_critic_scores_are_the_mean_scores_on_reals_and_fakes():
+    D = lambda images, labels=None: images.flatten(1).mean(1)  # noqa: E731
+    G = lambda z, labels=None: -torch.ones(len(z), 1, 4, 4)  # noqa: E731
+    D.eval = D.train = G.eval = G.train = lambda: None
+    D.parameters = lambda: iter([torch.zeros(1)])
+    images = torch.cat([torch.full((6, 1, 4, 4), 255, dtype=torch.uint8), torch.zeros(4, 1, 4, 4, dtype=torch.uint8)])
+    reals = {"critic_real_train": data.Dataset(images, torch.zeros(10, dtype=torch.int64)), "critic_real_test": None}
+    assert wgan_gp.critic_scores(D, G, reals, latent_dim=3, num_classes=0) == {
+        "critic_real_train": "0.2000", "critic_real_test": "", "critic_fake": "-1.0000"}  # (6 - 4) / 10
+
+
+def test_clip_run_uses_rmsprop_at_wgans_rate_and_keeps_weights_within_c(tiny_data_dir, tmp_path):
+    assert (wgan_gp.parse_args([]).lr, wgan_gp.parse_args(["--clip-value", "0.01", "--lr", "1e-4"]).lr) == (5e-4, 1e-4)
+    assert run(wgan_gp, tmp_path, tiny_data_dir, *TINY_WGAN_GP, "--clip-value", "0.02") == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["args"]["lr"] == 5e-5 and "square_avg" in checkpoint["opt_d"]["state"][0]  # RMSprop's
+    assert all(w.abs().max() <= 0.02 for w in checkpoint["discriminator"].values() if w.is_floating_point())
+
+
+def test_wgan_gp_paper_preset_builds_the_papers_networks():
+    args = wgan_gp.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.latent_dim, args.batch_size, args.lr, args.n_critic, args.gp_weight) == (
+        32, 128, 128, 64, 1e-4, 5, 10.0)
+    G, D = wgan_gp.Generator(128, 32, 1, 128), wgan_gp.Critic(32, 1, 128)
+    # G: 128*512*16 + 512*256*16 + 256*128*16 conv weights, 2*(512+256+128) BatchNorm, 128*16+1 output conv
+    # critic: 16*128+128, 128*256*16+256, 256*512*16+512 convs with biases, 2*(256+512) layer norm, 512*16+1 linear
+    assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (3_673_857, 2_634_113)
+
+
+# ---- infogan.py -------------------------------------------------------------------------------------------------------
+
+TINY_INFOGAN = ["--width", "4", "--latent-dim", "8"]
+
+
+def models_infogan(image_size=28, channels=1, width=4, categories=10, continuous=2, latent_dim=8):
+    G = infogan.Generator(latent_dim, categories, continuous, image_size, channels, width).apply(infogan.init_weights)
+    D = infogan.Discriminator(categories, continuous, image_size, channels, width).apply(infogan.init_weights)
+    return G, D
+
+
+@pytest.mark.parametrize("image_size,channels", [(28, 1), (32, 3), (64, 1)])
+def test_shapes_follow_image_size_channels_and_codes(image_size, channels):
+    G, D = models_infogan(image_size, channels, categories=7, continuous=3)
+    z, code_cat, code_cont = infogan.sample_latent(5, G, "cpu")
+    assert code_cat.dtype == torch.int64 and code_cat.max() < 7 and code_cont.shape == (5, 3)
+    assert code_cont.abs().max() <= 1
+    fake = G(z, code_cat, code_cont)
+    assert fake.shape == (5, channels, image_size, image_size) and fake.abs().max() <= 1
+    logits, (code_logits, code_means) = D(fake, recognise=True)
+    assert code_logits.shape == (5, 7) and code_means.shape == (5, 3)
+    convs = sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in [*G.modules(), *D.modules()])
+    assert convs == (6 if image_size == 64 else 4)  # one stride-2 stage per doubling beyond 32
+
+
+def test_preset_paper_is_the_papers_mnist_architecture():
+    args = infogan.parse_args(["--preset", "paper", "--lr-g", "5e-4"])  # flags given win
+    assert (args.batch_size, args.lr, args.lr_g, args.lambda_cont) == (128, 2e-4, 5e-4, 0.1)
+    G, D = models_infogan(28, 1, args.width, args.categories, args.continuous, args.latent_dim)
+    layers = lambda net, kind: [m for m in net.modules() if isinstance(m, kind)]  # noqa: E731
+    assert [(m.in_features, m.out_features) for m in layers(G, nn.Linear)] == [(62 + 10 + 2, 1024), (1024, 128 * 49)]
+    assert [(m.in_channels, m.out_channels) for m in layers(G, nn.ConvTranspose2d)] == [(128, 64), (64, 1)]
+    assert [(m.in_channels, m.out_channels) for m in layers(D, nn.Conv2d)] == [(1, 64), (64, 128)]
+    assert [(m.in_features, m.out_features) for m in layers(D, nn.Linear)] == [(128 * 49, 1024), (1024, 1),
+                                                                              (1024, 128), (128, 10 + 2)]
+
+
+def test_information_terms_match_hand_computed_values_and_gradients():
+    logits, codes = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]]), torch.tensor([0, 2])
+    expected_cat = (-math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-1))) + math.log(3)) / 2
+    # A unit-variance Gaussian's -log density per continuous code, summed over the codes: 0.5 (log 2 pi + (c - mean)^2)
+    means = torch.tensor([[0.5, -1.0], [0.0, 0.2]], requires_grad=True)
+    values, log_2pi = torch.tensor([[1.0, -1.0], [-1.0, 0.8]]), math.log(2 * math.pi)
+    expected_cont = (0.5 * (log_2pi + 0.25) + 0.5 * log_2pi + 0.5 * (log_2pi + 1.0) + 0.5 * (log_2pi + 0.36)) / 2
+    total, cat, cont = infogan.information_loss((logits, means), codes, values, lambda_cat=1.0, lambda_cont=0.1)
+    assert cat.item() == pytest.approx(expected_cat, rel=1e-6) and cont.item() == pytest.approx(expected_cont, rel=1e-6)
+    assert total.item() == pytest.approx(expected_cat + 0.1 * expected_cont, rel=1e-6)
+    (grad,) = torch.autograd.grad(cont, means)  # (mean - c) / batch: a plain squared error's
+    torch.testing.assert_close(grad, torch.tensor([[-0.5, 0.0], [1.0, -0.6]]) / 2)
+
+
+def test_information_term_reaches_g_q_and_the_shared_body_but_not_the_real_fake_head():
+    torch.manual_seed(0)
+    G, D = models_infogan()
+    z, code_cat, code_cont = infogan.sample_latent(16, G, "cpu")
+    info, _, _ = infogan.information_loss(D(G(z, code_cat, code_cont), recognise=True)[1], code_cat, code_cont, 1, 0.1)
+    for name, net in (("G", G), ("Q", D.q), ("body", D.body), ("logit", D.logit)):
+        grads = torch.autograd.grad(info, list(net.parameters()), retain_graph=True, allow_unused=True)
+        assert all(g is None for g in grads) if name == "logit" else all(g.abs().sum() > 0 for g in grads), name
+
+
+def test_train_step_reads_codes_from_fakes_only_and_updates_d_then_g():
+    torch.manual_seed(0)
+    G, D = models_infogan()
+    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    real, calls, order, forward = torch.rand(16, 1, 28, 28) * 2 - 1, [], [], D.forward
+    D.forward = lambda images, recognise=False: calls.append((images is real, recognise)) or forward(images, recognise)
+    for name, opt in (("D", opt_d), ("G", opt_g)):  # G's gradients when each optimizer steps
+        opt.register_step_pre_hook(lambda *_, name=name: order.append((name, [p.grad for p in G.parameters()])))
+    metrics = infogan.train_step(G, D, opt_g, opt_d, real, torch.amp.GradScaler("cpu", enabled=False))
+    assert calls == [(True, False), (False, True), (False, True)]  # reals: the logit only; fakes: logit and Q
+    assert [name for name, _ in order] == ["D", "G"] and all(g is None for g in order[0][1])  # D's: fakes detached
+    assert metrics.shape == (7,) and torch.isfinite(metrics).all() and 0 <= metrics[6] <= 1  # code_acc: a share
+
+
+def test_grid_has_one_code_value_a_row_and_a_sweep_moves_one_continuous_code_along_it():
+    G, _ = models_infogan(continuous=3)
+    z, code_cat, code_cont = infogan.grid_latents(G, 10, seed=0, device="cpu")
+    assert code_cat.tolist() == [k for k in range(10) for _ in range(10)]
+    assert torch.equal(z[:10], z[10:20]) and torch.equal(code_cont[:10], code_cont[90:])  # a column: one style
+    z, code_cat, code_cont = infogan.grid_latents(G, 5, seed=0, device="cpu", sweep=1)
+    assert len(z) == 50 and (z == z[0]).all() and code_cat.tolist() == [k for k in range(10) for _ in range(5)]
+    torch.testing.assert_close(code_cont[:, 1], torch.linspace(-2, 2, 5).repeat(10))
+    assert (code_cont[:, [0, 2]] == 0).all()
+
+
+def test_run_never_reads_labels_draws_code_grids_logs_q_and_generates_codes(tmp_path, tiny_data_dir, capsys):
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(tiny_data_dir, relabelled)
+    for split in ("train", "t10k"):
+        write_idx(relabelled / "mnist" / f"{split}-labels-idx1-ubyte.gz", (7 * np.arange(64) + 3) % 10)
+    weights = []
+    for data_dir, out in ((tiny_data_dir, "run"), (str(relabelled), "b")):
+        assert run(infogan, tmp_path, data_dir, "--epochs", "1", *TINY_INFOGAN, "--categories", "3", "--lr-g", "2e-3",
+                   out=out) == 0
+        checkpoint = torch.load(tmp_path / out / "checkpoint.pt", weights_only=True)
+        weights.append([*checkpoint["generator"].values(), *checkpoint["discriminator"].values()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    out = tmp_path / "run"
+    assert Image.open(out / "samples" / "epoch_001.png").size == (2 + 10 * 30, 2 + 3 * 30)  # a row per code value
+    assert Image.open(out / "continuous_2.png").size == (2 + 10 * 30, 2 + 3 * 30)  # rows: code values, columns: -2..2
+    assert not (out / "continuous_3.png").exists()
+    assert {"info_cat", "info_cont", "code_acc"} <= set((out / "metrics.csv").read_text().splitlines()[0].split(","))
+    assert [group["lr"] for group in checkpoint["opt_d"]["param_groups"]] == [2e-4, 2e-3]  # D's body and head; Q
+    assert run(infogan, tmp_path, tiny_data_dir, "--generate", "5") == 0
+    samples = np.load(out / "samples.npz")
+    assert samples["images"].shape == (5, 28, 28, 1) and samples["labels"].tolist() == [0, 1, 2, 0, 1]
+    assert run(infogan, tmp_path, tiny_data_dir, "--generate", "3", "--label", "2") == 0
+    assert np.load(out / "samples.npz")["labels"].tolist() == [2, 2, 2]
+    capsys.readouterr()
+    assert run(infogan, tmp_path, tiny_data_dir, "--generate", "3", "--label", "3") == 2
+    assert "0..2" in capsys.readouterr().err
+
+
+def test_too_few_images_a_step_for_batchnorm_exits_2(tmp_path, capsys):
+    (tmp_path / "one").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "one" / "only.png")
+    assert infogan.main(["--dataset", str(tmp_path / "one"), "--out", str(tmp_path / "run"), *TINY_INFOGAN]) == 2
+    assert "BatchNorm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--image-size", "30"], ["--image-size", "48"], ["--continuous", "-1"],
+                                   ["--lambda-cont", "nan"], ["--label", "3"]])
+def test_bad_flags_exit_2_with_one_line(flags, capsys):
+    with pytest.raises(SystemExit) as stop:
+        infogan.main(flags)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("infogan.py: error: ") and err.count("\n") == 1
+
+
+# ---- acgan.py ---------------------------------------------------------------------------------------------------------
+
+TINY_ACGAN = ["--width", "4", "--latent-dim", "8"]
+
+
+def models_acgan(image_size=32, channels=1, num_classes=10, width=4, twin=True):
+    return (acgan.Generator(16, image_size, channels, width, num_classes),
+            acgan.Discriminator(image_size, channels, width, num_classes, twin=twin))
+
+
+def no_scaler_acgan():
+    return torch.amp.GradScaler("cpu", enabled=False)
+
+
+@pytest.mark.parametrize("image_size,channels", [(32, 1), (64, 3)])
+def test_d_has_a_source_head_and_class_heads_on_one_body(image_size, channels):
+    G, D = models_acgan(image_size, channels, num_classes=7)
+    fake = G(torch.randn(5, 16), torch.arange(5))
+    assert fake.shape == (5, channels, image_size, image_size) and fake.abs().max() <= 1
+    source, classes, twin = D(fake)
+    assert source.shape == (5,) and classes.shape == twin.shape == (5, 7)
+    body = {id(p) for p in D.features.parameters()}
+    heads = {id(p) for head in (D.source, D.classes, D.twin) for p in head.parameters()}
+    assert body | heads == {id(p) for p in D.parameters()} and not body & heads
+    _, paper_d = models_acgan(image_size, channels, num_classes=7, twin=False)  # --class-loss paper: no twin head
+    assert paper_d(fake)[2] is None
+    assert sum(p.numel() for p in D.parameters()) - sum(p.numel() for p in paper_d.parameters()) == 7 * (
+        D.twin.in_features + 1)
+
+
+def test_generator_output_depends_on_the_label_and_d_never_sees_it():
+    torch.manual_seed(0)
+    G, D = models_acgan()
+    fake = G.eval()(torch.randn(1, 16).repeat(10, 1), torch.arange(10))
+    assert all((fake[0] - fake[k]).abs().max() > 1e-4 for k in range(1, 10))
+    with pytest.raises(TypeError):
+        D(fake, torch.arange(10))
+
+
+def test_losses_are_the_papers_log_likelihoods_and_tac_subtracts_the_twins():
+    real, fake = torch.tensor([2.0, -1.0], requires_grad=True), torch.tensor([0.5, -3.0], requires_grad=True)
+    real_classes = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]], requires_grad=True)
+    fake_classes = torch.tensor([[0.0, 0.0, 0.0], [4.0, -2.0, 1.0]], requires_grad=True)
+    twin_classes = torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
+    labels, sig = torch.tensor([0, 2]), torch.sigmoid
+
+    def nll(logits):  # -log softmax(z)_y written out, batch mean
+        return (torch.log(torch.exp(logits).sum(1)) - logits[torch.arange(2), labels]).mean()
+
+    # by hand: -log softmax([0, 0, 0])[0] = log 3; -log softmax([4, -2, 1])[2] = log(e^4 + e^-2 + e) - 1 = 3.0509
+    assert nll(fake_classes).item() == pytest.approx((np.log(3) + 3.0509) / 2, abs=1e-4)
+    source_d = -(torch.log(sig(real)).mean() + torch.log(1 - sig(fake)).mean())
+    source_g = -torch.log(sig(fake)).mean()  # non-saturating
+    inputs = (real, fake, real_classes, fake_classes, twin_classes)
+    for got, expected in [
+        (acgan.d_loss(real, fake, real_classes, fake_classes, labels), source_d + nll(real_classes) + nll(fake_classes)),
+        (acgan.d_loss(real, fake, real_classes, twin_classes, labels, class_weight=0.25),
+         source_d + 0.25 * (nll(real_classes) + nll(twin_classes))),
+        (acgan.g_loss(fake, fake_classes, labels), source_g + nll(fake_classes)),
+        (acgan.g_loss(fake, fake_classes, labels, 0.25, twin_classes),
+         source_g + 0.25 * (nll(fake_classes) - nll(twin_classes)))]:
+        torch.testing.assert_close(got, expected)
+        for g, e in zip(*(torch.autograd.grad(x, inputs, retain_graph=True, materialize_grads=True)
+                          for x in (got, expected))):
+            torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("twin", [True, False])
+def test_train_step_updates_d_then_g_each_touching_only_its_own_weights(twin):
+    torch.manual_seed(0)
+    G, D = models_acgan(twin=twin)
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-3), torch.optim.Adam(D.parameters(), lr=1e-3)
+    seen = []
+    for name, opt in (("G", opt_g), ("D", opt_d)):
+        opt.register_step_pre_hook(lambda opt, *_, name=name: seen.append(
+            (name, [p.grad is None for p in G.parameters()], [p.grad.clone() for p in D.parameters()])))
+    metrics = acgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 32, 32) * 2 - 1, torch.arange(8), 16, no_scaler_acgan())
+    (d_name, g_grads_at_d, d_grads), (g_name, _, d_grads_at_g) = seen
+    assert (d_name, g_name) == ("D", "G")
+    assert all(g_grads_at_d)  # the fakes were detached for D's update
+    assert all(g.abs().sum() > 0 for g in d_grads)  # every head of D learns in its update
+    assert all(torch.equal(a, b) for a, b in zip(d_grads, d_grads_at_g))  # G's backward leaves D's gradients
+    assert metrics.shape == (7 if twin else 6,) and torch.isfinite(metrics).all()
+    assert all(p.requires_grad for p in D.parameters())
+
+
+def test_twin_head_not_the_class_head_learns_the_class_of_fakes(monkeypatch):
+    torch.manual_seed(0)
+    G, D = models_acgan()
+    with torch.no_grad():  # the twin says "class k has logit k" whatever the image: recognisable below
+        D.twin.weight.zero_(), D.twin.bias.copy_(torch.arange(10.0))
+    seen, d_loss, g_loss = {}, acgan.d_loss, acgan.g_loss
+    monkeypatch.setattr(acgan, "d_loss", lambda *a: (seen.update(d_fake=a[3].detach()), d_loss(*a))[1])
+    monkeypatch.setattr(acgan, "g_loss", lambda *a: (seen.update(g_class=a[1].detach(), g_twin=a[4].detach()),
+                                                     g_loss(*a))[1])
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.0), torch.optim.SGD(D.parameters(), lr=0.0)
+    acgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 32, 32) * 2 - 1, torch.arange(8), 16, no_scaler_acgan())
+    assert torch.equal(seen["d_fake"], torch.arange(10.0).expand(8, 10))  # D: the twin names the fakes
+    assert torch.equal(seen["g_twin"], torch.arange(10.0).expand(8, 10)) and not torch.equal(seen["g_class"],
+                                                                                              seen["g_twin"])
+
+
+def test_accuracy_columns_count_both_heads_on_training_held_out_and_fake_images():
+    class BrightD(nn.Module):  # source logit = brightness; class 0 for bright images, 1 for dark ones
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, images):
+            b = images.flatten(1).mean(1)
+            return b, torch.stack([b, -b], dim=1), None
+
+    class DarkG(nn.Module):
+        def forward(self, z, labels):
+            return -torch.ones(len(z), 1, 4, 4)
+
+    images = torch.cat([torch.full((6, 1, 4, 4), 255, dtype=torch.uint8), torch.zeros(4, 1, 4, 4, dtype=torch.uint8)])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 0, 0])  # right: 3 bright + 2 dark of 10
+    torch.manual_seed(0)
+    accuracy = acgan.d_accuracy(BrightD(), DarkG(), {"train": (images, labels), "test": None}, 3, num_classes=2)
+    assert 0.45 < float(accuracy.pop("d_class_acc_fake")) < 0.55  # right where G was asked for class 1
+    assert accuracy == {"d_acc_real_train": "0.6000", "d_acc_real_test": "", "d_acc_fake": "1.0000",
+                        "d_class_acc_train": "0.5000", "d_class_acc_test": ""}
+
+
+def test_paper_preset_is_the_papers_cifar_generator_with_the_papers_loss():
+    args = acgan.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.latent_dim, args.width, args.batch_size, args.lr, args.class_loss) == (
+        32, 100, 96, 100, 2e-4, "paper")
+    G = acgan.Generator(args.latent_dim, 32, 3, args.width, 10)
+    D = acgan.Discriminator(32, 3, args.width, 10, twin=False)
+    # G: convT 116->384 712,704 + 384->192 1,179,648 + 192->96 294,912 + 96->3 4,611, BatchNorms 1,344, embedding 160
+    assert [m.out_channels for m in G.net if isinstance(m, nn.ConvTranspose2d)] == [384, 192, 96, 3]
+    assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (2_193_379, 1_548_011)
+
+
+def test_run_logs_both_heads_draws_a_row_per_class_and_generates_a_label(tiny_data_dir, tmp_path, capsys):
+    assert run(acgan, tmp_path, tiny_data_dir, *TINY_ACGAN, "--epochs", "1") == 0
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    for column in ("d_acc_real_train", "d_acc_real_test", "d_acc_fake", "d_class_acc_train", "d_class_acc_test",
+                   "d_class_acc_fake"):
+        assert 0 <= float(row[column]) <= 1, column
+    assert {"class_loss_real", "class_loss_fake", "twin_loss_fake"} <= set(row)
+    assert Image.open(tmp_path / "run" / "samples" / "epoch_001.png").size == (2 + 10 * 34, 2 + 10 * 34)  # a row a class
+    assert acgan.main(["--out", str(tmp_path / "run"), "--generate", "12"]) == 0
+    assert list(np.load(tmp_path / "run" / "samples.npz")["labels"]) == [*range(10), 0, 1]
+    assert acgan.main(["--out", str(tmp_path / "run"), "--generate", "3", "--label", "2"]) == 0
+    assert list(np.load(tmp_path / "run" / "samples.npz")["labels"]) == [2, 2, 2]
+    capsys.readouterr()
+    assert acgan.main(["--out", str(tmp_path / "run"), "--generate", "3", "--label", "10"]) == 2
+    assert capsys.readouterr().err.strip() == "acgan.py: error: --label 10: the model knows classes 0..9"
+
+
+def test_a_folder_of_loose_images_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "loose").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / "loose" / f"{i}.png")
+    assert run(acgan, tmp_path, str(tmp_path), "--dataset", str(tmp_path / "loose"), *TINY_ACGAN) == 2
+    assert "single class" in capsys.readouterr().err
+
+
+# ---- began.py ---------------------------------------------------------------------------------------------------------
+
+TINY_BEGAN = ["--width", "4", "--latent-dim", "8"]
+
+
+def models_began(image_size=32, channels=1, width=4, latent_dim=8, convs=1):
+    return (began.Generator(latent_dim, image_size, channels, width, convs),
+            began.Discriminator(image_size, channels, width, latent_dim, convs))
+
+
+def test_reconstruction_loss_is_the_mean_absolute_error_an_image():
+    images = torch.tensor([[[[0.5, -1.0], [0.0, 1.0]]], [[[0.2, 0.2], [0.2, 0.2]]]])
+    halving = lambda x: x / 2  # noqa: E731  a "D" reconstructing half its input: L = mean |x| / 2
+    torch.testing.assert_close(began.reconstruction_loss(halving, images), torch.tensor([2.5 / 8, 0.1]))
+
+
+@pytest.mark.parametrize("image_size,channels", [(32, 1), (64, 3)])
+def test_d_is_an_autoencoder_and_g_has_its_decoders_shape(image_size, channels):
+    G, D = models_began(image_size, channels, convs=2)
+    fake = G(began.sample_z(5, 8, "cpu"))
+    assert fake.shape == (5, channels, image_size, image_size) and fake.abs().max() <= 1
+    assert D(fake).shape == fake.shape  # D reconstructs, it does not classify
+    assert [p.shape for p in G.decoder.parameters()] == [p.shape for p in D.decoder.parameters()]
+    modules = [*G.modules(), *D.modules()]
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.ConvTranspose2d, nn.ReLU, nn.LeakyReLU)) for m in modules)
+    assert all(m.mode == "nearest" for m in modules if isinstance(m, nn.Upsample))
+    z = began.sample_z(1000, 8, "cpu")
+    assert z.min() >= -1 and z.max() <= 1 and z.abs().mean() > 0.4  # uniform on [-1, 1], not normal
+
+
+def test_train_step_updates_d_then_g_then_k_by_the_papers_control():
+    torch.manual_seed(0)
+    G, D = models_began()
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-3), torch.optim.Adam(D.parameters(), lr=1e-3)
+    order = []
+    for name, opt in (("G", opt_g), ("D", opt_d)):
+        opt.register_step_pre_hook(lambda *_, name=name: order.append(name))
+    G0 = [p.clone() for p in G.parameters()]
+    k, scaler = torch.tensor(0.3), torch.amp.GradScaler("cpu", enabled=False)
+    metrics = began.train_step(G, D, opt_g, opt_d, torch.rand(6, 1, 32, 32) * 2 - 1, k, 8, 0.5, 0.01, scaler)
+    assert order == ["D", "G"] and metrics.shape == (5,) and torch.isfinite(metrics).all()
+    d_value, g_value, l_real, l_fake, m_global = metrics.tolist()
+    assert d_value == pytest.approx(l_real - 0.3 * l_fake, rel=1e-5)  # L(x) - k_t L(G(z))
+    assert m_global == pytest.approx(l_real + abs(0.5 * l_real - l_fake), rel=1e-5)
+    assert k.item() == pytest.approx(min(max(0.3 + 0.01 * (0.5 * l_real - l_fake), 0), 1), rel=1e-5)  # in place
+    assert all(not torch.equal(p, q) for p, q in zip(G.parameters(), G0))
+    assert all(p.requires_grad for p in D.parameters())
+    for gamma, clipped in ((1e3, 1.0), (0.0, 0.0)):  # k_t stays in [0, 1]
+        began.train_step(G, D, opt_g, opt_d, torch.rand(6, 1, 32, 32) * 2 - 1, k, 8, gamma, 10.0, scaler)
+        assert k.item() == clipped
+
+
+def test_reconstruction_columns_measure_d_on_train_held_out_and_fakes():
+    D = lambda images: torch.zeros_like(images)  # noqa: E731  reconstructs all as grey: L = mean |x|
+    G = lambda z: -torch.ones(len(z), 1, 4, 4)  # noqa: E731  black fakes: L = 1
+    D.eval = D.train = G.eval = G.train = lambda: None
+    D.parameters = lambda: iter([torch.zeros(1)])
+    white = torch.full((6, 1, 4, 4), 255, dtype=torch.uint8)
+    losses = began.d_reconstruction(D, G, {"d_recon_real_train": white, "d_recon_real_test": None}, latent_dim=3)
+    assert losses == {"d_recon_real_train": "1.00000", "d_recon_real_test": "", "d_recon_fake": "1.00000"}
+
+
+def test_paper_preset_builds_the_papers_64px_networks():
+    args = began.parse_args(["--preset", "paper"])
+    assert (args.image_size, args.width, args.convs, args.latent_dim, args.batch_size, args.lr, args.gamma,
+            args.lambda_k) == (64, 64, 2, 64, 16, 1e-4, 0.5, 0.001)
+    G, D = models_began(64, 3, args.width, args.latent_dim, args.convs)
+    # decoder: fc 64 -> 64*8*8 (266,240) + 8 convs 64->64 (8 x 36,928) + output conv 64->3 (1,731) = 563,395;
+    # encoder: conv 3->64 (1,792) + two convs at 64, 128, 192, 256 channels (73,856 + 295,168 + 663,936 + 1,180,160)
+    # + stride-2 64->128, 128->192, 192->256 (73,856 + 221,376 + 442,624) + fc 256*8*8 -> 64 (1,048,640)
+    assert sum(p.numel() for p in G.parameters()) == 563_395
+    assert sum(p.numel() for p in D.parameters()) == 4_001_408 + 563_395
+
+
+def test_run_logs_k_t_and_m_global_and_resumes_k_exactly(tiny_data_dir, tmp_path, capsys):
+    fast_k = [*TINY_BEGAN, "--lambda-k", "0.5", "--gamma", "1"]
+    assert run(began, tmp_path, tiny_data_dir, *fast_k, "--epochs", "2", out="straight") == 0
+    assert run(began, tmp_path, tiny_data_dir, *fast_k, "--epochs", "1", out="split") == 0
+    assert run(began, tmp_path, tiny_data_dir, *TINY_BEGAN, "--epochs", "2", "--resume", out="split") == 0
+    checkpoints, rows = [], []
+    for out in ("straight", "split"):
+        checkpoints.append(torch.load(tmp_path / out / "checkpoint.pt", weights_only=True))
+        with open(tmp_path / out / "metrics.csv", newline="") as f:
+            rows.append([{k: v for k, v in row.items() if k not in ("seconds", "img_per_s")}
+                         for row in csv.DictReader(f)])
+    assert rows[0] == rows[1] and checkpoints[0]["k"] == checkpoints[1]["k"] > 0
+    assert float(rows[0][-1]["k_t"]) == pytest.approx(checkpoints[0]["k"], abs=1e-5)
+    for column in ("m_global", "l_real", "l_fake", "d_recon_real_train", "d_recon_real_test", "d_recon_fake"):
+        assert float(rows[0][-1][column]) > 0, column
+    assert "M_global" in capsys.readouterr().out and (tmp_path / "straight" / "losses.png").stat().st_size > 0
+
+
+# ---- lapgan.py --------------------------------------------------------------------------------------------------------
+
+TINY_LAPGAN = ["--width", "4", "--latent-dim", "8", "--epochs", "1"]
+
+
+def tiny_models(image_size=32, channels=1, num_classes=0):
+    torch.manual_seed(0)
+    G = lapgan.Generator(8, image_size, channels, 4, num_classes).apply(lapgan.init_weights)
+    D = lapgan.Discriminator(image_size, channels, 4, num_classes).apply(lapgan.init_weights)
+    return G, D
+
+
+@pytest.mark.parametrize("image_size, channels", [(32, 1), (64, 3)])
+def test_pyramid_adding_the_residuals_back_gives_the_image_exactly(image_size, channels):
+    images = torch.randint(0, 256, (5, channels, image_size, image_size), dtype=torch.uint8)
+    sizes = lapgan.pyramid_sizes(image_size)
+    bands, lows = lapgan.laplacian_pyramid(data.to_float(images), len(sizes))
+    assert [band.shape[-1] for band in bands] == sizes and [low.shape[-1] for low in lows] == sizes[1:]
+    assert bands[0].abs().max() <= 1 and all(low.abs().max() <= 1 for low in lows)  # the blur keeps the range
+    image = bands[0]
+    for residual in bands[1:]:
+        image = lapgan.upsample(image) + residual
+    assert torch.equal(data.to_uint8(image), images)
+    bands, _ = lapgan.laplacian_pyramid(torch.full((2, 1, 32, 32), 0.25), 3)
+    torch.testing.assert_close(bands[0], torch.full((2, 1, 8, 8), 0.25))  # a constant: no residuals
+    assert all(residual.abs().max() < 1e-6 for residual in bands[1:])
+
+
+def test_one_generator_and_discriminator_per_level_each_finer_g_drawing_a_residual():
+    G, D = tiny_models(64, 3)
+    assert len(G.refiners) == len(D.refiners) == 3  # 8x8 from z, then 16, 32 and 64
+    z, planes = lapgan.cascade_noise(5, 8, 64, torch.Generator().manual_seed(0), "cpu")
+    levels = G.eval().sample(z, None, planes)
+    assert [image.shape for image in levels] == [(5, 3, size, size) for size in (8, 16, 32, 64)]
+    for k, refine in enumerate(G.refiners):  # each level: the upsampled coarser one plus its G's residual
+        low = lapgan.upsample(levels[k])
+        torch.testing.assert_close(levels[k + 1], (low + refine(low, planes[k])).clamp(-1, 1))
+    bands, lows = lapgan.laplacian_pyramid(levels[-1], 4)
+    assert [logits.shape for logits in D(bands, None, lows)] == [(5,)] * 4
+
+
+def test_only_the_coarsest_level_reads_the_class():
+    G, D = tiny_models(num_classes=10)
+    assert not any(isinstance(m, nn.Embedding) for m in [*G.refiners.modules(), *D.refiners.modules()])
+    coarse = G.eval().coarse(torch.randn(1, 8).repeat(10, 1), torch.arange(10))
+    assert all((coarse[0] - coarse[k]).abs().max() > 1e-4 for k in range(1, 10))
+
+
+def test_levels_train_independently_on_the_real_pyramid_and_report_sums_then_each_level():
+    # a broken 8x8 G (NaN) spoils only its own level: the finer ones train on the real pyramid, not on its output
+    G, D = tiny_models()
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+    before = {name: p.detach().clone() for name, p in [*G.named_parameters(), *D.named_parameters()]}
+    with torch.no_grad():
+        G.coarse.net[-2].bias.fill_(float("nan"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    metrics = lapgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 32, 32) * 2 - 1, None, 8, scaler)
+    assert metrics.shape == (2 + 4 * 3,)  # d_loss, g_loss, then d_loss, g_loss, d_real, d_fake at 8, 16, 32
+    for model in (G, D):
+        assert not all(torch.isfinite(p).all() for p in model.coarse.parameters())
+        assert all(torch.isfinite(p).all() for p in model.refiners.parameters())
+        assert any(not torch.equal(p, before[f"refiners.{name}"]) for name, p in model.refiners.named_parameters())
+    assert torch.isfinite(metrics[6:]).all() and not torch.isfinite(metrics[2:6]).all()
+    assert ((metrics[[8, 9, 12, 13]] >= 0) & (metrics[[8, 9, 12, 13]] <= 1)).all()  # D(x) at 16 and 32: probabilities
+
+
+def test_augmentation_moves_each_coarse_image_and_its_residual_together():
+    augment = data.make_augmentation("diffaug", 3, "cpu")
+    image = torch.rand(4, 3, 16, 16) * 2 - 1
+    bands, lows = lapgan.shown_levels(augment, [torch.rand(4, 3, 8, 8), image], [image])
+    assert not torch.equal(lows[0], image) and torch.equal(bands[1], lows[0])  # moved, and alike: no colour change
+
+
+def test_run_writes_each_levels_losses_and_d_accuracy_and_a_grid_row_per_level(tiny_data_dir, tmp_path):
+    assert run(lapgan, tmp_path, tiny_data_dir, *TINY_LAPGAN) == 0
+    out = tmp_path / "run"
+    with open(out / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["d_loss"]) == pytest.approx(sum(float(row[f"d_loss_{s}"]) for s in (8, 16, 32)), abs=1e-4)
+    for size in (8, 16, 32):
+        assert {f"d_loss_{size}", f"g_loss_{size}", f"d_real_{size}", f"d_fake_{size}"} <= set(row)
+        assert all(0 <= float(row[f"d_acc_{name}_{size}"]) <= 1 for name in ("real_train", "real_test", "fake"))
+    grid = np.asarray(Image.open(out / "samples" / "epoch_001.png"))
+    assert grid.shape == (2 + 4 * 3 * 34, 2 + 10 * 34)  # 4 groups x 3 levels rows, 10 samples a row
+    for r, pixel in ((0, 4), (1, 2)):  # the 8x8 row in 4x4 blocks, the 16x16 row in 2x2 blocks
+        tile = grid[2 + r * 34: 2 + r * 34 + 32, 2:34]
+        assert (tile == np.repeat(np.repeat(tile[::pixel, ::pixel], pixel, 0), pixel, 1)).all()
+
+
+def test_conditional_folder_run_at_64px_a_group_a_class_and_generate_by_class(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("with_mask", "without_mask"):
+        (tmp_path / "faces" / name).mkdir(parents=True)
+        for i, pixels in enumerate(rng.integers(0, 256, (8, 60, 80, 3), dtype=np.uint8)):
+            Image.fromarray(pixels).save(tmp_path / "faces" / name / f"{i}.png")
+    assert run(lapgan, tmp_path, "unused", "--dataset", str(tmp_path / "faces"), "--conditional", *TINY_LAPGAN) == 0
+    out = tmp_path / "run"
+    assert Image.open(out / "samples" / "epoch_001.png").size == (2 + 10 * 66, 2 + 2 * 4 * 66)  # 2 classes x 4 levels
+    assert lapgan.main(["--out", str(out), "--generate", "6", "--label", "1"]) == 0
+    samples = np.load(out / "samples.npz")
+    assert samples["images"].shape == (6, 64, 64, 3) and (samples["labels"] == 1).all()
+    assert lapgan.main(["--out", str(out), "--generate", "5"]) == 0
+    assert list(np.load(out / "samples.npz")["labels"]) == [0, 1, 0, 1, 0]  # without --label: the classes in turn
+
+
+# ---- biggan.py --------------------------------------------------------------------------------------------------------
+
+TINY_BIGGAN = ["--width", "4", "--latent-dim", "8", "--epochs", "1"]
+
+
+def models_biggan(image_size=32, channels=1, num_classes=10, width=4, latent_dim=8, **options):
+    torch.manual_seed(0)
+    return (biggan.Generator(latent_dim, image_size, channels, width, num_classes, **options),
+            biggan.Discriminator(image_size, channels, width, num_classes, options.get("attention", 0)))
+
+
+def step_biggan(G, D, group, events=(), lr=1e-3, **options):  # events: a list that hears each optimizer step
+    opt_g, opt_d = (torch.optim.Adam(net.parameters(), lr=lr, betas=(0.0, 0.999)) for net in (G, D))
+    for name, opt in (("G step_biggan", opt_g), ("D step_biggan", opt_d)) if events != () else ():
+        opt.register_step_post_hook(lambda *a, name=name: events.append(name))
+    return biggan.train_step(G, D, opt_g, opt_d, group, 8, torch.amp.GradScaler("cpu", enabled=False), **options)
+
+
+BATCH = torch.rand(4, 1, 32, 32) * 2 - 1, torch.arange(4)  # (reals, labels)
+
+
+@pytest.mark.parametrize("image_size, channels, num_classes", [(32, 1, 10), (64, 3, 0)])
+def test_shapes_one_block_per_doubling_attention_where_asked_as_the_identity(image_size, channels, num_classes):
+    G, D = models_biggan(image_size, channels, num_classes, attention=16)
+    seen = {}
+    for name, module in (("G", G.attention), ("D", D.attention)):
+        module.register_forward_hook(lambda m, inputs, out, name=name: seen.__setitem__(name, (inputs[0], out)))
+    labels = torch.arange(6) % max(num_classes, 1)
+    fake = G(torch.randn(6, 8), labels)
+    assert fake.shape == (6, channels, image_size, image_size) and fake.abs().max() <= 1 and D(fake, labels).ndim == 1
+    assert [x.shape[-1] for x, _ in seen.values()] == [16, 16] and all(torch.equal(x, y) for x, y in seen.values())
+    size = ["--image-size", str(image_size)]  # --attention: a power of two from 8 to half the image size
+    assert biggan.parse_args(["--attention", str(image_size // 2), *size]).attention == image_size // 2
+    for bad in (4, 12, image_size):
+        with pytest.raises(SystemExit):
+            biggan.parse_args(["--attention", str(bad), *size])
+    blocks = image_size.bit_length() - 3  # 4x4 -> 32x32: 3 blocks up; D: 2 down at 32x32, then 2 without
+    assert len(G.blocks) == blocks and len(D.blocks) == blocks + 1 and sum(not b.downsample for b in D.blocks) == 2
+    assert len(G.z_chunks) == blocks + 1 and sum(G.z_chunks) == 8  # hierarchical z: a chunk per block + the linear
+    assert (G.shared is not None, D.projection is not None) == (bool(num_classes), bool(num_classes))
+
+
+def test_g_batchnorms_read_the_shared_class_embedding_and_their_own_chunk_of_z():
+    G = models_biggan()[0].eval()
+    z, labels = torch.randn(2, 8), torch.tensor([3, 3])
+    base = G(z, labels)
+    assert not torch.allclose(base, G(z, torch.tensor([4, 4])))
+    for chunk in range(4):  # the linear layer's chunk and each block's
+        assert not torch.allclose(base, G(z + (torch.arange(8) // 2 == chunk), labels)), chunk
+    assert [b.bn1.gain.in_features for b in G.blocks] == [2 + 128] * 3  # its chunk + the shared embedding
+
+
+def test_truncated_z_is_the_normal_inside_t_and_t_0_gives_one_image_per_class():
+    z = biggan.sample_z(20000, 5, truncation=0.5, generator=torch.Generator().manual_seed(0)).flatten()
+    normal = torch.randn(2_000_000, generator=torch.Generator().manual_seed(1))
+    q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
+    assert z.abs().max() <= 0.5
+    torch.testing.assert_close(z.quantile(q), normal[normal.abs() <= 0.5][:100000].quantile(q), atol=0.01, rtol=0)
+    images = biggan.generate_images(models_biggan()[0], torch.tensor([0, 0, 5, 5]), 8, "cpu", seed=1, truncation=0)
+    assert torch.equal(images[0], images[1]) and torch.equal(images[2], images[3]) and not torch.equal(*images[1:3])
+
+
+def test_spectral_norm_keeps_every_layers_largest_singular_value_near_1():
+    G, D = models_biggan(width=8, attention=16)
+    for _ in range(10):
+        step_biggan(G, D, [BATCH], lr=2e-4)
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding)
+    G.eval(), D.eval()
+    for layer in [m for m in [*G.modules(), *D.modules()] if isinstance(m, kinds) and m is not G.shared]:
+        assert abs(torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2) - 1) < 0.05, layer
+
+
+def test_orthogonal_penalty_is_the_hand_computed_one_on_gs_raw_weights_and_moves_only_g():
+    w, kernel = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 1.0]]), torch.tensor([[[[1.0, 0.0]]], [[[1.0, 1.0]]]])
+    holder = torch.nn.ParameterList([w, kernel])  # the kernel's rows [1, 0], [1, 1]: 2 * 1^2
+    # W W^T = [[5, 11, 2], [11, 25, 4], [2, 4, 1]]: off the diagonal 2 * (11^2 + 2^2 + 4^2) = 282
+    (penalty := biggan.orthogonal_penalty(holder)).backward()
+    assert penalty.item() == 282 + 2
+    torch.testing.assert_close(holder[0].grad, 4 * torch.tensor([[0.0, 11, 2], [11, 0, 4], [2, 4, 0]]) @ w)
+    G, _ = models_biggan()
+    biggan.orthogonal_penalty(G).backward()  # on the raw weights (before spectral norm), not the class embedding
+    got = {name for name, p in G.named_parameters() if p.grad is not None}
+    assert got and all(n.endswith("parametrizations.weight.original") for n in got) and "shared.weight" not in got
+    (G0, D0), (G1, D1) = models_biggan(), models_biggan()
+    for G, D, beta in ((G0, D0, 0.0), (G1, D1, 1.0)):
+        torch.manual_seed(1)
+        assert (step_biggan(G, D, [BATCH], ortho_beta=beta)[4] > 0) == (beta > 0)  # the penalty column
+    vectors = [torch.nn.utils.parameters_to_vector(net.parameters()) for net in (D0, D1, G0, G1)]
+    assert torch.equal(*vectors[:2]) and not torch.equal(*vectors[2:])  # D's update the same, G's not
+
+
+def test_d_steps_group_the_batches_one_d_update_each_then_one_g_update_on_every_image_augmented():
+    assert list(biggan.step_groups(iter(range(7)), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    (G, D), events = models_biggan(), []
+    D.register_forward_hook(lambda module, inputs, out: events.append(f"D {len(inputs[0])}"))
+
+    def augment(images):  # a stand-in for data.Augmentation: records what D is shown and what ADA hears
+        return events.append(f"augment {len(images)}") or images.flip(-1)
+    augment.observe = lambda real_scores: events.append(f"observe {len(real_scores)}")
+    step_biggan(G, D, [BATCH] * 3, events, augment=augment)
+    # each D step_biggan sees its reals and fakes in one batch of 8, augmented; G's step_biggan scores the last 4 fakes again
+    assert events == ["augment 8", "D 8", "D step_biggan", "observe 4"] * 3 + ["augment 4", "D 4", "G step_biggan"]
+
+
+def test_paper_preset_builds_the_authors_cifar_10_networks():
+    args = biggan.parse_args(["--preset", "paper"])  # launch_cifar_ema.sh; lr 2e-4 for G and D like the defaults
+    assert vars(args).items() >= dict(image_size=32, width=256, latent_dim=128, shared_dim=0, hier=False, attention=0,
+                                      ortho_beta=0, batch_size=50, d_steps=4, average_decay=0.9999, lr=2e-4).items()
+    G = biggan.Generator(args.latent_dim, 32, 3, args.width, 10, args.shared_dim, args.hier, args.attention)
+    D = biggan.Discriminator(32, 3, args.width, 10, args.attention)
+    # BigGAN-PyTorch's counts for the model of launch_cifar_ema.sh
+    assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (4_304_387, 4_207_361)
+    assert G.shared is None and not G.hier and G.attention is None and D.attention is None and args.lr_g == 2e-4
+
+
+def test_label_is_one_of_the_models_classes_and_a_folder_of_loose_images_has_none(tiny_data_dir, tmp_path, capsys):
+    assert run(biggan, tmp_path, tiny_data_dir, *TINY_BIGGAN) == 0
+    assert biggan.main(["--out", str(tmp_path / "run"), "--generate", "3", "--label", "10"]) == 2  # MNIST's 0..9
+    (folder := tmp_path / "images").mkdir()
+    for i in range(32):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40), dtype=np.uint8)).save(folder / f"{i}.png")
+    assert run(biggan, tmp_path, tiny_data_dir, "--dataset", str(folder), *TINY_BIGGAN, "--d-steps", "2", out="loose") == 0
+    assert biggan.main(["--out", str(tmp_path / "loose"), "--generate", "3"]) == 0
+    assert set(np.load(tmp_path / "loose" / "samples.npz")) == {"images"}
+    assert biggan.main(["--out", str(tmp_path / "loose"), "--generate", "3", "--label", "0"]) == 2
+    assert "not conditional" in capsys.readouterr().err
+
+
+# ---- stylegan.py ------------------------------------------------------------------------------------------------------
+
+def tiny_stylegan(image_size=32, channels=1):
+    torch.manual_seed(0)
+    return (stylegan.Generator(8, 8, image_size, channels, 8, 1024, 2),
+            stylegan.Discriminator(image_size, channels, 8, 1024, 4))
+
+
+def one_step(G, D, real, step, **flags):
+    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    return stylegan.train_step(G, D, opt_g, opt_d, real, 8, torch.amp.GradScaler("cpu", enabled=False), step, **flags)
+
+
+def test_demodulation_is_the_per_sample_unit_norm_weight():
+    torch.manual_seed(0)
+    layer = stylegan.ModulatedConv2d(6, 5, w_dim=4, kernel_size=3)
+    x, w = torch.randn(3, 6, 8, 8), torch.randn(3, 4)
+    out, styles = layer(x, w), layer.affine(w)
+    for b in range(3):  # the paper's per-sample weight w'', built by hand
+        modulated = layer.weight * styles[b][None, :, None, None]
+        demodulated = modulated / modulated.square().sum(dim=(1, 2, 3), keepdim=True).add(1e-8).sqrt()
+        torch.testing.assert_close(out[b:b + 1], F.conv2d(x[b:b + 1], demodulated, padding=1), atol=1e-5, rtol=1e-4)
+    assert layer.affine.bias.eq(1).all() and layer.weight_gain == 1 / math.sqrt(6 * 9)  # styles from 1, He's gain
+
+
+def test_resampling_is_the_1_3_3_1_filter():
+    x = torch.randn(2, 3, 8, 8)
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    kernel = (taps[:, None] * taps[None, :] / 64).expand(3, 1, 4, 4)
+    torch.testing.assert_close(stylegan.downsample(x), F.conv2d(F.pad(x, [1, 1, 1, 1]), kernel, stride=2, groups=3))
+    bilinear = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(stylegan.upsample(x)[..., 1:-1, 1:-1], bilinear[..., 1:-1, 1:-1])
+
+
+def test_every_image_d_sees_is_augmented_and_r1_is_taken_at_the_unaugmented_reals_through_it():
+    a = torch.randn(1, 2, 3, 3)
+    linear = lambda images: (images * a).flatten(1).sum(1)  # noqa: E731  grad_x D = a for every image
+    r1 = stylegan.r1_penalty(linear, torch.randn(4, 2, 3, 3), lambda x: 3 * x)  # through the augmentation x -> 3x
+    torch.testing.assert_close(r1, 9 * a.square().sum())
+    G, D = tiny_stylegan()
+    shown = []
+
+    def augment(images):  # what data.Augmentation is to train_step
+        shown.append(("augment", len(images), images.requires_grad and images.is_leaf))
+        return images.flip(-1)
+    augment.observe = lambda real_logits: shown.append(("observe", len(real_logits)))  # noqa: E731
+    one_step(G, D, torch.rand(4, 1, 32, 32), 16, r1_gamma=1.0, augment=augment)
+    # D's step: reals, fakes, R1's reals (a leaf wanting its gradient); ADA hears; G's step: the fakes again
+    assert shown == [("augment", 4, False), ("augment", 4, False), ("augment", 4, True), ("observe", 4),
+                     ("augment", 4, False)]
+
+
+def test_lazy_r1_every_16th_step_and_path_length_every_4th(monkeypatch):
+    G, D = tiny_stylegan()
+    calls = []
+    monkeypatch.setattr(stylegan, "r1_penalty", lambda *a: calls.append("r1") or torch.ones([]))
+    monkeypatch.setattr(stylegan, "path_length_penalty", lambda *a: calls.append("pl") or torch.ones([]))
+    for step in range(1, 17):
+        metrics = one_step(G, D, torch.rand(2, 1, 32, 32), step, r1_gamma=1.0, pl_weight=2.0)
+    assert calls == ["pl"] * 3 + ["r1", "pl"]  # steps 4, 8, 12, then 16
+    assert metrics[4:].tolist() == [stylegan.R1_INTERVAL, stylegan.PL_INTERVAL]  # raw penalty times its interval
+
+
+def test_ws_truncation_to_the_tracked_mean_w_and_style_mixing_at_one_cutoff():
+    G, _ = tiny_stylegan()
+    z = torch.randn(16, 8)
+    w = G.mapping(z, track_average=True)
+    torch.testing.assert_close(G.mapping.w_avg, (1 - 0.995) * w.detach().mean(0))  # the official w_avg_beta
+    torch.testing.assert_close(G.mapping(z, psi=0.5), (G.mapping.w_avg + G.mapping(z)) / 2)
+    ws = G.ws(z, mixing_prob=1.0)  # with probability 1: one switch at a cutoff in 1..num_ws - 1
+    assert sum(not torch.equal(ws[:, k], ws[:, k - 1]) for k in range(1, G.num_ws)) == 1
+
+
+def test_style_mixing_grid_takes_coarse_ws_from_the_column_and_fine_ones_from_the_row():
+    G, _ = tiny_stylegan()
+    grids = {cutoff: stylegan.style_grids(G, 8, "cpu", 1, 9, 2, cutoff)[0][1].unflatten(0, (3, 10))
+             for cutoff in (0, 4, G.num_ws)}  # style_mixing.png's images, 10 a row
+    corner, columns, rows, mixed = grids[4][0, 0], grids[4][0, 1:], grids[4][1:, 0], grids[4][1:, 1:]
+    assert corner.eq(0).all()  # mid grey
+    torch.testing.assert_close(grids[G.num_ws][1:, 1:], columns.expand(2, -1, -1, -1, -1))  # all from the column
+    torch.testing.assert_close(grids[0][1:, 1:], rows[:, None].expand(-1, 9, -1, -1, -1))  # all from the row
+    assert (mixed - columns).abs().amax() > 1e-4 and (mixed - rows[:, None]).abs().amax() > 1e-4
+
+
+def test_average_half_life_ramps_with_the_steps():
+    G, average = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    for step, expected_half_life in ((100, 5.0), (100_000, math.log(0.5) / math.log(0.999))):
+        average.weight.data.fill_(0.0), G.weight.data.fill_(1.0)
+        stylegan.update_average(average, G, step, 0.999)
+        assert average.weight.item() == pytest.approx(1 - 0.5 ** (1 / expected_half_life))
+
+
+def test_preset_paper_is_stylegan2_adas_cifar_configuration():
+    args = stylegan.parse_args(["--preset", "paper"])
+    assert (args.batch_size, args.mbstd_group, args.lr, args.r1_gamma, args.style_mixing, args.pl_weight) == (
+        64, 32, 0.0025, 0.01, 0, 0)
+    assert math.log(0.5) / math.log(args.average_decay) * 64 == pytest.approx(500_000)  # half-life 500k images
+    G = stylegan.Generator(args.latent_dim, args.w_dim, args.image_size, 3, args.width, args.channel_base,
+                           args.mapping_layers)
+    D = stylegan.Discriminator(args.image_size, 3, args.width, args.channel_base, args.mbstd_group)
+    c, affine = 512, 512 * 512 + 512  # affine: w -> one style per input channel
+    layer, to_rgb = affine + c * c * 9 + 1 + c, affine + 3 * c + 3  # weight, noise strength, bias
+    g_count = 2 * (c * c + c) + c * 16 + 7 * layer + 4 * to_rgb  # mapping, const, 1 + 2 + 2 + 2 layers, 4 ToRGBs
+    d_count = (3 * c + c) + 6 * (c * c * 9 + c) + ((c + 1) * c * 9 + c) + (c * 16 * c + c) + (c + 1)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert (count(G), count(D)) == (g_count, d_count) == (19_947_539, 20_720_641)
+
+
+def test_run_compensates_lazy_regularisation_and_generate_writes_the_style_grids(tiny_data_dir, tmp_path):
+    assert run(stylegan, tmp_path, tiny_data_dir, "--width", "4", "--latent-dim", "8", "--w-dim", "8", "--epochs", "1",
+               "--pl-weight", "1", "--style-mixing", "0.5") == 0
+    out = tmp_path / "run"
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    for (group,), c in ((checkpoint["opt_d"]["param_groups"], 16 / 17), (checkpoint["opt_g"]["param_groups"], 4 / 5)):
+        assert group["lr"] == pytest.approx(0.0025 * c) and group["betas"] == (0.0, 0.99 ** c)  # R1 and path length
+    assert checkpoint["generator"]["pl_mean"] > 0 and checkpoint["generator_average"]["mapping.w_avg"].any()
+    assert Image.open(out / "style_mixing.png").size == (2 + 10 * 34, 2 + 7 * 34)  # sources row + 6 mixed rows
+    os.remove(out / "truncation.png")
+    assert stylegan.main(["--out", str(out), "--generate", "12", "--truncation", "0"]) == 0
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (12, 32, 32, 1) and (images == images[0]).all()  # psi 0: the mean image every time
+    assert (out / "truncation.png").is_file() and (out / "style_mixing.png").is_file()
+
+
+# ---- data.py, fid.py, score.py and bench.py ---------------------------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE.parent / "shared" / "fixtures"
+
+
+# ---- data.py: IDX files, downloads, folders
+
+@pytest.mark.parametrize("name", ["t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"])
+def test_idx_files_plain_or_gzipped_read_back_and_damage_is_an_error_naming_the_file(tmp_path, name):
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28)).astype(np.uint8)
+    write_idx(tmp_path / name, images)
+    np.testing.assert_array_equal(data.read_idx(str(tmp_path / name), ndim=3), images)
+    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.* is not an IDX file of 1-d"):
+        data.read_idx(str(tmp_path / name), ndim=1)
+    (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:30 if name.endswith(".gz") else -100])
+    with pytest.raises(data.DataError, match="cannot read .*t10k|t10k-images-idx3-ubyte is truncated"):
+        data.read_idx(str(tmp_path / name), ndim=3)
+
+
+def test_named_dataset_loads_from_data_dir_then_the_system_folder(tmp_path, monkeypatch):
+    make_tiny_mnist(tmp_path / "system", n=8)
+    monkeypatch.setattr(data, "SYSTEM_DATASET_DIR", str(tmp_path / "system"))
+    assert len(data.load_dataset("mnist", str(tmp_path / "empty"), download=False).images) == 8
+    dataset = data.load_dataset("mnist", make_tiny_mnist(tmp_path / "local", n=12), image_size=32)
+    assert dataset.images.shape == (12, 1, 32, 32) and dataset.images.dtype == torch.uint8
+    assert dataset.labels.tolist()[:5] == [0, 1, 2, 3, 0] and dataset.classes == [str(d) for d in range(10)]
+    with pytest.raises(data.DataError, match="unknown dataset 'cifar'"):
+        data.load_dataset("cifar")
+    assert data.load_data(str(tmp_path), "x", 32, split="test") is None  # a folder has no held-out split
+
+
+@pytest.fixture
+def www(tmp_path):
+    """(base URL, folder): a server on 127.0.0.1 for the files in the folder."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    os.makedirs(tmp_path / "www")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=tmp_path / "www"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "www"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_keeps_only_a_file_with_the_right_md5_trying_each_mirror(tmp_path, www):
+    base, folder = www
+    for mirror, body in (("bad", b"wrong"), ("good", b"right")):
+        os.makedirs(folder / mirror)
+        (folder / mirror / "a.gz").write_bytes(body)
+    md5 = hashlib.md5(b"right").hexdigest()
+    for mirrors in ([base + "/bad/"], ["http://127.0.0.1:9/"]):
+        with pytest.raises(data.DataError, match="could not download a.gz"):
+            data.fetch("a.gz", mirrors, md5, str(tmp_path / "dl"))
+        assert os.listdir(tmp_path / "dl") == []
+    mirrors = [base + "/missing/", base + "/bad/", base + "/good/"]
+    assert open(data.fetch("a.gz", mirrors, md5, str(tmp_path / "dl")), "rb").read() == b"right"
+
+
+def test_a_named_dataset_found_nowhere_is_downloaded(tmp_path, www, monkeypatch):
+    base, folder = www
+    make_tiny_mnist(folder, n=8)
+    md5s = [hashlib.md5((folder / "mnist" / name).read_bytes()).hexdigest() for name in data.GZ_FILES]
+    monkeypatch.setitem(data.DATASETS, "mnist", {**data.DATASETS["mnist"], "mirrors": [base + "/mnist/"], "md5": md5s})
+    monkeypatch.setattr(data, "SYSTEM_DATASET_DIR", str(tmp_path / "nowhere"))
+    assert len(data.load_dataset("mnist", str(tmp_path / "data")).images) == 8
+    assert sorted(os.listdir(tmp_path / "data" / "mnist")) == sorted(data.GZ_FILES)
+
+
+def test_a_folder_gives_labels_from_subfolders_and_one_class_for_loose_images(tmp_path):
+    (tmp_path / "pets" / "cats").mkdir(parents=True)
+    (tmp_path / "pets" / "dogs").mkdir()
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(tmp_path / "pets" / "cats" / "red.png")
+    Image.new("RGBA", (40, 40), (0, 0, 255, 0)).save(tmp_path / "pets" / "cats" / "clear.png")
+    wide = np.zeros((20, 60, 3), np.uint8)
+    wide[:, 20:40] = 255  # a centre crop keeps only the white third
+    Image.fromarray(wide).save(tmp_path / "pets" / "dogs" / "wide.jpg", quality=100)
+    dataset = data.load_dataset(str(tmp_path / "pets"), image_size=16)
+    assert dataset.classes == ["cats", "dogs"] and dataset.labels.tolist() == [0, 0, 1]
+    clear, red, wide = dataset.images.int()
+    assert dataset.images.shape == (3, 3, 16, 16) and (clear == 255).all() and red[0].min() == 255
+    assert wide.float().mean() > 240
+    (tmp_path / "loose").mkdir()
+    for i in range(3):
+        Image.new("L", (30, 20), 50 * i).save(tmp_path / "loose" / f"{i}.png")
+    (tmp_path / "loose" / ".DS_Store").write_bytes(b"\0junk")  # hidden: skipped
+    loose = data.load_dataset(str(tmp_path / "loose"), image_size=8)
+    assert loose.images.shape == (3, 1, 8, 8) and loose.labels.tolist() == [0, 0, 0]
+    (tmp_path / "pets" / "dogs" / "notes.txt").write_text("not an image")
+    with pytest.raises(data.DataError, match="notes.txt"):
+        data.load_dataset(str(tmp_path / "pets"), image_size=16)
+
+
+# ---- data.py: batches, pictures, files
+
+def test_batches_are_scaled_slices_covering_every_image_once_an_epoch_in_a_fixed_order():
+    images = torch.arange(103, dtype=torch.uint8).view(103, 1, 1, 1).expand(103, 1, 2, 2).contiguous()
+    batches = data.Batches(data.Dataset(images, torch.arange(103), ["x"]), batch_size=10, device="cpu", seed=0)
+    seen = []
+    for real, labels in batches.epoch(1):
+        assert real.dtype == torch.float32 and len(real) in (10, 11) and -1 <= real.min() <= real.max() <= 1
+        assert torch.equal(data.to_uint8(real[:, 0, 0, 0]), labels.to(torch.uint8))
+        seen += labels.tolist()
+    assert len(batches) == 10 and sorted(seen) == list(range(103))
+    assert sum((l.tolist() for _, l in batches.epoch(1)), []) == seen != sum((l.tolist() for _, l in batches.epoch(2)), [])
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.5])
+    assert data.to_uint8(x).tolist() == [0, 0, 128, 191, 255, 255]  # torchvision save_image's rounding
+
+
+def test_grid_gif_and_loss_plot(tmp_path):
+    data.save_grid(torch.rand(12, 3, 8, 8) * 2 - 1, str(tmp_path / "grid.png"), nrow=5)
+    assert Image.open(tmp_path / "grid.png").size == (2 + 5 * 10, 2 + 3 * 10)
+    paths = []
+    for k in range(7):  # frame k is grey level 30 k: each kept frame says which it is
+        paths.append(str(tmp_path / f"epoch_{k}.png"))
+        Image.new("L", (4, 4), 30 * k).save(paths[-1])
+    data.save_gif(paths, str(tmp_path / "progress.gif"), max_frames=4)
+    gif, levels = Image.open(tmp_path / "progress.gif"), []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        levels.append(gif.convert("L").getpixel((0, 0)))
+    assert levels == [0, 60, 120, 180]
+    data.plot_curves({"d_loss": ["1.3", "1.1", "1.2"], "g_loss": [0.7, 0.9, float("nan")]}, str(tmp_path / "l.png"))
+    assert Image.open(tmp_path / "l.png").size == (640, 400)
+
+
+@pytest.mark.parametrize("where", ["while writing", "Ctrl-C inside torch.save"])
+def test_write_atomic_failing_keeps_the_old_file_and_the_interrupt(where, tmp_path):
+    class InterruptedFile(io.RawIOBase):  # the third write is Ctrl-C: torch's zip writer raises over it
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, chunk):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return self.f.write(chunk)
+
+    def write(f):
+        if where == "while writing":
+            f.write(b"half")
+            raise OSError(28, "No space left on device")
+        torch.save({"weights": torch.randn(1000, 100)}, InterruptedFile(f))
+
+    path = tmp_path / "checkpoint.pt"
+    data.write_atomic(str(path), lambda f: f.write(b"previous"))
+    with pytest.raises(OSError if where == "while writing" else KeyboardInterrupt):
+        data.write_atomic(str(path), write)
+    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_second_process_into_the_same_out_stops_with_one_line(tmp_path):
+    data.prepare_out(str(tmp_path / "run"))
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import data; data.prepare_out({str(tmp_path / 'run')!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "another run is writing there" in result.stderr.strip().splitlines()[-1]
+    data.prepare_out(str(tmp_path / "run"))  # the same process may prepare it again
+
+
+# ---- data.py: augmentation
+
+def test_translation_and_cutout_move_and_zero_what_they_should():
+    torch.manual_seed(0)
+    images = torch.full((32, 1, 16, 16), -1.0)
+    images[:, :, 8, 8] = 1.0
+    for out in data.translate(images):
+        (_, y, x), = (out == 1).nonzero().tolist()
+        assert abs(y - 8) <= 2 and abs(x - 8) <= 2 and (out == 0).sum() == 16 * 16 - (16 - abs(y - 8)) * (16 - abs(x - 8))
+    for out in data.cutout(torch.ones(32, 3, 16, 16)):
+        rows, cols = (out[0] == 0).any(1).nonzero().flatten(), (out[0] == 0).any(0).nonzero().flatten()
+        assert 0 < len(rows) <= 8 and 0 < len(cols) <= 8 and int((out[0] == 0).sum()) == len(rows) * len(cols)
+
+
+def test_colour_operations_shift_and_scale_each_image_around_its_mean():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 8, 8) * 2 - 1
+    offset = data.brightness(images) - images
+    assert torch.allclose(offset, offset[:, :1, :1, :1].expand_as(offset)) and offset.abs().max() <= 0.5
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    factor = (data.contrast(images) - mean) / (images - mean)
+    assert torch.allclose(factor, factor[:, :1, :1, :1].expand_as(factor), atol=1e-3) and 0.5 - 1e-3 <= factor.min()
+    grey = images.mean(dim=1, keepdim=True)
+    assert torch.allclose(data.saturation(images).mean(dim=1, keepdim=True), grey, atol=1e-6)
+    assert torch.equal(data.saturation(images[:, :1]), images[:, :1])
+
+
+def test_ada_applies_each_operation_with_probability_p_differentiably_and_repeatably():
+    torch.manual_seed(0)
+    ada = data.make_augmentation("ada", 3, "cpu")
+    ada.p = torch.tensor(0.3)
+    assert 0.26 < (ada(torch.ones(2000, 1, 8, 8), ("cutout",)) == 0).flatten(1).any(1).float().mean() < 0.34
+    images = (torch.rand(4, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    ada.p = torch.tensor(0.0)
+    assert torch.equal(ada(images), images)
+    ada.p = torch.tensor(0.5)
+    torch.manual_seed(5)
+    first = ada(images)
+    first.sum().backward()
+    torch.manual_seed(5)
+    assert torch.equal(first, ada(images)) and images.grad is not None and (images.grad != 0).any()
+    assert data.make_augmentation("ada", 1, "cpu").policy == ("translation", "cutout")
+    assert data.make_augmentation("none", 1, "cpu") is None
+
+
+def test_ada_p_rises_while_d_calls_every_real_real_and_its_state_round_trips():
+    ada = data.make_augmentation("ada", 1, "cpu")
+    for _ in range(4 * 10):  # 10 updates of 4 D steps of 64 reals
+        ada.observe(torch.ones(64))
+    assert ada.p.item() == pytest.approx(10 * 256 / data.ADA_SPEED_IMAGES)
+    copy_of = data.make_augmentation("ada", 1, "cpu")
+    ada.observe(torch.ones(8))
+    copy_of.load_state_dict(ada.state_dict())
+    for a in (ada, copy_of):
+        for _ in range(3):
+            a.observe(torch.ones(8))
+    assert ada.p.item() == copy_of.p.item() > 0 and ada.steps == copy_of.steps == 0
+    torch.manual_seed(0)
+    for _ in range(4 * 200):
+        ada.observe(torch.randn(64))  # r_t ~ 0 < 0.6: p falls to 0, no lower
+    assert ada.p.item() == 0.0
+    diffaug = data.make_augmentation("diffaug", 3, "cpu")
+    diffaug.observe(-torch.ones(100))
+    assert diffaug.p.item() == 1.0 and diffaug.policy == ("color", "translation", "cutout")
+
+
+# ---- fid.py: the network against pytorch-fid (fixtures in ../shared/fixtures; skipped without them)
+
+def fixture(*parts):
+    path = FIXTURES.joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"no fixture {path}")
+    return path
+
+
+def reference_state_dict():
+    """The fixture's deterministic weights: a randn per entry seeded by the crc32 of its name, scaled by kind."""
+    state = {}
+    for name, tensor in fid.FIDInception().state_dict().items():
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        r = torch.randn(tuple(tensor.shape), generator=generator, dtype=torch.float64)
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(0)
+            continue
+        value = (1 + 0.1 * r.abs() if name.endswith("running_var") else 1 + 0.1 * r if name.endswith("bn.weight")
+                 else 0.1 * r if name.endswith(("running_mean", "bn.bias")) or name == "fc.bias"
+                 else r * math.sqrt(2 / math.prod(tensor.shape[1:])))
+        state[name] = value.float()
+    return state
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return fid.load_inception(reference_state_dict(), device="cpu")
+
+
+def test_the_network_has_pytorch_fids_layout_and_loads_only_it():
+    layout = json.loads(fixture("fid_inception", "layout.json").read_text())
+    assert [[name, list(t.shape)] for name, t in fid.FIDInception().state_dict().items()] == layout
+    state = {k: v for k, v in reference_state_dict().items() if not k.endswith("num_batches_tracked")}
+    fid.FIDInception().load_pytorch_fid_state_dict(state)
+    for wrong in ({**state, "fc.weight": torch.zeros(1000, 2048)}, {"module." + k: v for k, v in state.items()}):
+        with pytest.raises(fid.FIDError, match="not pytorch-fid's Inception"):
+            fid.FIDInception().load_pytorch_fid_state_dict(wrong)
+
+
+def test_features_equal_pytorch_fids_at_all_four_blocks(inception):
+    reference = json.loads(fixture("fid_inception", "reference.json").read_text())["blocks"]
+    b, c, i, j = torch.meshgrid(*(torch.arange(n) for n in (2, 3, 32, 32)), indexing="ij")
+    images = ((7 * b + 13 * c + 3 * i + 5 * j) % 256).to(torch.uint8)
+    for dims in (64, 192, 768, 2048):
+        features = fid.compute_features(images, dims, weights=inception).double().numpy()
+        np.testing.assert_allclose(features.sum(1), reference[str(dims)]["sum"], rtol=1e-5)
+        np.testing.assert_allclose(features[:, :16], reference[str(dims)]["first16"], rtol=1e-5, atol=1e-6)
+
+
+def test_grayscale_and_floats_score_like_their_three_channel_pngs(inception):
+    gray = torch.randint(0, 256, (3, 1, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    np.testing.assert_allclose(fid.compute_features(gray, 64, weights=inception),
+                               fid.compute_features(gray.repeat(1, 3, 1, 1), 64, weights=inception), rtol=1e-5)
+    as_float = gray.float() / 127.5 - 1
+    np.testing.assert_allclose(fid.compute_features(as_float, 64, weights=inception),
+                               fid.compute_features(gray, 64, weights=inception), rtol=1e-5)
+
+
+# ---- fid.py: Fréchet distance, KID, precision/recall
+
+def random_statistics(d, n, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) / np.sqrt(d) + rng.standard_normal(d)
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def test_frechet_distance_closed_forms_and_scipys_route():
+    rng = np.random.default_rng(1)
+    mu1, mu2, a, b = rng.standard_normal(16), rng.standard_normal(16), rng.random(16) + 0.1, rng.random(16) + 0.1
+    a[:4] = 0  # singular: the eigh route
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert fid.frechet_distance(1.0, 4.0, -0.5, 9.0) == pytest.approx(3.25, rel=1e-12)  # N(1, 2^2) vs N(-0.5, 3^2)
+    mu1, sigma1 = random_statistics(64, 400, seed=5)
+    mu2, sigma2 = random_statistics(64, 400, seed=6)
+    assert fid.frechet_distance(mu1, sigma1, mu1, sigma1) < 1e-9 * np.trace(sigma1)
+    linalg = pytest.importorskip("scipy.linalg")
+    covmean = linalg.sqrtm(sigma1 @ sigma2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+    assert fid.frechet_distance(*map(torch.from_numpy, (mu1, sigma1, mu2, sigma2))) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(fid.FIDError, match="mismatched dimensions"):
+        fid.frechet_distance(mu1, sigma1, mu1[:4], sigma1[:4, :4])
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    reference = json.loads(fixture("metrics", "reference.json").read_text())
+    return reference, np.load(FIXTURES / "metrics" / "features_generated.npy"), np.load(
+        FIXTURES / "metrics" / "features_real.npy")
+
+
+def test_kid_and_precision_recall_equal_torch_fidelitys(metrics):
+    reference, fake, real = metrics
+    with pytest.warns(UserWarning, match="KID subsets of 300 images"):
+        assert fid.kernel_inception_distance(fake, real) == (pytest.approx(reference["kid_full_set"], rel=1e-5), 0)
+    expected = reference["kid_50_subsets_of_100_numpy_randomstate_2020"]
+    mean, std = fid.kernel_inception_distance(fake, real, subsets=50, subset_size=100, seed=2020)
+    assert (mean, std) == (pytest.approx(expected["mean"], rel=1e-5), pytest.approx(expected["std"], rel=1e-5))
+    for batch_size in (2048, 7):
+        assert fid.precision_recall(real, fake, k=3, batch_size=batch_size) == (
+            pytest.approx(reference["precision_k3"], rel=1e-5), pytest.approx(reference["recall_k3"], rel=1e-5))
+
+
+def test_clean_resize_equals_clean_fids():
+    with np.load(fixture("metrics", "clean_resize.npz")) as images:
+        for name in ("gray28", "rgb32"):
+            picture = images[f"{name}_input"]
+            batch = picture[None, None] if picture.ndim == 2 else picture.transpose(2, 0, 1)[None]
+            resized = fid.clean_resize(batch)[0].expand(3, -1, -1).permute(1, 2, 0).numpy()
+            np.testing.assert_allclose(resized, images[f"{name}_resized"], rtol=0, atol=1e-3)
+
+
+def test_kid_and_precision_recall_by_hand():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
+    assert fid.kernel_inception_distance(x, y, subset_size=2) == (pytest.approx(1.125, rel=1e-12), 0.0)
+    real, fake = torch.tensor([[0.0], [1.0], [2.0], [3.0]]), torch.tensor([[0.5], [10.0]])
+    assert fid.precision_recall(real, fake, k=1) == (0.5, 1.0)
+    with pytest.raises(fid.FIDError, match=r"k must be in 1..N-1 = 1..1 for the 2 generated images"):
+        fid.precision_recall(real, fake, k=2)
+
+
+# ---- fid.py: the command line and the scripts' --fid line
+
+def save_pngs(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for k, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{k:03d}.png"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "inception.pth"
+    torch.save(reference_state_dict(), path)
+    return str(path)
+
+
+@pytest.mark.filterwarnings("ignore:.*singular")
+def test_cli_prints_fid_kid_and_precision_recall_with_their_protocol(tmp_path, capsys, weights_file):
+    fake = save_pngs(tmp_path / "fake", torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8))
+    real = save_pngs(tmp_path / "real", torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8))
+    flags = ["--dims", "64", "--weights", weights_file, "--device", "cpu"]
+    assert fid.main([fake, real, *flags, "--kid", "--prc"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["FID", "KID", "precision", "recall"]
+    assert all(f"6 vs 5 reference images ({real}), Inception 64-d first max pool" in line for line in lines)
+    assert fid.main(["--save-stats", real, str(tmp_path / "real.npz"), *flags, "--kid"]) == 0
+    capsys.readouterr()
+    assert fid.main([fake, str(tmp_path / "real.npz"), *flags, "--kid", "--prc"]) == 0
+    assert [line.split("[")[0] for line in capsys.readouterr().out.splitlines()] == [line.split("[")[0]
+                                                                                    for line in lines]
+
+
+@pytest.mark.parametrize("case, expected", [("missing", "no such folder or file"), ("empty", "no images in"),
+                                            ("dims", "mismatched dimensions"), ("kid", "holds only mu and sigma"),
+                                            ("device", "--device cuda:7"), ("weights", "nope.pth")])
+def test_cli_errors_are_one_line_and_exit_2(case, expected, tmp_path, capsys):
+    np.savez(tmp_path / "s64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(tmp_path / "s192.npz", mu=np.zeros(192), sigma=np.eye(192))
+    os.makedirs(tmp_path / "empty")
+    two = save_pngs(tmp_path / "two", torch.zeros(4, 3, 8, 8, dtype=torch.uint8))
+    s64 = str(tmp_path / "s64.npz")
+    argv = {"missing": [str(tmp_path / "x.npz"), s64], "empty": [str(tmp_path / "empty"), s64],
+            "dims": [s64, str(tmp_path / "s192.npz")], "kid": [two, s64, "--kid"],
+            "device": [s64, s64, "--device", "cuda:7"], "weights": [two, s64, "--dims", "64", "--weights", "nope.pth"]}
+    assert fid.main(argv[case]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def test_fid_py_copied_alone_imports_and_computes_a_frechet_distance(tmp_path):
+    (tmp_path / "fid.py").write_text((HERE / "fid.py").read_text())
+    code = "import fid; print(fid.frechet_distance([0.0, 0.0], [[1.0, 0.0], [0.0, 1.0]], [3.0, 4.0], [[1.0, 0.0], [0.0, 1.0]]))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and float(result.stdout) == pytest.approx(25.0), result.stderr
+
+
+@pytest.mark.filterwarnings("ignore:.*singular")
+def test_report_is_one_line_and_caches_the_real_features(tmp_path, monkeypatch, inception):
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device=None: inception)
+    fake, real = (torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8) for n in (2, 3))
+    line = fid.report(fake, real, cache_dir=str(tmp_path))
+    assert line.startswith("FID: ") and "KID: " in line and "2 vs 3 reference images (training images)" in line
+    assert os.listdir(tmp_path) == ["fid_features_8px_3.npz"]
+    monkeypatch.setattr(fid, "compute_features", lambda *args, **kwargs: pytest.fail("recomputed"))
+    assert fid.cached_features(str(tmp_path / "fid_features_8px_3.npz"), real).shape == (3, 2048)
+
+
+# ---- score.py and bench.py
+
+def test_score_recognises_real_bars_and_a_collapsed_set(tmp_path, monkeypatch, capsys):
+    data_dir = make_tiny_mnist(tmp_path / "data", n=200, num_classes=10)
+    monkeypatch.setattr(score, "TRAIN_IMAGES", 2000)
+    monkeypatch.setattr(score, "MIN_EPOCHS", 1)
+    labels = np.arange(300) % 10
+    np.savez(tmp_path / "real.npz", images=bar_images(labels, num_classes=10, seed=1)[..., None], labels=labels)
+    np.savez(tmp_path / "one.npz", images=np.repeat(bar_images(np.array([3]), num_classes=10)[..., None], 300, 0))
+    argv = [str(tmp_path / "real.npz"), str(tmp_path / "one.npz"), "--dataset", "mnist", "--data-dir", data_dir]
+    assert score.main(argv + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    real, one = report["samples"][argv[0]], report["samples"][argv[1]]
+    assert real["label_accuracy"] > 0.9 and real["classes_covered"] == 10 and real["fid"] < 0.05 * one["fid"]
+    assert one["classes_covered"] == 1 and one["diversity"] < 0.01 and one["recall"] < 0.05
+    assert score.main([str(tmp_path / "nothing.npz"), "--dataset", "mnist", "--data-dir", data_dir]) == 2
+
+
+def test_bench_quick_times_scripts_through_their_command_line(capsys):
+    assert bench.main(["--quick", "--scripts", "gan", "--threads", "1", "--images", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "| gan.py: img/s of one epoch (its metrics.csv) | " in out and "data.Batches vs DataLoader" in out
+    assert "exit status" not in out and "Error" not in out
+
+
+# ---- the README's tables against the code -----------------------------------------------------------------------------
+
+def readme_rows(heading):
+    """The rows of the README table under a line starting with heading, each a list of cells."""
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    table = text[text.index(heading):].split("\n\n")[1]
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip("|"))] for line in table.splitlines()[2:]]
+
+
+def same(cell, value):
+    """A README cell's value (1e-3, 10, on, off, none, non-saturating, ...) against a parse_args default."""
+    words = {"on": True, "off": False, "none": None}
+    cell = cell.split(":")[0].split(",")[0].split(" ")[0].strip("`")
+    if cell == str(value):
+        return True
+    if cell in words:
+        return words[cell] is value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(cell) == value
+    return cell == str(value)
+
+
+def test_the_readmes_per_script_defaults_are_the_codes():
+    rows = readme_rows("Per script (")
+    assert [row[0].strip("`")[:-3] for row in rows] == SCRIPTS
+    for script, epochs, batch_size, lr, latent_dim, width, own in rows:
+        defaults = vars(importlib.import_module(script.strip("`")[:-3]).parse_args([]))
+        for cell, key in [(epochs, "epochs"), (batch_size, "batch_size"), (lr, "lr"), (latent_dim, "latent_dim")]:
+            assert same(cell, defaults[key]), (script, key, cell, defaults[key])
+        assert same(width, defaults["width"]) if width != "-" else "width" not in defaults, (script, width)
+        for flag, cell in re.findall(r"`--([\w-]+)` \(([^)]*)\)", lr + own):
+            assert same(cell, defaults[flag.replace("-", "_")]), (script, flag, cell)
+
+
+def test_the_readmes_common_defaults_are_every_scripts():
+    cells = {row[0].split()[0].strip("`"): row[2] for row in readme_rows("## Flags (every training script)")}
+    for script in SCRIPTS:
+        defaults = vars(importlib.import_module(script).parse_args([]))
+        for flag in ("--dataset", "--data-dir", "--seed", "--average-decay", "--augment", "--log-every"):
+            assert same(cells[flag], defaults[flag[2:].replace("-", "_")]), (script, flag)
+        assert defaults["out"] == os.path.join("runs", script)
+        if "preset" in defaults:
+            assert defaults["preset"] == "cpu"
