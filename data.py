@@ -86,7 +86,7 @@ def load_dataset(name, data_dir="data", split="train", image_size=None, download
 
 
 def find_idx_files(name, data_dir, split, download):
-    """(folder, [images file, labels file]) of the split, plain or gzipped; both splits downloaded if in neither folder."""
+    """(folder, [images file, labels file]) of the split, plain or gzipped; both splits downloaded if in neither."""
     def files_in(folder):
         return [next((p for p in (os.path.join(folder, stem), os.path.join(folder, stem + ".gz")) if os.path.isfile(p)),
                      None) for stem in IDX_FILES[split]]
