@@ -44,7 +44,6 @@ class Generator(nn.Module):  # gan.py's MLP, the one-hot label concatenated to z
 class Discriminator(nn.Module):  # "a real image of this class?": the logit w.phi(x) + (V onehot(y)).phi(x)
     def __init__(self, image_shape, num_classes, hidden=(512, 256)):
         super().__init__()
-        self.num_classes = num_classes
         layers, width = [nn.Flatten()], math.prod(image_shape)
         for h in hidden:
             layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
@@ -55,7 +54,7 @@ class Discriminator(nn.Module):  # "a real image of this class?": the logit w.ph
 
     def forward(self, images, labels):  # (B, C, H, W), (B,) -> (B,) logits
         features = self.features(images)  # (B, hidden[-1])
-        class_vector = self.class_projection(F.one_hot(labels, self.num_classes).to(features.dtype))
+        class_vector = self.class_projection(F.one_hot(labels, self.class_projection.in_features).to(features.dtype))
         return self.realness(features).squeeze(1) + (class_vector * features).sum(dim=1)
 
 
@@ -76,8 +75,7 @@ def average_gradients(model):
 
 
 def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, augment=None, amp=False):
-    """gan.py's update. The fakes are drawn for the real batch's labels: D can tell the halves apart only by the images.
-    Returns the losses, D(x) and D(G(z)) as one device tensor."""
+    """gan.py's update, the fakes drawn for the real batch's labels: D tells the halves apart by the images alone."""
     shown = augment or (lambda images: images)  # what D is shown of an image
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
     with torch.autocast(real.device.type, cast, enabled=amp):
@@ -162,10 +160,9 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
 
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
-    # The grid: one row per class, the same noise down each column (one style drawn as every class).
     grid_noise = torch.randn(10, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     grid_noise = grid_noise.repeat(num_classes, 1).to(device)
-    grid_labels = torch.arange(num_classes).repeat_interleave(10).to(device)
+    grid_labels = torch.arange(num_classes).repeat_interleave(10).to(device)  # a row a class, one z down a column
     reals = {"d_acc_real_train": (dataset.images, dataset.labels),
              "d_acc_real_test": held_out and (held_out.images, held_out.labels)}
     names = ["d_loss", "g_loss", "d_real", "d_fake"]
@@ -227,8 +224,8 @@ def generate(args):
         raise UsageError(f"--label {args.label}: this model's classes are 0..{num_classes - 1}")
     G = Generator(latent_dim, num_classes, checkpoint["image_shape"]).to(args.device)
     G.load_state_dict(checkpoint["generator_average"])
-    labels = torch.full((args.generate,), args.label) if args.label is not None else torch.arange(args.generate)
-    labels %= num_classes  # without --label: the classes in turn
+    labels = torch.arange(args.generate) % num_classes  # the classes in turn, or only --label's
+    labels = labels if args.label is None else torch.full_like(labels, args.label)
     data.save_samples(args.out, generate_images(G, labels, latent_dim, args.device, args.seed), labels)
 
 
