@@ -42,6 +42,8 @@ DATASETS = {  # the mirrors in the order tried (yann.lecun.com often answers 403
              "bb300cfdad3c16e7a12a480ee83cd310"],
         classes=["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                  "Ankle boot"]),
+    # Stacked MNIST (VEEGAN, arXiv:1705.07761): three MNIST digits as R, G, B, built from MNIST's files; 1,000 modes
+    "stacked-mnist": dict(stacks="mnist", classes=[f"{mode:03d}" for mode in range(1000)]),
 }
 SYSTEM_DATASET_DIR = "/usr/share/datasets"  # where Debian's dataset-mnist / dataset-fashion-mnist put the files
 
@@ -66,23 +68,27 @@ def load_dataset(name, data_dir="data", split="train", image_size=None, download
     if name not in DATASETS:
         if not os.path.isdir(name):
             raise DataError(f"no folder of images at {name}" if os.sep in name or os.path.exists(name) else
-                            f"unknown dataset '{name}': use mnist, fashion-mnist or a folder of images")
+                            f"unknown dataset '{name}': use {', '.join(DATASETS)} or a folder of images")
         try:
             return load_folder(name, image_size)
         except OSError as e:  # a folder we may not list; unreadable files are caught per image
             raise DataError(f"cannot read {e.filename or name}: {e.strerror or e}") from None
-    folder, (images_file, labels_file) = find_idx_files(name, data_dir, split, download)
-    images, labels = read_idx(images_file, 3).copy(), read_idx(labels_file, 1).astype(np.int64)
-    classes = list(DATASETS[name]["classes"])
-    if len(images) != len(labels) or labels.max() >= len(classes):
+    source = DATASETS[name].get("stacks", name)  # the dataset whose IDX files are read
+    folder, (images_file, labels_file) = find_idx_files(source, data_dir, split, download)
+    images, labels = read_idx(images_file, 3).copy()[:, None], read_idx(labels_file, 1).astype(np.int64)
+    if len(images) != len(labels) or labels.max() >= len(DATASETS[source]["classes"]):
         raise DataError(f"{labels_file}: {len(labels)} labels up to {labels.max()} for {len(images)} images")
-    images = torch.from_numpy(images).unsqueeze(1)
+    if source != name:  # as many images as the split has, each of 3 digits drawn with a fixed seed: mode 100a+10b+c
+        picks = np.random.default_rng(0).integers(len(images), size=(len(images), 3))
+        images, labels = images[picks, 0], labels[picks] @ np.array([100, 10, 1])
+    images = torch.from_numpy(images)
     if image_size not in (None, images.shape[-1]):  # in chunks: bounded memory for the float copy
         images = torch.cat([F.interpolate(chunk.float(), size=(image_size, image_size), mode="bilinear",
                                           antialias=True).round_().clamp_(0, 255).to(torch.uint8)
                             for chunk in images.split(4096)])
-    cache_dir = folder if os.access(folder, os.W_OK) else os.path.join(data_dir, name)  # /usr/share: read-only
-    return Dataset(images, torch.from_numpy(labels), classes, folder, cache_dir)
+    writable = os.access(folder, os.W_OK) and source == name  # /usr/share is read-only; stacks keep their FID apart
+    cache_dir = folder if writable else os.path.join(data_dir, name)
+    return Dataset(images, torch.from_numpy(labels), list(DATASETS[name]["classes"]), folder, cache_dir)
 
 
 def find_idx_files(name, data_dir, split, download):

@@ -8,6 +8,7 @@ varied each class is.
     python score.py runs/gan/samples.npz --dataset mnist --data-dir DIR                 # from gan.py --generate 5000
     python score.py runs/dcgan runs/dcgan-cond --dataset fashion-mnist --json           # run folders, one JSON object
     python score.py runs/infogan --dataset mnist --codes                               # labels are InfoGAN codes
+    python score.py runs/dcgan-stacked --dataset stacked-mnist                         # modes hit of 1,000, KL
 
 The first call per dataset trains the classifier on the real training split (a minute or two on 2 cores, fixed seed)
 and caches it, with the real test split's statistics and features, in <dataset folder>/classifier_<name>.pt
@@ -16,6 +17,9 @@ samples. Numbers to compare against are printed beside them: the classifier's ac
 images, and FID, KID and precision/recall of real train vs real test images. KID takes all samples against all test
 images; precision and recall, which depend on N, take the same number per side (the smaller of the two, a fixed
 random subset of the test split).
+
+Stacked MNIST (docs/modes.md): each channel of each sample is read by the MNIST classifier; modes hit of 1,000 and the
+reverse KL(samples || uniform) are counted on the first 26,000 samples (--modes-samples), as VEEGAN and PacGAN do.
 """
 import argparse
 import hashlib
@@ -42,6 +46,7 @@ COVERED_SHARE = 0.01  # a class counts as covered when at least this share of th
 PER_CLASS = 500  # images per class for the within-class pairwise distances (500 give ~125k pairs)
 SIZE = 28  # every image is classified at 28x28
 FEATURES = "classifier 128-d, gray 28x28"  # the protocol's feature layer and resize (antialiased bilinear)
+MODES_SAMPLES = 26_000  # Stacked MNIST: samples whose modes are counted, the usual protocol
 
 
 class Classifier(nn.Module):
@@ -371,6 +376,33 @@ def distribution_scores(features, reference, seed=0):
     return scores
 
 
+def read_modes(model, images):
+    """uint8 [N, 3, H, W] -> each image's mode, 100 x the R channel's digit + 10 x G's + B's, each read alone."""
+    digits = [classify(model, images[:, c:c + 1])[1].argmax(1) for c in range(3)]
+    return 100 * digits[0] + 10 * digits[1] + digits[2]
+
+
+def mode_scores(modes, num_modes=1000):
+    """Modes hit, and the reverse KL(q || uniform) = sum_k q_k log(q_k num_modes) over the modes hit, q the samples'
+    mode histogram (VEEGAN, PacGAN): 0 when all modes come equally often, log(num_modes) when one takes them all."""
+    q = torch.bincount(modes, minlength=num_modes).double() / len(modes)
+    q = q[q > 0]
+    return {"modes_hit": len(q), "reverse_kl": (q * (q * num_modes).log()).sum().item()}
+
+
+def score_modes(model, images, labels, num_samples=MODES_SAMPLES):
+    """Stacked MNIST's figures for the first num_samples samples; with labels, the share whose mode is the one asked."""
+    images, labels = images[:num_samples], None if labels is None else labels[:num_samples]
+    modes = read_modes(model, images)
+    result = {"images": len(images), "size": list(images.shape[1:]), **mode_scores(modes),
+              "protocol": f"modes of {len(images)} samples (usual {MODES_SAMPLES}), each channel read at 28x28"}
+    if labels is not None:
+        if labels.min() < 0 or labels.max() >= 1000:
+            raise UsageError(f"labels {labels.min().item()}..{labels.max().item()} are not modes 0..999")
+        result["label_accuracy"] = (modes == labels).double().mean().item()
+    return result
+
+
 def format_report(dataset, path, reference, results):
     """The human-readable report: real reference first, then one block per samples file."""
     classes = reference["classes"]
@@ -381,6 +413,14 @@ def format_report(dataset, path, reference, results):
              f"{reference['train_vs_test_fid']:.2f}, KID {kid_text(reference['train_vs_test_kid'])}"]
     for source, r in results.items():
         size = "x".join(str(s) for s in r["size"][1:]) + f"x{r['size'][0]}"
+        if "modes_hit" in r:
+            lines += [f"{source}: {r['images']} images {size}", f"  protocol              {r['protocol']}",
+                      f"  modes hit             {r['modes_hit']}/1000   (the classifier reads real test digits "
+                      f"{100 * reference['test_accuracy']:.1f}% right)",
+                      f"  reverse KL            {r['reverse_kl']:.3f}   (to uniform; 0 = every mode equally often)"]
+            if "label_accuracy" in r:
+                lines.append(f"  requested mode        {100 * r['label_accuracy']:.1f}% recognised")
+            continue
         shares = " ".join(f"{k}:{100 * s:.1f}" for k, s in enumerate(r["class_shares"]))
         lines += [f"{source}: {r['images']} images {size}",
                   f"  protocol              {r['protocol']}",
@@ -425,6 +465,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def count(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a count of at least 1")
+    return int(text)
+
+
 def parse_args(argv):
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", nargs="+", metavar="SAMPLES", help="an .npz from --generate, or a run folder holding "
@@ -434,6 +480,8 @@ def parse_args(argv):
     p.add_argument("--codes", action="store_true", help="the npz labels are InfoGAN codes, not requested classes: "
                                                         "report the best one-to-one code-to-class agreement")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    p.add_argument("--modes-samples", type=count, default=MODES_SAMPLES, metavar="N",
+                   help=f"stacked-mnist: count the modes of the first N samples (default {MODES_SAMPLES:,})")
     return p.parse_args(argv)
 
 
@@ -441,9 +489,15 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         samples = {path: load_samples(path) for path in args.samples}  # bad files fail before any training
+        stacked = data.DATASETS[args.dataset].get("stacks")  # the classifier's dataset, for Stacked MNIST
+        for source, (images, _) in samples.items() if stacked else ():
+            if images.shape[1] != 3 or args.codes:
+                raise UsageError("--codes is not for stacked-mnist" if args.codes else
+                                 f"{source}: {args.dataset} samples need 3 channels (a digit in each), not 1")
         log = (lambda message: print(message, file=sys.stderr)) if args.json else print
-        model, reference, path = load_classifier(args.dataset, args.data_dir, log=log)
-        results = {source: score_samples(model, reference, images, labels, args.codes)
+        model, reference, path = load_classifier(stacked or args.dataset, args.data_dir, log=log)
+        results = {source: score_modes(model, images, labels, args.modes_samples) if stacked else
+                   score_samples(model, reference, images, labels, args.codes)
                    for source, (images, labels) in samples.items()}
     except (data.DataError, UsageError) as e:
         print(f"{SCRIPT}: error: {e}", file=sys.stderr)
@@ -456,7 +510,7 @@ def main(argv=None):
         summary["test_class_distance"] = reference["test_class_distance"].tolist()
         print(json.dumps({"dataset": args.dataset, "classifier": path, "real": summary, "samples": results}))
     else:
-        print(format_report(args.dataset, path, reference, results))
+        print(format_report(stacked or args.dataset, path, reference, results))
     return 0
 
 

@@ -2361,3 +2361,106 @@ def test_the_readmes_common_defaults_are_every_scripts():
         assert defaults["out"] == os.path.join("runs", script)
         if "preset" in defaults:
             assert defaults["preset"] == "cpu"
+
+
+# ---- Stacked MNIST: data.py's stacked-mnist, score.py's modes -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stacked_dir(tmp_path_factory):
+    """A tiny MNIST of 10 bar digits whose test split is its own: 30 images with other noise."""
+    root = make_tiny_mnist(tmp_path_factory.mktemp("stacked") / "data", n=200, num_classes=10)
+    labels = np.arange(30) % 10
+    write_idx(os.path.join(root, "mnist", "t10k-images-idx3-ubyte.gz"), bar_images(labels, num_classes=10, seed=5))
+    write_idx(os.path.join(root, "mnist", "t10k-labels-idx1-ubyte.gz"), labels.astype(np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_stacked_mnist_stacks_three_digits_of_the_split_as_rgb_labelled_by_their_mode(stacked_dir, split):
+    digits = data.load_dataset("mnist", stacked_dir, split=split)
+    stacked = data.load_dataset("stacked-mnist", stacked_dir, split=split)
+    assert stacked.images.shape == (len(digits.images), 3, 28, 28) and stacked.images.dtype == torch.uint8
+    assert stacked.classes == [f"{mode:03d}" for mode in range(1000)] and stacked.labels.max() < 1000
+    label_of = {image.numpy().tobytes(): label for image, label in zip(digits.images[:, 0], digits.labels.tolist())}
+    for image, mode in zip(stacked.images, stacked.labels.tolist()):  # each channel a digit of this split
+        assert [label_of[channel.numpy().tobytes()] for channel in image] == [mode // 100, mode // 10 % 10, mode % 10]
+    assert len(set(stacked.labels.tolist())) > len(stacked.labels) // 2  # drawn, not one digit thrice
+    again = data.load_dataset("stacked-mnist", stacked_dir, split=split)
+    assert torch.equal(again.images, stacked.images) and torch.equal(again.labels, stacked.labels)  # a fixed seed
+    assert data.load_dataset("stacked-mnist", stacked_dir, split=split, image_size=32).images.shape[1:] == (3, 32, 32)
+    assert data.load_data("stacked-mnist", stacked_dir, 28, split=split) is not None  # the scripts' held-out split
+
+
+def test_stacked_mnist_trains_an_unconditional_conv_script_and_a_conditional_mlp(stacked_dir, tmp_path):
+    for module, flags, shape in ((wgan_gp, TINY["wgan_gp"], (4, 32, 32, 3)), (cgan, TINY["cgan"], (4, 28, 28, 3))):
+        assert run(module, tmp_path, stacked_dir, "--dataset", "stacked-mnist", "--epochs", 1, *flags,
+                   out=module.__name__) == 0
+        with open(tmp_path / module.__name__ / "metrics.csv") as f:
+            row = next(csv.DictReader(f))
+        assert all(row[k] != "" for k in row if "held_out" in k)  # the held-out split: stacked t10k digits
+        assert run(module, tmp_path, stacked_dir, "--generate", 4, *(["--label", 123] if module is cgan else []),
+                   out=module.__name__) == 0
+        samples = np.load(tmp_path / module.__name__ / "samples.npz")
+        assert samples["images"].shape == shape and (module is wgan_gp or samples["labels"].tolist() == [123] * 4)
+
+
+def stacked_bars(modes, size=28):
+    """uint8 [N, size, size, 3]: each mode's hundreds, tens and units as bar digits in R, G, B (size a multiple of
+    28: each pixel repeated)."""
+    modes, repeat = np.asarray(modes), size // 28
+    images = np.stack([bar_images(modes // 10 ** p % 10, num_classes=10, seed=p) for p in (2, 1, 0)], -1)
+    return images.repeat(repeat, 1).repeat(repeat, 2)
+
+
+class BarReader(nn.Module):
+    """A stand-in for score.py's MNIST classifier: reads bar_images' digit off the columns of the bar, exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(28, 10)
+        with torch.no_grad():
+            self.head.weight.zero_(), self.head.bias.zero_()
+            for digit in range(10):
+                self.head.weight[digit, 2 + digit * 24 // 10:][:3] = 1.0
+
+    def features(self, x):  # (B, 1, 28, 28) in [-1, 1] -> (B, 28) column means
+        return x.mean(dim=(1, 2))
+
+
+def test_reverse_kl_to_uniform_is_the_hand_computed_value():
+    three = score.mode_scores(torch.tensor([7, 7, 400, 400, 999, 999]))
+    assert three == {"modes_hit": 3, "reverse_kl": pytest.approx(math.log(1000 / 3))}
+    assert score.mode_scores(torch.tensor([5] * 10))["reverse_kl"] == pytest.approx(math.log(1000))
+    quarter = score.mode_scores(torch.tensor([1, 2, 2, 2]))["reverse_kl"]  # 1/4 ln 250 + 3/4 ln 750
+    assert quarter == pytest.approx(0.25 * 5.521461 + 0.75 * 6.620073, abs=1e-5)
+
+
+def test_score_counts_the_modes_of_stacked_samples_and_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
+    counts = {0: 1, 123: 2, 321: 3, 999: 4, 505: 5, 777: 6, 42: 9}  # 7 modes hit in 30 samples
+    modes = [mode for mode, n in counts.items() for _ in range(n)]
+    reference = {"classes": [str(d) for d in range(10)], "train_images": 200, "test_images": 30, "test_accuracy": 1.0,
+                 "test_unsure": 0.0, "train_vs_test_fid": 0.0, "train_vs_test_kid": [0.0, 0.0],
+                 "test_class_distance": torch.ones(10)}
+    monkeypatch.setattr(score, "load_classifier", lambda name, *args, **kwargs: (BarReader(), reference, name))
+    np.savez(tmp_path / "28.npz", images=stacked_bars(modes), labels=np.array(modes))
+    np.savez(tmp_path / "56.npz", images=stacked_bars(modes, size=56))
+    argv = [str(tmp_path / "28.npz"), str(tmp_path / "56.npz"), "--dataset", "stacked-mnist"]
+    assert score.main(argv + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["classifier"] == "mnist"  # the MNIST digits' classifier reads each channel
+    for result in report["samples"].values():  # sum_k (c_k / 30) ln(1000 c_k / 30), by hand
+        assert result["modes_hit"] == 7 and result["reverse_kl"] == pytest.approx(5.133227, abs=1e-5)
+    assert report["samples"][argv[0]]["label_accuracy"] == 1.0
+    assert score.main(argv + ["--modes-samples", "10"]) == 0  # the first 10: modes 0, 123, 321, 999
+    assert "modes hit             4/1000" in capsys.readouterr().out
+    np.savez(tmp_path / "gray.npz", images=stacked_bars(modes)[..., :1])
+    np.savez(tmp_path / "labels.npz", images=stacked_bars(modes), labels=np.full(30, 1000))
+    bad = {"3 channels": ["gray.npz"], "--codes": ["28.npz", "--codes"], "modes 0..999": ["labels.npz"],
+           "0 is not a count": ["28.npz", "--modes-samples", "0"]}
+    for message, (name, *flags) in bad.items():
+        try:
+            status = score.main([str(tmp_path / name), "--dataset", "stacked-mnist", *flags])
+        except SystemExit as e:  # argparse's own exit
+            status = e.code
+        err = capsys.readouterr().err
+        assert status == 2 and err.count("\n") == 1 and message in err, (message, err)
