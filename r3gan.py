@@ -59,55 +59,44 @@ class ResidualBlock(nn.Module):
         return x + self.conv3(y)
 
 
-def widths_at(image_size, width):  # {4: c, 8: c, ..., S: c}: the same width at every resolution, as the paper's
-    return {4 * 2 ** i: width for i in range(image_size.bit_length() - 2)}
-
-
 class Generator(nn.Module):  # z -> a learned 4x4 basis scaled by a linear map of z -> blocks, upsampling -> 1x1
+    """The same width at every resolution, as the paper's CIFAR-10 model (its 1x1 transitions where widths change
+    are then not needed)."""
+
     def __init__(self, latent_dim, image_size, channels, width, cardinality, blocks):
         super().__init__()
-        widths = list(widths_at(image_size, width).values())
-        self.basis = nn.Parameter(torch.randn(widths[0], 4, 4))
-        self.linear = nn.Linear(latent_dim, widths[0], bias=False)
+        stages = image_size.bit_length() - 2  # 4, 8, ..., S px
+        self.basis = nn.Parameter(torch.randn(width, 4, 4))
+        self.linear = nn.Linear(latent_dim, width, bias=False)
         nn.init.normal_(self.linear.weight, 0.0, 1 / math.sqrt(latent_dim))
-        num_blocks = blocks * len(widths)
-        self.stages = nn.ModuleList()
-        for c_in, c_out in zip(widths[:1] + widths, widths):  # the 4x4 stage, then one per doubling
-            self.stages.append(nn.ModuleList([conv(c_in, c_out) if c_in != c_out else nn.Identity()] +
-                                             [ResidualBlock(c_out, cardinality, num_blocks) for _ in range(blocks)]))
-        self.to_image = conv(widths[-1], channels)
+        self.stages = nn.ModuleList(nn.Sequential(*[ResidualBlock(width, cardinality, blocks * stages)
+                                                    for _ in range(blocks)]) for _ in range(stages))
+        self.to_image = conv(width, channels)
 
-    def forward(self, z):  # (B, latent_dim) -> (B, C, S, S), no tanh: R1 and R2 keep it near the data's range
-        x = self.basis * self.linear(z)[:, :, None, None]  # (B, c4, 4, 4)
-        for i, (transition, *blocks) in enumerate(self.stages):  # (B, c8, 8, 8), ...
-            x = upsample(transition(x)) if i else x  # a 1x1 conv where the width changes, then 2x
-            for block in blocks:
-                x = block(x)
+    def forward(self, z):  # (B, latent_dim) -> (B, C, S, S); no tanh (the paper): D and the data keep it in range
+        x = self.basis * self.linear(z)[:, :, None, None]  # (B, width, 4, 4)
+        for i, stage in enumerate(self.stages):  # (B, width, 8, 8), ..., (B, width, S, S)
+            x = stage(upsample(x) if i else x)
         return self.to_image(x)
 
 
 class Discriminator(nn.Module):  # image -> 1x1 -> blocks, downsampling -> a learned 4x4 depthwise basis -> linear
     def __init__(self, image_size, channels, width, cardinality, blocks):
         super().__init__()
-        widths = list(widths_at(image_size, width).values())[::-1]  # S, S/2, ..., 4
-        self.from_image = conv(channels, widths[0])
-        num_blocks = blocks * len(widths)
-        self.stages = nn.ModuleList()
-        for c_in, c_out in zip(widths, widths[1:] + widths[-1:]):  # one a halving, then the 4x4 stage
-            self.stages.append(nn.ModuleList([ResidualBlock(c_in, cardinality, num_blocks) for _ in range(blocks)] +
-                                             [conv(c_in, c_out) if c_in != c_out else nn.Identity()]))
-        self.basis = conv(widths[-1], widths[-1], 4, groups=widths[-1])  # a 4x4 filter a channel, no padding
-        self.basis.padding = 0
-        self.linear = nn.Linear(widths[-1], 1, bias=False)
-        nn.init.normal_(self.linear.weight, 0.0, 1 / math.sqrt(widths[-1]))
+        stages = image_size.bit_length() - 2  # S, S/2, ..., 4 px
+        self.from_image = conv(channels, width)
+        self.stages = nn.ModuleList(nn.Sequential(*[ResidualBlock(width, cardinality, blocks * stages)
+                                                    for _ in range(blocks)]) for _ in range(stages))
+        self.basis = nn.Conv2d(width, width, 4, groups=width, bias=False)  # a 4x4 filter a channel: (B, width, 1, 1)
+        nn.init.normal_(self.basis.weight, 0.0, 1 / 4)  # He's N(0, 1 / fan_in), fan_in 16
+        self.linear = nn.Linear(width, 1, bias=False)
+        nn.init.normal_(self.linear.weight, 0.0, 1 / math.sqrt(width))
 
     def forward(self, images):  # (B, C, S, S) -> (B,) logits
-        x = self.from_image(images)  # (B, cS, S, S)
-        for i, (*blocks, transition) in enumerate(self.stages):  # (B, cS/2, S/2, S/2), ..., (B, c4, 4, 4)
-            for block in blocks:
-                x = block(x)
-            x = transition(downsample(x) if i < len(self.stages) - 1 else x)
-        return self.linear(self.basis(x).flatten(1)).squeeze(1)  # (B, c4, 1, 1) -> (B,)
+        x = self.from_image(images)  # (B, width, S, S)
+        for i, stage in enumerate(self.stages):  # (B, width, S/2, S/2), ..., (B, width, 4, 4)
+            x = stage(downsample(x) if i else x)
+        return self.linear(self.basis(x).flatten(1)).squeeze(1)
 
 
 # ---- The GAN itself: the relativistic pairing loss, R1 and R2, the alternating update ---------------------------
