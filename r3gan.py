@@ -358,8 +358,9 @@ def parse_args(argv):
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, G and D (default 2e-4)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
     p.add_argument("--image-size", type=int, choices=(32, 64, 128, 256, 512, 1024), help="default 32, 64 for a folder")
-    p.add_argument("--width", type=COUNT, default=32, help="channels at every resolution, G and D (default 32)")
-    p.add_argument("--cardinality", type=COUNT, default=4, help="groups of each 3x3 conv (default 4)")
+    p.add_argument("--width", type=COUNT, default=16, help="channels at every resolution, G and D (default 16)")
+    p.add_argument("--cardinality", type=COUNT, default=2, help="groups of each 3x3 conv: 16 channels each, as the "
+                   "paper's (default 2)")
     p.add_argument("--blocks", type=COUNT, default=1, help="residual blocks a resolution (default 1)")
     p.add_argument("--gamma", type=number(float, 0), default=0.1, help="weight of R1 + R2, gamma/2 (R1 + R2) "
                    "(default 0.1; 0: off)")
