@@ -32,13 +32,14 @@ import fid
 import gan
 import infogan
 import lapgan
+import r3gan
 import stylegan
 import wgan_gp
 
 # The test models are tiny: a second thread buys nothing, and on a busy machine two threads wait on each other.
 torch.set_num_threads(1)
 
-SCRIPTS = ["gan", "cgan", "dcgan", "wgan_gp", "infogan", "acgan", "began", "lapgan", "biggan", "stylegan"]
+SCRIPTS = ["gan", "cgan", "dcgan", "wgan_gp", "infogan", "acgan", "began", "lapgan", "biggan", "stylegan", "r3gan"]
 from pathlib import Path
 import bench
 import functools
@@ -110,6 +111,7 @@ TINY = {
     "lapgan": ["--latent-dim", 8, "--width", 4],
     "biggan": ["--latent-dim", 8, "--width", 4, "--shared-dim", 4, "--attention", 0],
     "stylegan": ["--latent-dim", 8, "--width", 4, "--w-dim", 8, "--mapping-layers", 1],
+    "r3gan": ["--latent-dim", 8, "--width", 4, "--cardinality", 2],
 }
 # The flags that make a model conditional (--label K with --generate; infogan's labels are its categorical code).
 CONDITIONAL = {"cgan": [], "acgan": [], "biggan": [], "infogan": [],
@@ -344,6 +346,8 @@ SCRIPT_BAD_FLAGS = {
     "biggan": [["--width", 0], ["--d-steps", 0], ["--ortho-beta", -1], ["--shared-dim", -1], ["--image-size", 48]],
     "stylegan": [["--width", 0], ["--style-mixing", 1.5], ["--r1-gamma", -1], ["--mbstd-group", 0],
                  ["--image-size", 48]],
+    "r3gan": [["--width", 0], ["--cardinality", 0], ["--cardinality", 3], ["--blocks", 0], ["--gamma", -1],
+              ["--schedule-images", -1], ["--image-size", 48]],
 }
 
 
@@ -1871,6 +1875,109 @@ def test_run_compensates_lazy_regularisation_and_generate_writes_the_style_grids
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (12, 32, 32, 1) and (images == images[0]).all()  # psi 0: the mean image every time
     assert (out / "truncation.png").is_file() and (out / "style_mixing.png").is_file()
+
+
+# ---- r3gan.py ---------------------------------------------------------------------------------------------------------
+
+class HalfSquare(nn.Module):  # D(x) = w ||x||^2 / 2: grad_x D = w x, known by hand at every image
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones([]))
+
+    def forward(self, images):
+        return self.w * images.flatten(1).square().sum(1) / 2
+
+
+class Fixed(nn.Module):  # a G whose fakes are given images
+    def __init__(self, images):
+        super().__init__()
+        self.images, self.p = images, nn.Parameter(torch.zeros([]))
+
+    def forward(self, z):
+        return self.images + self.p
+
+
+def test_rpgan_losses_match_hand_computed_values():
+    real, fake = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0])
+    d = (math.log(1 + math.exp(-(1.0 - 0.5))) + math.log(1 + math.exp(-(-2.0 - 1.0)))) / 2  # softplus(-(D(x)-D(G(z))))
+    g = (math.log(1 + math.exp(-(0.5 - 1.0))) + math.log(1 + math.exp(-(1.0 + 2.0)))) / 2  # softplus(-(D(G(z))-D(x)))
+    assert r3gan.d_loss_rpgan(real, fake).item() == pytest.approx(d)
+    assert r3gan.g_loss_rpgan(real, fake).item() == pytest.approx(g)
+
+
+def test_r1_at_the_reals_and_r2_at_the_fakes_through_the_augmentation_at_the_unaugmented_images():
+    torch.manual_seed(0)
+    real, fake, gamma = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2), 2.0
+    G, D = Fixed(fake), HalfSquare()
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.0), torch.optim.SGD(D.parameters(), lr=0.0)
+    augment = lambda images: 3 * images  # noqa: E731  D(3x) = 9 ||x||^2 / 2: grad_x = 9x
+    augment.observe = lambda outputs: None
+    out = r3gan.train_step(G, D, opt_g, opt_d, real, 1, torch.amp.GradScaler("cpu", enabled=False), gamma, augment)
+    sq_real, sq_fake = real.flatten(1).square().sum(1), fake.flatten(1).square().sum(1)  # ||x||^2 per image
+    r1, r2 = 81 * sq_real.mean(), 81 * sq_fake.mean()
+    real_logits, fake_logits = 4.5 * sq_real, 4.5 * sq_fake
+    torch.testing.assert_close(out[4:], torch.stack([r1, r2]))
+    torch.testing.assert_close(out[0], F.softplus(fake_logits - real_logits).mean())
+    torch.testing.assert_close(out[1], F.softplus(real_logits - fake_logits).mean())
+    # D's gradient in w: the loss's, plus gamma/2 (R1 + R2) with R = 81 w^2 E||x||^2; G's step left it alone
+    adversarial = (torch.sigmoid(fake_logits - real_logits) * 4.5 * (sq_fake - sq_real)).mean()
+    torch.testing.assert_close(D.w.grad, adversarial + gamma / 2 * 2 * (r1 + r2))
+    assert G.p.grad is not None  # G learnt through D
+
+
+def test_each_residual_block_starts_as_its_shortcut_and_nothing_normalises():
+    torch.manual_seed(0)
+    G, D = r3gan.Generator(8, 32, 3, 8, 2, 2), r3gan.Discriminator(32, 3, 8, 2, 2)
+    blocks = [m for net in (G, D) for m in net.modules() if isinstance(m, r3gan.ResidualBlock)]
+    assert len(blocks) == 2 * 2 * 4  # 2 a resolution at 4, 8, 16, 32 px, in G and in D
+    x = torch.randn(2, 8, 4, 4)
+    for block in blocks:
+        assert block.conv3.weight.eq(0).all() and torch.equal(block(x), x)
+        assert block.conv2.groups == 2 and block.conv2.weight.shape == (16, 8, 3, 3)  # 1x1 -> grouped 3x3 -> 1x1
+    norms = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, nn.Tanh, nn.Sigmoid)
+    assert not [m for net in (G, D) for m in net.modules() if isinstance(m, norms)]
+    assert not [name for net in (G, D) for name, _ in net.named_parameters() if "orig" in name]  # no spectral norm
+    assert G(torch.randn(2, 8)).shape == (2, 3, 32, 32) and D(torch.randn(2, 3, 32, 32)).shape == (2,)
+
+
+def test_resampling_is_the_1_2_1_filter_as_bilinear_interpolation():
+    x = torch.randn(2, 3, 8, 8)
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0])  # [1, 2, 1] convolved with [1, 1], as the authors' CreateLowpassKernel
+    kernel = (taps[:, None] * taps[None, :] / 64).expand(3, 1, 4, 4)
+    torch.testing.assert_close(r3gan.downsample(x), F.conv2d(F.pad(x, [1, 1, 1, 1]), kernel, stride=2, groups=3))
+    bilinear = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(r3gan.upsample(x)[..., 1:-1, 1:-1], bilinear[..., 1:-1, 1:-1])
+
+
+def test_preset_paper_is_the_authors_cifar_10_configuration_and_its_parameter_count():
+    args = r3gan.parse_args(["--preset", "paper"])
+    assert (args.width, args.cardinality, args.blocks, args.latent_dim, args.batch_size) == (768, 96, 2, 64, 512)
+    assert (args.lr, args.gamma, args.schedule_images) == (2e-4, 0.05, 20_000_000)
+    assert math.log(0.5) / math.log(args.average_decay) * 512 == pytest.approx(5_000_000)  # half-life 5M images
+    G = r3gan.Generator(args.latent_dim, args.image_size, 3, args.width, args.cardinality, args.blocks)
+    D = r3gan.Discriminator(args.image_size, 3, args.width, args.cardinality, args.blocks)
+    c, inner = 768, 1536
+    block = 2 * c * inner + inner * (inner // 96) * 9 + 2 * inner  # 1x1, grouped 3x3, 1x1, two biases
+    g_count = c * 16 + 64 * c + 8 * block + c * 3  # basis, z -> basis scales, 2 blocks at 4..32 px, 1x1 to RGB
+    d_count = 3 * c + 8 * block + c * 16 + c  # 1x1 from RGB, blocks, depthwise 4x4 basis, linear head
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert (count(G), count(D)) == (g_count, d_count) == (20_732_160, 20_683_776)
+    cpu = r3gan.parse_args([])
+    assert (count(r3gan.Generator(64, 32, 1, cpu.width, cpu.cardinality, cpu.blocks)),
+            count(r3gan.Discriminator(32, 1, cpu.width, cpu.cardinality, cpu.blocks))) == (24_080, 23_072)
+
+
+def test_schedules_are_the_papers_cosines_and_constant_without_schedule_images(tiny_data_dir, tmp_path):
+    assert [r3gan.schedule(2e-4, 5e-5, n, 20_000_000) for n in (0, 10_000_000, 20_000_000, 30_000_000)] == \
+        pytest.approx([2e-4, 1.25e-4, 5e-5, 5e-5])
+    assert r3gan.schedule(0.05, 0.005, 10 ** 9, 0) == 0.05
+    assert run(r3gan, tmp_path, tiny_data_dir, *TINY["r3gan"], "--epochs", 1, "--schedule-images", 64) == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    progress = (1 - math.cos(math.pi * 48 / 64)) / 2  # the 4th step of 16 images has seen 48 of 64
+    (group,) = checkpoint["opt_d"]["param_groups"]
+    assert group["lr"] == pytest.approx(2e-4 - progress * 1.5e-4)
+    assert group["betas"][0] == 0 and group["betas"][1] == pytest.approx(0.9 + progress * 0.09)
+    assert float(checkpoint["history"][0]["gamma"]) == pytest.approx(0.1 - progress * 0.09, rel=1e-4)
 
 
 # ---- data.py, fid.py, score.py and bench.py ---------------------------------------------------------------------------
