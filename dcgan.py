@@ -1,6 +1,6 @@
 """DCGAN (Radford et al. 2016, arXiv:1511.06434): convolutional generator and discriminator, non-saturating loss.
 
-    python dcgan.py --dataset fashion-mnist --epochs 5                # 32x32 grids, GIF, metrics in runs/dcgan/
+    python dcgan.py --dataset fashion-mnist                           # 28x28 grids, GIF, metrics in runs/dcgan/
     python dcgan.py --dataset fashion-mnist --conditional --out runs/dcgan-cond   # one row per class in the grids
     python dcgan.py --out runs/dcgan-cond --generate 1000 --label 3   # 1000 dresses into samples.npz/.png
 """
@@ -166,7 +166,7 @@ def train(args):
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
     checkpoint = load_checkpoint(args) if args.resume else None
-    args.image_size = args.image_size or (32 if args.dataset in data.DATASETS else 64)
+    args.image_size = args.image_size or (28 if args.dataset in data.DATASETS else 64)
     if rank == 0:
         data.prepare_out(args.out)  # writable, and no other run writing there
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
@@ -188,7 +188,6 @@ def train(args):
     # compiled modules share G's and D's weights; with R1, D stays eager: compile cannot differentiate twice
     G_fast, D_fast = (torch.compile(G), D if args.r1_gamma else torch.compile(D)) if args.compile else (G, D)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
-
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
     columns = 10 if num_classes else 100  # conditional: one row per class, the same z down each column
     grid_noise = torch.randn(columns, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
@@ -325,12 +324,12 @@ def parse_args(argv):
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
-    p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
-    p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
+    p.add_argument("--epochs", type=COUNT, default=6, help="total passes over the training set (default 6)")
+    p.add_argument("--batch-size", type=COUNT, default=32, help="images a step, over all processes (default 32)")
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate of D (default 2e-4)")
-    p.add_argument("--lr-g", type=RATE, default=2e-4, help="Adam's learning rate of G (default 2e-4)")
+    p.add_argument("--lr-g", type=RATE, help="Adam's learning rate of G (default 1e-3; 2e-4 with --conditional)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
-    p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256, 512, 1024), help="default 32, a folder 64")
+    p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256, 512, 1024), help="default 28, a folder 64")
     p.add_argument("--width", type=COUNT, default=64, help="channels of G's last and D's first layer (default 64)")
     p.add_argument("--conditional", action="store_true", help="condition G and D on the class label")
     p.add_argument("--loss", default="non-saturating", choices=list(LOSSES), help="(default non-saturating)")
@@ -348,7 +347,8 @@ def parse_args(argv):
     p.add_argument("--log-every", type=COUNT, default=50, help="steps between progress lines (default 50)")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D (pays off on GPUs)")
-    p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])  # the preset's values, under the flags given
+    known = p.parse_known_args(argv)[0]  # G's rate by mode (why: docs/dcgan.md), the preset's values, the flags given
+    p.set_defaults(**{"lr_g": 2e-4 if known.conditional else 1e-3, **PRESETS[known.preset]})
     args = p.parse_args(argv)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or args.device != "cpu" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: use cpu, or cuda, cuda:1, ... where torch sees a GPU")
