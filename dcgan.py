@@ -1,6 +1,6 @@
 """DCGAN (Radford et al. 2016, arXiv:1511.06434): convolutional generator and discriminator, non-saturating loss.
 
-    python dcgan.py --dataset fashion-mnist --epochs 5                # 32x32 grids, GIF, metrics in runs/dcgan/
+    python dcgan.py --dataset fashion-mnist                           # 28x28 grids, GIF, metrics in runs/dcgan/
     python dcgan.py --dataset fashion-mnist --conditional --out runs/dcgan-cond   # one row per class in the grids
     python dcgan.py --out runs/dcgan-cond --generate 1000 --label 3   # 1000 dresses into samples.npz/.png
 """
@@ -23,41 +23,41 @@ import data
 SCRIPT = os.path.basename(__file__)
 
 
-class Generator(nn.Module):  # z (and a class embedding) -> image in [-1, 1]: 4x4, then a stride-2 block per doubling
+class Generator(nn.Module):  # z (and a class embedding) -> image in [-1, 1]: 4x4 (7x7), a stride-2 block a doubling
     def __init__(self, latent_dim, image_size, channels, width, num_classes=0, label_dim=16):
         super().__init__()
         self.label_embedding = nn.Embedding(num_classes, label_dim) if num_classes else None
         in_dim = latent_dim + (label_dim if num_classes else 0)
-        width_at = [width * image_size // (8 * 2 ** i) for i in range(image_size.bit_length() - 3)]  # 4x4, 8x8, ...
-        layers = [nn.ConvTranspose2d(in_dim, width_at[0], 4, bias=False), nn.BatchNorm2d(width_at[0]), nn.ReLU()]
+        start, doublings = (7, 2) if image_size == 28 else (4, image_size.bit_length() - 3)  # 7, 14, 28 at 28x28
+        width_at = [width * 2 ** i for i in reversed(range(doublings))]  # 4w, 2w, w at 4x4, 8x8, 16x16 (32x32)
+        layers = [nn.ConvTranspose2d(in_dim, width_at[0], start, bias=False), nn.BatchNorm2d(width_at[0]), nn.ReLU()]
         for c_in, c_out in zip(width_at, width_at[1:]):  # kernel 4, stride 2, padding 1: the side doubles
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
         layers += [nn.ConvTranspose2d(width_at[-1], channels, 4, 2, 1), nn.Tanh()]  # no BatchNorm on G's output
         self.net = nn.Sequential(*layers)  # (B, 4w, 4, 4), (B, 2w, 8, 8), (B, w, 16, 16), (B, C, 32, 32) at 32x32
 
     def forward(self, z, labels=None):  # (B, latent_dim), (B,) -> (B, C, S, S)
-        if self.label_embedding is not None:
-            z = torch.cat([z, self.label_embedding(labels)], dim=1)
+        z = torch.cat([z, self.label_embedding(labels)], dim=1) if self.label_embedding is not None else z
         return self.net(z[:, :, None, None])
 
 
 class Discriminator(nn.Module):  # image -> logit: stride-2 convs to 4x4; <embed(y), features> (Miyato & Koyama 2018)
     def __init__(self, image_size, channels, width, num_classes=0):
         super().__init__()
-        width_at = [width * 2 ** i for i in range(image_size.bit_length() - 3)]  # 16x16, 8x8, 4x4 at 32x32
+        start, doublings = (7, 2) if image_size == 28 else (4, image_size.bit_length() - 3)
+        width_at = [width * 2 ** i for i in range(doublings)]  # 16x16, 8x8, 4x4 at 32x32; 14x14, 7x7 at 28x28
         layers = [nn.Conv2d(channels, width_at[0], 4, 2, 1), nn.LeakyReLU(0.2)]  # (B, w, 16, 16), no BatchNorm
         for c_in, c_out in zip(width_at, width_at[1:]):  # (B, 2w, 8, 8), (B, 4w, 4, 4) at 32x32
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers, nn.Flatten())  # (B, 4w * 4 * 4)
-        self.logit = nn.Linear(width_at[-1] * 16, 1)  # = a 4x4 convolution to one channel
-        self.projection = nn.Embedding(num_classes, width_at[-1] * 16) if num_classes else None
+        self.logit = nn.Linear(width_at[-1] * start ** 2, 1)  # = a 4x4 (7x7) convolution to one channel
+        self.projection = nn.Embedding(num_classes, width_at[-1] * start ** 2) if num_classes else None
         if self.projection is not None:
             nn.init.normal_(self.projection.weight, mean=0.0, std=0.02)  # starts as small as the other weights
 
     def forward(self, images, labels=None):  # (B, C, S, S), (B,) -> (B,)
         h = self.features(images)
-        projection = (self.projection(labels) * h).sum(dim=1) if self.projection is not None else 0
-        return self.logit(h).squeeze(1) + projection
+        return self.logit(h).squeeze(1) + ((self.projection(labels) * h).sum(1) if self.projection is not None else 0)
 
 
 def init_weights(module):  # DCGAN's N(0, 0.02) (BatchNorm scales N(1, 0.02)); G's label embedding keeps N(0, 1)
@@ -166,7 +166,7 @@ def train(args):
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
     checkpoint = load_checkpoint(args) if args.resume else None
-    args.image_size = args.image_size or (32 if args.dataset in data.DATASETS else 64)  # a power of two
+    args.image_size = args.image_size or (28 if args.dataset in data.DATASETS else 64)
     if rank == 0:
         data.prepare_out(args.out)  # writable, and no other run writing there
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
@@ -188,7 +188,6 @@ def train(args):
     # compiled modules share G's and D's weights; with R1, D stays eager: compile cannot differentiate twice
     G_fast, D_fast = (torch.compile(G), D if args.r1_gamma else torch.compile(D)) if args.compile else (G, D)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
-
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
     columns = 10 if num_classes else 100  # conditional: one row per class, the same z down each column
     grid_noise = torch.randn(columns, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
@@ -325,12 +324,12 @@ def parse_args(argv):
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
-    p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
-    p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
+    p.add_argument("--epochs", type=COUNT, default=6, help="total passes over the training set (default 6)")
+    p.add_argument("--batch-size", type=COUNT, default=32, help="images a step, over all processes (default 32)")
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate of D (default 2e-4)")
-    p.add_argument("--lr-g", type=RATE, default=2e-4, help="Adam's learning rate of G (default 2e-4)")
+    p.add_argument("--lr-g", type=RATE, help="Adam's learning rate of G (default 1e-3; 2e-4 with --conditional)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
-    p.add_argument("--image-size", type=int, choices=(32, 64, 128, 256, 512, 1024), help="default 32, 64 for a folder")
+    p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256, 512, 1024), help="default 28, a folder 64")
     p.add_argument("--width", type=COUNT, default=64, help="channels of G's last and D's first layer (default 64)")
     p.add_argument("--conditional", action="store_true", help="condition G and D on the class label")
     p.add_argument("--loss", default="non-saturating", choices=list(LOSSES), help="(default non-saturating)")
@@ -348,7 +347,8 @@ def parse_args(argv):
     p.add_argument("--log-every", type=COUNT, default=50, help="steps between progress lines (default 50)")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D (pays off on GPUs)")
-    p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])  # the preset's values, under the flags given
+    known = p.parse_known_args(argv)[0]  # G's rate by mode (why: docs/dcgan.md), the preset's values, the flags given
+    p.set_defaults(**{"lr_g": 2e-4 if known.conditional else 1e-3, **PRESETS[known.preset]})
     args = p.parse_args(argv)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or args.device != "cpu" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: use cpu, or cuda, cuda:1, ... where torch sees a GPU")

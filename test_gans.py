@@ -936,18 +936,29 @@ def models_dcgan(image_size, channels, num_classes=0, width=8):
             dcgan.Discriminator(image_size, channels, width, num_classes))
 
 
-@pytest.mark.parametrize("image_size, channels", [(32, 1), (64, 3)])
+@pytest.mark.parametrize("image_size, channels", [(28, 1), (32, 1), (64, 3)])
 def test_nets_follow_the_dcgan_rules_one_stride_2_block_per_doubling(image_size, channels):
     G, D = models_dcgan(image_size, channels)
     fake = G.apply(dcgan.init_weights)(torch.randn(5, 16))
     assert fake.shape == (5, channels, image_size, image_size) and D(fake).shape == (5,)
     convs = [sum(isinstance(m, kind) for m in net.modules()) for net, kind in ((G, nn.ConvTranspose2d), (D, nn.Conv2d))]
-    assert convs == {32: [4, 3], 64: [5, 4]}[image_size]
+    assert convs == {28: [3, 2], 32: [4, 3], 64: [5, 4]}[image_size]
     assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in D.modules())
     assert isinstance(D.features[1], nn.LeakyReLU) and D.features[1].negative_slope == 0.2  # no BN on D's input
     assert isinstance(G.net[-1], nn.Tanh) and isinstance(G.net[-2], nn.ConvTranspose2d)  # no BN on G's output
     assert any(isinstance(m, nn.BatchNorm2d) for m in D.modules())
     assert abs(torch.cat([m.weight.flatten() for m in G.net if isinstance(m, nn.ConvTranspose2d)]).std() - 0.02) < 2e-3
+
+
+def test_28_px_nets_go_z_7_14_28_and_back_to_7():
+    G, D = models_dcgan(28, 1, num_classes=10, width=8)
+    shapes, labels = [], torch.arange(4)
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:])))
+             for m in (*G.net, *D.features) if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d))]
+    D(G(torch.randn(4, 16), labels), labels)
+    assert shapes == [(16, 7, 7), (8, 14, 14), (1, 28, 28), (8, 14, 14), (16, 7, 7)]
+    assert D.logit.in_features == D.projection.embedding_dim == 16 * 7 * 7
+    assert dcgan.parse_args(["--image-size", "28"]).image_size == 28
 
 
 def test_conditional_output_depends_on_the_label():
