@@ -273,7 +273,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def parse_args(argv):
     COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, stacked-mnist or a folder (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=20, help="total passes over the training set (default 20)")
     # Small batches at 5e-4, above DCGAN's 2e-4: the best of batch 32/64 x lr 2e-4/5e-4 on MNIST in 20 epochs.

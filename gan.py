@@ -274,7 +274,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def parse_args(argv):
     COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, stacked-mnist or a folder (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     # 60 epochs of small batches at lr 1e-3: more and larger steps than DCGAN's 2e-4 (docs/cpu-training.md).
     p.add_argument("--epochs", type=COUNT, default=60, help="total passes over the training set (default 60)")

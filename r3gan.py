@@ -351,7 +351,7 @@ def parse_args(argv):
     COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, stacked-mnist or a folder (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
     p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")

@@ -492,7 +492,7 @@ def parse_args(argv):
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default): the defaults below; paper: "
                    + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper"].items())
                    + "; flags given win")
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder of images (default mnist)")
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, stacked-mnist or a folder (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=3, help="total passes over the training set (default 3)")
     p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
