@@ -148,6 +148,10 @@ def one_line_error(capsys, *names):
     return err
 
 
+def no_scaler():  # train_step in float32: loss scaling off
+    return torch.amp.GradScaler("cpu", enabled=False)
+
+
 def load(path):
     return torch.load(path, weights_only=True)
 
@@ -790,7 +794,7 @@ def test_gan_train_step_updates_d_then_g_with_the_fake_detached_for_d_and_d_froz
         return recording_step
     opt_g.step, opt_d.step = record("G", opt_g.step), record("D", opt_d.step)
     result = gan.train_step(G, D, opt_g, opt_d, torch.rand(16, 1, 6, 6) * 2 - 1, 8,
-                            torch.amp.GradScaler("cpu", enabled=False))
+                            no_scaler())
     assert [name for name, _ in log] == ["D", "G"]
     (_, at_d_step), (_, at_g_step) = log
     # At D's step nothing has changed yet, and G has no gradient: the fake batch was detached.
@@ -819,11 +823,7 @@ def test_gan_moving_average_decay_ramps_up_from_the_first_step():
 
 # ---- cgan.py ----------------------------------------------------------------------------------------------------------
 
-TINY_CGAN = ["--latent-dim", "8"]
-
-
-def no_scaler_cgan():
-    return torch.amp.GradScaler("cpu", enabled=False)
+TINY_CGAN = [str(flag) for flag in TINY["cgan"]]
 
 
 def test_generator_reads_the_one_hot_label_with_z_and_keeps_the_shapes():
@@ -874,7 +874,7 @@ def test_train_step_updates_d_then_g_on_the_real_batchs_labels_with_the_non_satu
     log, seen = record_steps({"G": G, "D": D}, {"G": opt_g, "D": opt_d}), []
     G.register_forward_hook(lambda module, inputs, fake: seen.append((inputs[1], fake)))
     real, labels = torch.rand(16, 1, 6, 6) * 2 - 1, torch.arange(16) % 10
-    metrics = cgan.train_step(G, D, opt_g, opt_d, real, labels, 8, no_scaler_cgan())
+    metrics = cgan.train_step(G, D, opt_g, opt_d, real, labels, 8, no_scaler())
     (seen_labels, fake), = seen
     assert [name for name, _ in log] == ["D", "G"] and torch.equal(seen_labels, labels)
     with torch.no_grad():  # G's loss is -log D(G(z)) under the D of G's step (the final D)
@@ -928,7 +928,7 @@ def test_label_only_with_generate_and_no_loss_flag(flags, tmp_path, capsys):
 
 # ---- dcgan.py ---------------------------------------------------------------------------------------------------------
 
-TINY_DCGAN = ["--width", "4", "--latent-dim", "8", "--epochs", "1"]
+TINY_DCGAN = [*map(str, TINY["dcgan"]), "--epochs", "1"]
 
 
 def models_dcgan(image_size, channels, num_classes=0, width=8):
@@ -990,7 +990,7 @@ def test_r1_penalty_is_the_squared_gradient_norm_through_the_augmentation_at_the
 
 def step_dcgan(G, D, real, **options):
     opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
-    return dcgan.train_step(G, D, opt_g, opt_d, real, None, 16, torch.amp.GradScaler("cpu", enabled=False), **options)
+    return dcgan.train_step(G, D, opt_g, opt_d, real, None, 16, no_scaler(), **options)
 
 
 def test_r1_gamma_adds_half_gamma_times_r1_to_ds_loss(monkeypatch):
@@ -1045,7 +1045,7 @@ def test_resume_keeps_the_runs_loss_r1_gamma_and_learning_rates(tiny_data_dir, t
 
 # ---- wgan_gp.py -------------------------------------------------------------------------------------------------------
 
-TINY_WGAN_GP = ["--width", "4", "--latent-dim", "8", "--epochs", "1"]
+TINY_WGAN_GP = [*map(str, TINY["wgan_gp"]), "--epochs", "1"]
 
 
 def models_wgan_gp(image_size, channels, num_classes=0, width=8):
@@ -1093,7 +1093,7 @@ def test_train_step_makes_a_critic_update_per_batch_then_one_generator_update():
     for name, optimizer in (("g", opt_g), ("d", opt_d)):
         optimizer.step = (lambda step, name: lambda *a, **k: order.append(name) or step(*a, **k))(optimizer.step, name)
     group = [(torch.rand(4, 1, 32, 32) * 2 - 1, None) for _ in range(5)]
-    metrics = wgan_gp.train_step(G, D, opt_g, opt_d, group, 16, torch.amp.GradScaler("cpu", enabled=False))
+    metrics = wgan_gp.train_step(G, D, opt_g, opt_d, group, 16, no_scaler())
     assert order == ["d"] * 5 + ["g"]
     assert metrics.shape == (4,) and torch.isfinite(metrics).all() and metrics[3] > 0  # d, g, wasserstein, penalty
 
@@ -1149,7 +1149,7 @@ def test_wgan_gp_paper_preset_builds_the_papers_networks():
 
 # ---- infogan.py -------------------------------------------------------------------------------------------------------
 
-TINY_INFOGAN = ["--width", "4", "--latent-dim", "8"]
+TINY_INFOGAN = [str(flag) for flag in TINY["infogan"]]
 
 
 def models_infogan(image_size=28, channels=1, width=4, categories=10, continuous=2, latent_dim=8):
@@ -1216,7 +1216,7 @@ def test_train_step_reads_codes_from_fakes_only_and_updates_d_then_g():
     D.forward = lambda images, recognise=False: calls.append((images is real, recognise)) or forward(images, recognise)
     for name, opt in (("D", opt_d), ("G", opt_g)):  # G's gradients when each optimizer steps
         opt.register_step_pre_hook(lambda *_, name=name: order.append((name, [p.grad for p in G.parameters()])))
-    metrics = infogan.train_step(G, D, opt_g, opt_d, real, torch.amp.GradScaler("cpu", enabled=False))
+    metrics = infogan.train_step(G, D, opt_g, opt_d, real, no_scaler())
     assert calls == [(True, False), (False, True), (False, True)]  # reals: the logit only; fakes: logit and Q
     assert [name for name, _ in order] == ["D", "G"] and all(g is None for g in order[0][1])  # D's: fakes detached
     assert metrics.shape == (7,) and torch.isfinite(metrics).all() and 0 <= metrics[6] <= 1  # code_acc: a share
@@ -1279,16 +1279,12 @@ def test_bad_flags_exit_2_with_one_line(flags, capsys):
 
 # ---- acgan.py ---------------------------------------------------------------------------------------------------------
 
-TINY_ACGAN = ["--width", "4", "--latent-dim", "8"]
+TINY_ACGAN = [str(flag) for flag in TINY["acgan"]]
 
 
 def models_acgan(image_size=32, channels=1, num_classes=10, width=4, twin=True):
     return (acgan.Generator(16, image_size, channels, width, num_classes),
             acgan.Discriminator(image_size, channels, width, num_classes, twin=twin))
-
-
-def no_scaler_acgan():
-    return torch.amp.GradScaler("cpu", enabled=False)
 
 
 @pytest.mark.parametrize("image_size,channels", [(32, 1), (64, 3)])
@@ -1353,7 +1349,7 @@ def test_train_step_updates_d_then_g_each_touching_only_its_own_weights(twin):
     for name, opt in (("G", opt_g), ("D", opt_d)):
         opt.register_step_pre_hook(lambda opt, *_, name=name: seen.append(
             (name, [p.grad is None for p in G.parameters()], [p.grad.clone() for p in D.parameters()])))
-    metrics = acgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 32, 32) * 2 - 1, torch.arange(8), 16, no_scaler_acgan())
+    metrics = acgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 32, 32) * 2 - 1, torch.arange(8), 16, no_scaler())
     (d_name, g_grads_at_d, d_grads), (g_name, _, d_grads_at_g) = seen
     assert (d_name, g_name) == ("D", "G")
     assert all(g_grads_at_d)  # the fakes were detached for D's update
@@ -1373,7 +1369,7 @@ def test_twin_head_not_the_class_head_learns_the_class_of_fakes(monkeypatch):
     monkeypatch.setattr(acgan, "g_loss", lambda *a: (seen.update(g_class=a[1].detach(), g_twin=a[4].detach()),
                                                      g_loss(*a))[1])
     opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.0), torch.optim.SGD(D.parameters(), lr=0.0)
-    acgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 32, 32) * 2 - 1, torch.arange(8), 16, no_scaler_acgan())
+    acgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 32, 32) * 2 - 1, torch.arange(8), 16, no_scaler())
     assert torch.equal(seen["d_fake"], torch.arange(10.0).expand(8, 10))  # D: the twin names the fakes
     assert torch.equal(seen["g_twin"], torch.arange(10.0).expand(8, 10)) and not torch.equal(seen["g_class"],
                                                                                               seen["g_twin"])
@@ -1441,7 +1437,7 @@ def test_a_folder_of_loose_images_is_refused_in_one_line(tmp_path, capsys):
 
 # ---- began.py ---------------------------------------------------------------------------------------------------------
 
-TINY_BEGAN = ["--width", "4", "--latent-dim", "8"]
+TINY_BEGAN = [str(flag) for flag in TINY["began"]]
 
 
 def models_began(image_size=32, channels=1, width=4, latent_dim=8, convs=1):
@@ -1477,7 +1473,7 @@ def test_train_step_updates_d_then_g_then_k_by_the_papers_control():
     for name, opt in (("G", opt_g), ("D", opt_d)):
         opt.register_step_pre_hook(lambda *_, name=name: order.append(name))
     G0 = [p.clone() for p in G.parameters()]
-    k, scaler = torch.tensor(0.3), torch.amp.GradScaler("cpu", enabled=False)
+    k, scaler = torch.tensor(0.3), no_scaler()
     metrics = began.train_step(G, D, opt_g, opt_d, torch.rand(6, 1, 32, 32) * 2 - 1, k, 8, 0.5, 0.01, scaler)
     assert order == ["D", "G"] and metrics.shape == (5,) and torch.isfinite(metrics).all()
     d_value, g_value, l_real, l_fake, m_global = metrics.tolist()
@@ -1533,7 +1529,7 @@ def test_run_logs_k_t_and_m_global_and_resumes_k_exactly(tiny_data_dir, tmp_path
 
 # ---- lapgan.py --------------------------------------------------------------------------------------------------------
 
-TINY_LAPGAN = ["--width", "4", "--latent-dim", "8", "--epochs", "1"]
+TINY_LAPGAN = [*map(str, TINY["lapgan"]), "--epochs", "1"]
 
 
 def tiny_models(image_size=32, channels=1, num_classes=0):
@@ -1586,7 +1582,7 @@ def test_levels_train_independently_on_the_real_pyramid_and_report_sums_then_eac
     before = {name: p.detach().clone() for name, p in [*G.named_parameters(), *D.named_parameters()]}
     with torch.no_grad():
         G.coarse.net[-2].bias.fill_(float("nan"))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = no_scaler()
     metrics = lapgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 32, 32) * 2 - 1, None, 8, scaler)
     assert metrics.shape == (2 + 4 * 3,)  # d_loss, g_loss, then d_loss, g_loss, d_real, d_fake at 8, 16, 32
     for model in (G, D):
@@ -1651,7 +1647,7 @@ def step_biggan(G, D, group, events=(), lr=1e-3, **options):  # events: a list t
     opt_g, opt_d = (torch.optim.Adam(net.parameters(), lr=lr, betas=(0.0, 0.999)) for net in (G, D))
     for name, opt in (("G step_biggan", opt_g), ("D step_biggan", opt_d)) if events != () else ():
         opt.register_step_post_hook(lambda *a, name=name: events.append(name))
-    return biggan.train_step(G, D, opt_g, opt_d, group, 8, torch.amp.GradScaler("cpu", enabled=False), **options)
+    return biggan.train_step(G, D, opt_g, opt_d, group, 8, no_scaler(), **options)
 
 
 BATCH = torch.rand(4, 1, 32, 32) * 2 - 1, torch.arange(4)  # (reals, labels)
@@ -1774,7 +1770,7 @@ def tiny_stylegan(image_size=32, channels=1):
 
 def one_step(G, D, real, step, **flags):
     opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
-    return stylegan.train_step(G, D, opt_g, opt_d, real, 8, torch.amp.GradScaler("cpu", enabled=False), step, **flags)
+    return stylegan.train_step(G, D, opt_g, opt_d, real, 8, no_scaler(), step, **flags)
 
 
 def test_demodulation_is_the_per_sample_unit_norm_weight():
@@ -1923,7 +1919,7 @@ def test_r1_at_the_reals_and_r2_at_the_fakes_through_the_augmentation_at_the_una
     opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.0), torch.optim.SGD(D.parameters(), lr=0.0)
     augment = lambda images: 3 * images  # noqa: E731  D(3x) = 9 ||x||^2 / 2: grad_x = 9x
     augment.observe = lambda outputs: None
-    out = r3gan.train_step(G, D, opt_g, opt_d, real, 1, torch.amp.GradScaler("cpu", enabled=False), gamma, augment)
+    out = r3gan.train_step(G, D, opt_g, opt_d, real, 1, no_scaler(), gamma, augment)
     sq_real, sq_fake = real.flatten(1).square().sum(1), fake.flatten(1).square().sum(1)  # ||x||^2 per image
     r1, r2 = 81 * sq_real.mean(), 81 * sq_fake.mean()
     real_logits, fake_logits = 4.5 * sq_real, 4.5 * sq_fake
