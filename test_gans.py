@@ -1053,13 +1053,13 @@ def models_wgan_gp(image_size, channels, num_classes=0, width=8):
             wgan_gp.Critic(image_size, channels, width, num_classes))
 
 
-@pytest.mark.parametrize("image_size, channels", [(32, 1), (64, 3)])
+@pytest.mark.parametrize("image_size, channels", [(28, 1), (32, 1), (64, 3)])
 def test_one_block_per_doubling_and_a_critic_without_batchnorm_or_sigmoid(image_size, channels):
     G, D = models_wgan_gp(image_size, channels)
     fake = G(torch.randn(5, 16))
     assert fake.shape == (5, channels, image_size, image_size) and D(fake).shape == (5,)
     convs = [sum(isinstance(m, kind) for m in net.modules()) for net, kind in ((G, nn.ConvTranspose2d), (D, nn.Conv2d))]
-    assert convs == {32: [4, 3], 64: [5, 4]}[image_size]
+    assert convs == {28: [3, 2], 32: [4, 3], 64: [5, 4]}[image_size]  # 28: 7x7 from z, then 14 and 28
     assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Sigmoid)) for m in D.modules())
     scores = D(torch.randn(64, channels, image_size, image_size) * 50)
     assert not ((scores >= 0) & (scores <= 1)).all()  # unbounded, not a probability

@@ -1,6 +1,6 @@
 """WGAN-GP (Gulrajani et al. 2017, arXiv:1704.00028): a Wasserstein critic kept 1-Lipschitz by a gradient penalty.
 
-    python wgan_gp.py --epochs 20                                    # MNIST 32x32; grids, GIF, metrics in runs/wgan_gp/
+    python wgan_gp.py                                                # MNIST 28x28, 50 epochs; output in runs/wgan_gp/
     python wgan_gp.py --dataset fashion-mnist --conditional --out runs/wgan_gp-cond   # one row per class in the grids
     python wgan_gp.py --preset paper --device cuda                   # the paper's CIFAR-10 model and settings
 """
@@ -23,13 +23,14 @@ import data
 SCRIPT = os.path.basename(__file__)
 
 
-class Generator(nn.Module):  # dcgan.py's: z (and a class embedding) -> image in [-1, 1], doubling from 4x4 per block
+class Generator(nn.Module):  # dcgan.py's: z (and a class embedding) -> image in [-1, 1], 4x4 (7x7) then doublings
     def __init__(self, latent_dim, image_size, channels, width, num_classes=0, label_dim=16):
         super().__init__()
         self.label_embedding = nn.Embedding(num_classes, label_dim) if num_classes else None
         in_dim = latent_dim + (label_dim if num_classes else 0)
-        width_at = [width * image_size // (8 * 2 ** i) for i in range(image_size.bit_length() - 3)]  # 4x4, 8x8, ...
-        layers = [nn.ConvTranspose2d(in_dim, width_at[0], 4, bias=False), nn.BatchNorm2d(width_at[0]), nn.ReLU()]
+        start, doublings = (7, 2) if image_size == 28 else (4, image_size.bit_length() - 3)  # 7, 14, 28 at 28x28
+        width_at = [width * 2 ** i for i in reversed(range(doublings))]  # 4w, 2w, w at 4x4, 8x8, 16x16 (32x32)
+        layers = [nn.ConvTranspose2d(in_dim, width_at[0], start, bias=False), nn.BatchNorm2d(width_at[0]), nn.ReLU()]
         for c_in, c_out in zip(width_at, width_at[1:]):  # kernel 4, stride 2, padding 1: the side doubles
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
         layers += [nn.ConvTranspose2d(width_at[-1], channels, 4, 2, 1), nn.Tanh()]
@@ -44,13 +45,14 @@ class Generator(nn.Module):  # dcgan.py's: z (and a class embedding) -> image in
 class Critic(nn.Module):  # dcgan.py's D, its score unbounded (it estimates a distance, not a probability)
     def __init__(self, image_size, channels, width, num_classes=0):
         super().__init__()
-        width_at = [width * 2 ** i for i in range(image_size.bit_length() - 3)]  # 16x16, 8x8, 4x4 at 32x32
+        start, doublings = (7, 2) if image_size == 28 else (4, image_size.bit_length() - 3)
+        width_at = [width * 2 ** i for i in range(doublings)]  # 16x16, 8x8, 4x4 at 32x32; 14x14, 7x7 at 28x28
         layers = [nn.Conv2d(channels, width_at[0], 4, 2, 1), nn.LeakyReLU(0.2)]  # (B, w, 16, 16)
         for c_in, c_out in zip(width_at, width_at[1:]):  # no BatchNorm: the penalty is per image (section 4)
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(1, c_out), nn.LeakyReLU(0.2)]  # layer norm
         self.features = nn.Sequential(*layers, nn.Flatten())  # (B, 2w, 8, 8), (B, 4w, 4, 4), then (B, 4w * 4 * 4)
-        self.score = nn.Linear(width_at[-1] * 16, 1)  # = a 4x4 convolution to one channel
-        self.projection = nn.Embedding(num_classes, width_at[-1] * 16) if num_classes else None
+        self.score = nn.Linear(width_at[-1] * start ** 2, 1)  # = a 4x4 (7x7) convolution to one channel
+        self.projection = nn.Embedding(num_classes, width_at[-1] * start ** 2) if num_classes else None
         if self.projection is not None:
             nn.init.normal_(self.projection.weight, mean=0.0, std=0.02)  # starts as small as the other weights
 
@@ -166,7 +168,7 @@ def train(args):
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
     checkpoint = load_checkpoint(args) if args.resume else None
-    args.image_size = args.image_size or (32 if args.dataset in data.DATASETS else 64)  # a power of two
+    args.image_size = args.image_size or (28 if args.dataset in data.DATASETS else 64)
     if rank == 0:
         data.prepare_out(args.out)  # writable, and no other run writing there
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
@@ -324,7 +326,7 @@ def parse_args(argv):
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, stacked-mnist or a folder (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
-    p.add_argument("--epochs", type=COUNT, default=20, help="total passes over the training set (default 20)")
+    p.add_argument("--epochs", type=COUNT, default=50, help="total passes over the training set (default 50)")
     p.add_argument("--batch-size", type=COUNT, default=32, help="images a critic step, over all processes (default 32)")
     p.add_argument("--lr", type=RATE, help="of G and the critic (default 5e-4; 5e-5, WGAN's, with --clip-value)")
     p.add_argument("--n-critic", type=COUNT, default=2, help="critic steps a generator step (default 2; the paper's 5)")
@@ -332,7 +334,7 @@ def parse_args(argv):
     p.add_argument("--clip-value", type=RATE, metavar="C", help="clip the critic's weights to [-C, C] instead of "
                                                                 "the penalty (the first WGAN)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
-    p.add_argument("--image-size", type=int, choices=(32, 64, 128, 256, 512, 1024), help="default 32, 64 for a folder")
+    p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256, 512, 1024), help="default 28, a folder 64")
     p.add_argument("--width", type=COUNT, default=32, help="channels of G's last and D's first layer (default 32)")
     p.add_argument("--conditional", action="store_true", help="condition G and the critic on the class label")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
