@@ -42,8 +42,8 @@ class Discriminator(nn.Module):
     def __init__(self, image_shape, hidden=(512, 256)):
         super().__init__()
         layers, width = [nn.Flatten()], math.prod(image_shape)
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
+        for h in hidden:  # dropout, as in the paper's D: without it D memorises MNIST's 10k training images
+            layers += [nn.Linear(width, h), nn.LeakyReLU(0.2), nn.Dropout(0.3)]
             width = h
         self.net = nn.Sequential(*layers, nn.Linear(width, 1))  # a logit, no sigmoid: the losses take logits
 
