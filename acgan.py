@@ -228,8 +228,8 @@ def train(args):
 
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
     grid_noise = torch.randn(10, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    grid_noise = grid_noise.repeat(num_classes, 1).to(device)  # a row per class, one z down each column
-    grid_labels = torch.arange(num_classes).repeat_interleave(10).to(device)
+    grid_labels = data.grid_classes(num_classes).repeat_interleave(10).to(device)  # a row a class (10 at most)
+    grid_noise = grid_noise.repeat(len(grid_labels) // 10, 1).to(device)  # one z down each column
     reals = {"train": (dataset.images, dataset.labels), "test": held_out and (held_out.images, held_out.labels)}
     names = ["d_loss", "g_loss", "d_real", "d_fake", "class_loss_real", "class_loss_fake"]
     names += ["twin_loss_fake"] * (args.class_loss == "tac")

@@ -294,9 +294,9 @@ def train(args):
     steps = math.ceil(len(batches) / args.d_steps)  # G steps an epoch
     names = ["d_loss", "g_loss", "d_real_output", "d_fake_output", "ortho_penalty"]  # what train_step returns
     columns = 10 if num_classes else 100  # the grid: a row per class, one z down each column
-    grid_labels = torch.arange(max(num_classes, 1), device=device).repeat_interleave(columns)
+    grid_labels = data.grid_classes(num_classes).to(device).repeat_interleave(columns)  # 10 rows at most
     grid_noise = sample_z(columns, args.latent_dim, args.truncation, torch.Generator().manual_seed(args.seed))
-    grid_noise = grid_noise.repeat(max(num_classes, 1), 1).to(device)
+    grid_noise = grid_noise.repeat(len(grid_labels) // columns, 1).to(device)
     if rank == 0:
         print(f"{len(dataset.images)} images from {dataset.source}, {steps} G steps an epoch, {device}")
     for epoch in range(start_epoch + 1, args.epochs + 1):

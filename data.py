@@ -219,6 +219,12 @@ def to_uint8(images):  # float in [-1, 1] -> uint8, rounded as torchvision's sav
 # ----------------------------------------------------------------------------------------------------------------
 # Images out, and every file a run writes: each through write_atomic, so no reader (or --resume) sees half a file
 
+def grid_classes(num_classes, rows=10):
+    """The class of each row of a conditional grid: every class up to rows of them, else rows classes spread evenly
+    (Stacked MNIST's 1,000: 000, 100, ..., 900); one row, class 0, for an unconditional model."""
+    return torch.arange(min(num_classes, rows) or 1) * max(num_classes // rows, 1)
+
+
 def save_grid(images, path, nrow, padding=2):
     """[N, C, H, W] images (float in [-1, 1] or uint8) as one PNG, nrow images a row, on grey."""
     images = (images if images.dtype == torch.uint8 else to_uint8(images)).cpu().numpy()

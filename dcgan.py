@@ -191,8 +191,8 @@ def train(args):
     batches = data.Batches(dataset, args.batch_size, device, seed=args.seed)
     columns = 10 if num_classes else 100  # conditional: one row per class, the same z down each column
     grid_noise = torch.randn(columns, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    grid_noise = grid_noise.repeat(max(num_classes, 1), 1).to(device)
-    grid_labels = torch.arange(max(num_classes, 1), device=device).repeat_interleave(columns)
+    grid_labels = data.grid_classes(num_classes).to(device).repeat_interleave(columns)  # 10 rows at most
+    grid_noise = grid_noise.repeat(len(grid_labels) // columns, 1).to(device)
     reals = {"d_acc_real_train": dataset, "d_acc_real_test": held_out}
     names, threshold = ["d_loss", "g_loss", "d_real", "d_fake"], LOSSES[args.loss][2]
     if rank == 0:

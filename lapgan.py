@@ -280,9 +280,10 @@ def train(args):
     sizes = pyramid_sizes(args.image_size)
     names = ["d_loss", "g_loss"] + [f"{k}_{size}" for size in sizes for k in ("d_loss", "g_loss", "d_real", "d_fake")]
     # The grid: 4 groups of 10 samples; conditional: a group a class, the same 10 noises in each (a column: one z).
-    grid_labels = torch.arange(num_classes or 4, device=device).repeat_interleave(10)
+    grid_labels = data.grid_classes(num_classes or 4).to(device).repeat_interleave(10)  # 10 classes at most
     grid_z, grid_planes = cascade_noise(10 if num_classes else 40, args.latent_dim, args.image_size,
-                                        torch.Generator().manual_seed(args.seed), device, repeat=num_classes or 1)
+                                        torch.Generator().manual_seed(args.seed), device,
+                                        repeat=len(grid_labels) // 10 if num_classes else 1)
     if rank == 0:
         print(f"{len(dataset.images)} images from {dataset.source}, levels {sizes}, {len(batches)} steps an epoch")
     for epoch in range(start_epoch + 1, args.epochs + 1):

@@ -2506,7 +2506,7 @@ def test_stacked_mnist_stacks_three_digits_of_the_split_as_rgb_labelled_by_their
 
 
 def test_stacked_mnist_trains_an_unconditional_conv_script_and_a_conditional_mlp(stacked_dir, tmp_path):
-    for module, flags, shape in ((wgan_gp, TINY["wgan_gp"], (4, 32, 32, 3)), (cgan, TINY["cgan"], (4, 28, 28, 3))):
+    for module, flags, shape in ((wgan_gp, TINY["wgan_gp"], (4, 28, 28, 3)), (cgan, TINY["cgan"], (4, 28, 28, 3))):
         assert run(module, tmp_path, stacked_dir, "--dataset", "stacked-mnist", "--epochs", 1, *flags,
                    out=module.__name__) == 0
         with open(tmp_path / module.__name__ / "metrics.csv") as f:
@@ -2516,6 +2516,15 @@ def test_stacked_mnist_trains_an_unconditional_conv_script_and_a_conditional_mlp
                    out=module.__name__) == 0
         samples = np.load(tmp_path / module.__name__ / "samples.npz")
         assert samples["images"].shape == shape and (module is wgan_gp or samples["labels"].tolist() == [123] * 4)
+    # cgan's grid: 10 rows of 10 (classes 000, 100, ..., 900), not a row for each of the 1,000 classes
+    assert Image.open(tmp_path / "cgan" / "samples" / "epoch_001.png").size == (10 * 30 + 2,) * 2
+
+
+def test_grid_classes_are_every_class_up_to_ten_rows_else_ten_spread_evenly():
+    assert data.grid_classes(0).tolist() == [0]  # unconditional: one row
+    assert data.grid_classes(4).tolist() == [0, 1, 2, 3]
+    assert data.grid_classes(10).tolist() == list(range(10)) == data.grid_classes(12).tolist()
+    assert data.grid_classes(1000).tolist() == list(range(0, 1000, 100))
 
 
 def stacked_bars(modes, size=28):

@@ -196,8 +196,8 @@ def train(args):
     steps = math.ceil(len(batches) / args.n_critic)  # generator steps an epoch
     columns = 10 if num_classes else 100  # conditional: one row per class, the same z down each column
     grid_noise = torch.randn(columns, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    grid_noise = grid_noise.repeat(max(num_classes, 1), 1).to(device)
-    grid_labels = torch.arange(max(num_classes, 1), device=device).repeat_interleave(columns)
+    grid_labels = data.grid_classes(num_classes).to(device).repeat_interleave(columns)  # 10 rows at most
+    grid_noise = grid_noise.repeat(len(grid_labels) // columns, 1).to(device)
     reals = {"critic_real_train": dataset, "critic_real_test": held_out}
     names = ["d_loss", "g_loss", "wasserstein", "gradient_penalty"]  # wasserstein falls as the samples improve
     if rank == 0:
