@@ -722,19 +722,30 @@ def test_torchrun_two_processes_average_gradients_to_the_whole_batch_gradient(na
 
 @pytest.mark.slow
 def test_two_torchrun_launches_on_loopback_act_as_two_machines(mnist, tmp_path):
-    """The scripts' own rendezvous, unpatched: two launches, one process each, joined as --nnodes 2 on 127.0.0.1."""
-    here, port = os.path.dirname(os.path.abspath(__file__)), free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launches = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "gan.py", "--data-dir",
-         mnist, "--out", str(tmp_path / "run"), "--batch-size", "16", "--epochs", "1", "--latent-dim", "8",
-         "--device", "cpu"], cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for node in (0, 1)]
-    outputs = [launch.communicate(timeout=120) for launch in launches]
+    """The scripts' own rendezvous, unpatched: two launches, one process each, joined as --nnodes 2 on 127.0.0.1.
+    The launch takes about 8 s; one that hangs is tried once more on a new port (free_port's port can be taken by
+    another program before the rendezvous binds it), and a second hang fails the test."""
+    here, env = os.path.dirname(os.path.abspath(__file__)), {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in (1, 2):
+        port = free_port()
+        launches = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "gan.py",
+             "--data-dir", mnist, "--out", str(tmp_path / f"run{attempt}"), "--batch-size", "16", "--epochs", "1",
+             "--latent-dim", "8", "--device", "cpu"], cwd=here, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True) for node in (0, 1)]
+        try:
+            outputs = [launch.communicate(timeout=90) for launch in launches]
+            break
+        except subprocess.TimeoutExpired:
+            for launch in launches:
+                os.killpg(launch.pid, signal.SIGKILL)  # the launcher and its worker
+                launch.communicate()
+    else:
+        pytest.fail("two torchrun launches on 127.0.0.1 hung twice")
     assert [launch.returncode for launch in launches] == [0, 0], outputs
     assert outputs[1][0] == "" and "epoch 1/1" in outputs[0][0]  # only the first machine's rank 0 prints
-    assert load(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    assert load(tmp_path / f"run{attempt}" / "checkpoint.pt")["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
