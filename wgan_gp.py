@@ -50,7 +50,7 @@ class Critic(nn.Module):  # dcgan.py's D, its score unbounded (it estimates a di
         layers = [nn.Conv2d(channels, width_at[0], 4, 2, 1), nn.LeakyReLU(0.2)]  # (B, w, 16, 16)
         for c_in, c_out in zip(width_at, width_at[1:]):  # no BatchNorm: the penalty is per image (section 4)
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(1, c_out), nn.LeakyReLU(0.2)]  # layer norm
-        self.features = nn.Sequential(*layers, nn.Flatten())  # (B, 2w, 8, 8), (B, 4w, 4, 4), then (B, 4w * 4 * 4)
+        self.features = nn.Sequential(*layers, nn.Flatten())  # (B, 2w, 7, 7) flat at 28x28, (B, 4w * 4 * 4) at 32
         self.score = nn.Linear(width_at[-1] * start ** 2, 1)  # = a 4x4 (7x7) convolution to one channel
         self.projection = nn.Embedding(num_classes, width_at[-1] * start ** 2) if num_classes else None
         if self.projection is not None:
