@@ -1,8 +1,8 @@
 """LAPGAN (Denton et al. 2015, arXiv:1506.05751): one GAN per level of a Laplacian pyramid, sampled coarse to fine:
-an 8x8 image from z, then at each finer level a G draws the residual the upsampled coarser image misses.
+a 7x7 image from z, then at each finer level a G draws the residual the upsampled coarser image misses.
 
-    python lapgan.py --dataset fashion-mnist                      # 32x32 (levels 8, 16, 32): grids, GIF, metrics
-    python lapgan.py --dataset fashion-mnist --conditional --out runs/lapgan-cond   # class-conditional 8x8 level
+    python lapgan.py --dataset fashion-mnist                      # 28x28 (levels 7, 14, 28): grids, GIF, metrics
+    python lapgan.py --dataset fashion-mnist --conditional --out runs/lapgan-cond   # class-conditional 7x7 level
     python lapgan.py --dataset faces/ --out runs/faces            # a folder of images, 64x64 (levels 8..64)
     python lapgan.py --out runs/lapgan --generate 5000            # the whole cascade into samples.npz/.png
 """
@@ -32,7 +32,7 @@ def binomial_blur(images, gain=1.0):
     return F.conv2d(F.pad(images, (2, 2, 2, 2), mode="reflect"), kernel, groups=images.shape[1])
 
 
-def upsample(images):  # (B, C, S, S) -> (B, C, 2S, 2S): zeros between the pixels, then 4x the blur
+def upsample(images):  # (B, C, S, S) -> (B, C, 2S, 2S): zeros between the pixels, then 4x the blur (any S, 7 too)
     spread = images.new_zeros(*images.shape[:2], 2 * images.shape[2], 2 * images.shape[3])
     spread[..., ::2, ::2] = images
     return binomial_blur(spread, gain=4.0)
@@ -48,49 +48,52 @@ def laplacian_pyramid(images, levels):
     return [gaussian[0]] + [fine - low for fine, low in zip(gaussian[1:], lows)], lows
 
 
-def pyramid_sizes(image_size):  # each level's side, coarse to fine, from the 8x8 one G draws from z: [8, 16, 32] at 32
-    return [8 * 2 ** k for k in range(int(math.log2(image_size // 8)) + 1)]
+def pyramid_sizes(image_size):  # each level's side, coarse to fine, halved while even and 7 or more: [7, 14, 28]
+    sizes = [image_size]
+    while sizes[0] % 2 == 0 and sizes[0] >= 14:
+        sizes.insert(0, sizes[0] // 2)
+    return sizes
 
 
-class CoarseGenerator(nn.Module):  # z (and a class) -> the 8x8 top of the pyramid: a small DCGAN generator
-    def __init__(self, latent_dim, channels, width, num_classes=0, label_dim=16):
+class CoarseGenerator(nn.Module):  # z (and a class) -> the top of the pyramid, 7x7 or 8x8: an MLP, as the paper's
+    def __init__(self, latent_dim, channels, size, hidden, num_classes=0, label_dim=16):
         super().__init__()
         self.label_embedding = nn.Embedding(num_classes, label_dim) if num_classes else None
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(latent_dim + (label_dim if num_classes else 0), 4 * width, 4, 1, 0, bias=False),
-            nn.BatchNorm2d(4 * width), nn.ReLU(),  # (B, 4w, 4, 4)
-            nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.Conv2d(2 * width, channels, 3, padding=1), nn.Tanh())  # (B, 2w, 8, 8) -> (B, C, 8, 8)
+            nn.Linear(latent_dim + (label_dim if num_classes else 0), hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),  # (B, hidden)
+            nn.Linear(hidden, channels * size * size), nn.Tanh(), nn.Unflatten(1, (channels, size, size)))
 
-    def forward(self, z, labels=None):  # (B, latent_dim), (B,) -> (B, C, 8, 8)
+    def forward(self, z, labels=None):  # (B, latent_dim), (B,) -> (B, C, S, S)
         if self.label_embedding is not None:
             z = torch.cat([z, self.label_embedding(labels)], dim=1)
-        return self.net(z[:, :, None, None])
+        return self.net(z)
 
 
 class ResidualGenerator(nn.Module):  # (upsampled coarser image, a noise plane as one more channel) -> residual
-    def __init__(self, channels, width):
+    def __init__(self, channels, width, kernel):
         super().__init__()
-        self.net = nn.Sequential(  # at S/2, all the upsampled condition holds; linear out: a residual is signed
-            nn.Conv2d(channels + 1, 2 * width, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.ConvTranspose2d(2 * width, channels, 4, 2, 1))  # (B, 2w, S/2, S/2) -> (B, C, S, S)
+        last = max(kernel - 2, 3)  # the authors' 7, 7, 5; all at the level's side: no strides, no stripes
+        self.net = nn.Sequential(
+            nn.Conv2d(channels + 1, width, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, channels, last, padding=last // 2))  # (B, w, S, S) -> (B, C, S, S), linear: signed
 
     def forward(self, low, noise=None):  # (B, C, S, S), (B, 1, S, S) -> (B, C, S, S)
         return self.net(torch.cat([low, torch.randn_like(low[:, :1]) if noise is None else noise], dim=1))
 
 
 class Generator(nn.Module):  # every level's G: forward() trains them on the real pyramid, sample() runs the cascade
-    def __init__(self, latent_dim, image_size, channels, width, num_classes=0):
+    def __init__(self, latent_dim, image_size, channels, width, hidden, kernel, num_classes=0):
         super().__init__()
-        self.coarse = CoarseGenerator(latent_dim, channels, width, num_classes)
-        self.refiners = nn.ModuleList(ResidualGenerator(channels, width) for _ in pyramid_sizes(image_size)[1:])
+        sizes = pyramid_sizes(image_size)
+        self.coarse = CoarseGenerator(latent_dim, channels, sizes[0], hidden, num_classes)
+        self.refiners = nn.ModuleList(ResidualGenerator(channels, width, kernel) for _ in sizes[1:])
 
-    def forward(self, z, labels, lows):  # [8x8 image, residual given lows[0], residual given lows[1], ...]
+    def forward(self, z, labels, lows):  # [coarsest image, residual given lows[0], residual given lows[1], ...]
         return [self.coarse(z, labels)] + [refine(low) for refine, low in zip(self.refiners, lows)]
 
-    def sample(self, z, labels, noises):  # [8x8, 16x16, ...]: upsampled previous + residual, in [-1, 1]
+    def sample(self, z, labels, noises):  # [7x7, 14x14, 28x28]: upsampled previous + residual, in [-1, 1]
         images = [self.coarse(z, labels)]
         for refine, noise in zip(self.refiners, noises):
             low = upsample(images[-1])
@@ -98,53 +101,46 @@ class Generator(nn.Module):  # every level's G: forward() trains them on the rea
         return images
 
 
-class CoarseDiscriminator(nn.Module):  # 8x8 image (and a class) -> a logit; the projection D of dcgan.py
-    def __init__(self, channels, width, num_classes=0):
+class CoarseDiscriminator(nn.Module):  # coarsest image (and a class) -> a logit; the projection D of dcgan.py
+    def __init__(self, channels, size, width, num_classes=0):
         super().__init__()
+        features = 4 * width * (size // 2) ** 2
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 2 * width, 3, padding=1), nn.LeakyReLU(0.2),  # (B, 2w, 8, 8)
+            nn.Conv2d(channels, 2 * width, 3, padding=1), nn.LeakyReLU(0.2),  # (B, 2w, 7, 7)
             nn.Conv2d(2 * width, 4 * width, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * width), nn.LeakyReLU(0.2),
-            nn.Flatten())  # (B, 4w * 4 * 4)
-        self.logit = nn.Linear(4 * width * 16, 1)
-        self.projection = nn.Embedding(num_classes, 4 * width * 16) if num_classes else None
+            nn.Flatten())  # (B, 4w * 3 * 3)
+        self.logit = nn.Linear(features, 1)
+        self.projection = nn.Embedding(num_classes, features) if num_classes else None
         if self.projection is not None:
             nn.init.normal_(self.projection.weight, 0.0, 0.02)
 
-    def forward(self, images, labels=None):  # (B, C, 8, 8), (B,) -> (B,)
+    def forward(self, images, labels=None):  # (B, C, S, S), (B,) -> (B,)
         h = self.features(images)
         logits = self.logit(h).squeeze(1)
         return logits if self.projection is None else logits + (self.projection(labels) * h).sum(dim=1)
 
 
-class ResidualDiscriminator(nn.Module):  # (upsampled coarser image, residual): is it a real image's residual?
-    def __init__(self, image_size, channels, width):
-        super().__init__()
-        widths = [width * 2 ** i for i in range(int(math.log2(image_size)) - 2)]  # at S/2, S/4, ..., 4
-        layers = [nn.Conv2d(2 * channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2)]  # (B, w, S/2, S/2)
-        for c_in, c_out in zip(widths, widths[1:]):  # (B, 2w, S/4, S/4), ... (B, w * 2^k, 4, 4)
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.logit = nn.Linear(widths[-1] * 16, 1)
-
-    def forward(self, low, residual):  # (B, C, S, S), (B, C, S, S) -> (B,)
-        return self.logit(self.features(torch.cat([low, residual], dim=1))).squeeze(1)
+def residual_discriminator(image_size, channels, width):  # a finer level's image -> a logit: dcgan.py's D
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2),  # (B, w, S/2, S/2)
+        nn.Conv2d(width, 2 * width, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2),
+        nn.Flatten(), nn.Linear(2 * width * (image_size // 4) ** 2, 1), nn.Flatten(0))
 
 
 class Discriminator(nn.Module):  # every level's D: one logit vector a level, coarse to fine
     def __init__(self, image_size, channels, width, num_classes=0):
         super().__init__()
-        self.coarse = CoarseDiscriminator(channels, width, num_classes)
-        self.refiners = nn.ModuleList(ResidualDiscriminator(size, channels, width)
-                                      for size in pyramid_sizes(image_size)[1:])
+        sizes = pyramid_sizes(image_size)
+        self.coarse = CoarseDiscriminator(channels, sizes[0], width, num_classes)
+        self.refiners = nn.ModuleList(residual_discriminator(size, channels, width) for size in sizes[1:])
 
-    def forward(self, bands, labels, lows):
-        return [self.coarse(bands[0], labels)] + [judge(low, residual) for judge, low, residual
-                                                  in zip(self.refiners, lows, bands[1:])]
+    def forward(self, images, labels):  # each level's image, coarse to fine (level_images)
+        return [self.coarse(images[0], labels)] + [judge(image) for judge, image in zip(self.refiners, images[1:])]
 
 
 def init_weights(module):  # DCGAN's: weights from N(0, 0.02), BatchNorm's scales from N(1, 0.02), shifts 0
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d)):
-        nn.init.normal_(module.weight, 1.0 if isinstance(module, nn.BatchNorm2d) else 0.0, 0.02)
+    if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(module.weight, 1.0 if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) else 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -156,14 +152,8 @@ def bce(logits, label):  # binary cross-entropy of D's logits against the label 
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
 
 
-def shown_levels(augment, bands, lows):
-    """What D sees with --augment: the 8x8 image augmented; at a finer level (upsampled coarse image, residual) moved as
-    one by the spatial operations only, so that the two stay aligned (a residual's brightness is not the image's)."""
-    if augment is None:
-        return bands, lows
-    coarse, spatial, c = augment(bands[0]), tuple(n for n in augment.policy if n != "color"), bands[0].shape[1]
-    pairs = [augment(torch.cat([low, band], dim=1), spatial) for low, band in zip(lows, bands[1:])]  # (B, 2C, S, S)
-    return [coarse] + [pair[:, c:] for pair in pairs], [pair[:, :c] for pair in pairs]
+def level_images(bands, lows):  # what each D judges: the coarsest image, then each upsampled coarser image plus a
+    return [bands[0]] + [low + band for low, band in zip(lows, bands[1:])]  # residual (the paper adds them too)
 
 
 def average_gradients(model):
@@ -182,12 +172,11 @@ def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, augment=Non
         bands, lows = laplacian_pyramid(real, len(G.refiners) + 1)
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
     z = torch.randn(len(real), latent_dim, device=real.device)
+    shown = (lambda images: [augment(image) for image in images]) if augment else (lambda images: images)
     with torch.autocast(real.device.type, cast, enabled=amp):
-        fakes = G(z, labels, lows)
-        shown_bands, shown_lows = shown_levels(augment, bands, lows)
-        real_logits = [logits.float() for logits in D(shown_bands, labels, shown_lows)]
-        shown_bands, shown_lows = shown_levels(augment, [fake.detach() for fake in fakes], lows)  # not into G
-        fake_logits = [logits.float() for logits in D(shown_bands, labels, shown_lows)]
+        fakes = level_images(G(z, labels, lows), lows)  # a finer G's residual on the real upsampled coarser image
+        real_logits = [logits.float() for logits in D(shown(level_images(bands, lows)), labels)]
+        fake_logits = [logits.float() for logits in D(shown([fake.detach() for fake in fakes]), labels)]  # not G
         losses_d = torch.stack([bce(real, 1) + bce(fake, 0) for real, fake in zip(real_logits, fake_logits)])
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(losses_d.sum()).backward()
@@ -198,8 +187,7 @@ def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, augment=Non
 
     D.requires_grad_(False)  # G's backward passes through D to the bands without filling D's gradients
     with torch.autocast(real.device.type, cast, enabled=amp):
-        shown_bands, shown_lows = shown_levels(augment, fakes, lows)
-        losses_g = torch.stack([bce(logits.float(), 1) for logits in D(shown_bands, labels, shown_lows)])  # -log D
+        losses_g = torch.stack([bce(logits.float(), 1) for logits in D(shown(fakes), labels)])  # -log D(G(z))
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(losses_g.sum()).backward()
     average_gradients(G)
@@ -236,7 +224,7 @@ def d_accuracy(D, G, reals, latent_dim, num_classes, sizes, n=1000):
             if name == "d_acc_fake":
                 classes = torch.randint(num_classes, (len(chunk),), device=device) if num_classes else None
                 bands = G(torch.randn(len(chunk), latent_dim, device=device), classes, lows)
-            called_real += torch.stack([(logits > 0).sum() for logits in D(bands, classes, lows)])
+            called_real += torch.stack([(logits > 0).sum() for logits in D(level_images(bands, lows), classes)])
         right = len(images) - called_real if name == "d_acc_fake" else called_real
         shares.update({f"{name}_{size}": f"{share:.4f}" for size, share in zip(sizes, (right / len(images)).tolist())})
     D.train(), G.train()
@@ -254,7 +242,7 @@ def train(args):
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
     checkpoint = load_checkpoint(args) if args.resume else None
-    args.image_size = args.image_size or (32 if args.dataset in data.DATASETS else 64)  # every level exact
+    args.image_size = args.image_size or (28 if args.dataset in data.DATASETS else 64)  # levels 7, 14, 28
     if rank == 0:
         data.prepare_out(args.out)  # writable, and no other run writing there
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
@@ -263,12 +251,13 @@ def train(args):
     num_classes, channels = dataset.num_classes if args.conditional else 0, dataset.image_shape[0]
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    G = Generator(args.latent_dim, args.image_size, channels, args.width, num_classes)
+    G = Generator(args.latent_dim, args.image_size, channels, args.width, args.hidden, args.kernel, num_classes)
     D = Discriminator(args.image_size, channels, args.width, num_classes)
-    G, D = G.apply(init_weights).to(device), D.apply(init_weights).to(device)
+    G, D = G.apply(init_weights).to(device), D.to(device)  # D keeps PyTorch's init (docs/lapgan.md)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))  # per weight: as one Adam a level
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    optimizer = (lambda params, lr: torch.optim.SGD(params, lr=lr)) if args.optimizer == "sgd" else (
+        lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999)))  # per weight: as one a level
+    opt_g, opt_d = optimizer(G.parameters(), args.lr_g), optimizer(D.parameters(), args.lr)
     augment = data.make_augmentation(args.augment, channels, device)
     parts = {"generator": G, "generator_average": G_average, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d,
              **({"augment": augment} if augment else {})}
@@ -290,6 +279,8 @@ def train(args):
         if rank > 0:  # every process its own noise, from a stream fixed by (seed, rank, epoch) for --resume
             torch.manual_seed(args.seed * 1_000_003 + rank * 1009 + epoch)
         started, totals = time.time(), torch.zeros(len(names), device=device)
+        for group in opt_g.param_groups + opt_d.param_groups if args.optimizer == "sgd" else ():
+            group["momentum"] = min(0.0008 * (epoch - 1), 0.7)  # the authors' schedule: from 0, a little an epoch
         for i, (real, labels) in enumerate(batches.epoch(epoch), 1):
             real, labels = real.tensor_split(world_size)[rank], labels.tensor_split(world_size)[rank]
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler, augment, args.amp)
@@ -356,8 +347,8 @@ def generate(args):
     if args.label is not None and not (saved.conditional and args.label < len(classes)):
         raise UsageError(f"--label {args.label}: the model is " + (
             f"conditional on classes 0..{len(classes) - 1}" if saved.conditional else "not conditional"))
-    G = Generator(saved.latent_dim, saved.image_size, checkpoint["image_shape"][0], saved.width,
-                  len(classes) if saved.conditional else 0).to(args.device)
+    G = Generator(saved.latent_dim, saved.image_size, checkpoint["image_shape"][0], saved.width, saved.hidden,
+                  saved.kernel, len(classes) if saved.conditional else 0).to(args.device)
     G.load_state_dict(checkpoint["generator_average"])
     labels = torch.full((args.generate,), args.label) if args.label is not None else torch.arange(args.generate)
     labels = labels % len(classes)  # without --label: the classes in turn
@@ -373,8 +364,8 @@ def stop(signum, frame):  # SIGTERM, a scheduler's stop: unwinds like Ctrl-C, wi
     raise KeyboardInterrupt("SIGTERM")
 
 
-KEPT = ("image_size", "width", "latent_dim", "conditional", "batch_size", "lr", "seed", "average_decay",
-        "train_images", "augment")
+KEPT = ("preset", "image_size", "width", "hidden", "kernel", "latent_dim", "conditional", "batch_size", "lr",
+        "lr_g", "optimizer", "seed", "average_decay", "train_images", "augment")
 
 
 def load_checkpoint(args):
@@ -410,17 +401,33 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+PRESETS = {  # --preset paper: Denton et al.'s pyramid and G for 28 px data, the authors' optimizer; D is ours
+    "cpu": {},  # the defaults below: a clean grid in under 10 minutes on a 2-core CPU
+    "paper": {
+        "hidden": 1200, "latent_dim": 100,  # the 7x7 level's G: an MLP 100 -> 1200 -> 1200 -> 49 (section 4)
+        "width": 128, "kernel": 7,  # finer G: 7x7, 7x7, 5x5 convolutions of 128 channels (the authors' code)
+        "optimizer": "sgd", "lr": 0.01, "lr_g": 0.01, "batch_size": 64,  # eyescream's SGD; its D: 64 real, 64 fake
+    },
+}
+
+
 def parse_args(argv):
     p = ArgumentParser(prog=SCRIPT, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, stacked-mnist or a folder (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
-    p.add_argument("--epochs", type=COUNT, default=6, help="total passes over the training set (default 6)")
-    p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
-    p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, every G and D (default 2e-4)")
-    p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the 8x8 level's noise z (default 64)")
-    p.add_argument("--image-size", type=int, choices=(32, 64, 128, 256), help="default 32; a folder: 64")
-    p.add_argument("--width", type=COUNT, default=32, help="channels: 2w in a finer G, w, 2w.. in its D (default 32)")
-    p.add_argument("--conditional", action="store_true", help="condition the 8x8 level's G and D on the class")
+    p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
+    p.add_argument("--batch-size", type=COUNT, default=32, help="images a step, over all processes (default 32)")
+    p.add_argument("--lr", type=RATE, default=2e-4, help="learning rate of every level's D (default 2e-4)")
+    p.add_argument("--lr-g", type=RATE, default=1e-3, help="learning rate of every level's G (default 1e-3)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="adam (betas 0.5, 0.999; default) "
+                                                                              "or sgd (the authors' momentum)")
+    p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the coarsest level's z (default 64)")
+    p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256), help="default 28; a folder: 64")
+    p.add_argument("--width", type=COUNT, default=32, help="channels of the finer levels' G and D (default 32)")
+    p.add_argument("--hidden", type=COUNT, default=512, help="units of the coarsest level's G, an MLP (default 512)")
+    p.add_argument("--kernel", type=int, choices=(3, 5, 7), default=3, help="of the finer G's convs (default 3)")
+    p.add_argument("--conditional", action="store_true", help="condition the coarsest level's G and D on the class")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")
@@ -434,6 +441,7 @@ def parse_args(argv):
     p.add_argument("--log-every", type=COUNT, default=50, help="steps between progress lines (default 50)")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D (pays off on GPUs)")
+    p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])  # the preset's values, under the flags given
     args = p.parse_args(argv)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or args.device != "cpu" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: use cpu, or cuda, cuda:1, ... where torch sees a GPU")
