@@ -1,7 +1,7 @@
 """BEGAN (Berthelot et al. 2017, arXiv:1703.10717): D is an autoencoder; G and D balance its reconstruction losses.
 
-    python began.py --dataset fashion-mnist            # 32x32, 5 epochs: grids, GIF, metrics.csv in runs/began/
-    python began.py --dataset fashion-mnist --gamma 0.7 --out runs/began-g07   # higher gamma: more varied samples
+    python began.py --dataset fashion-mnist            # 28x28, 5 epochs: grids, GIF, metrics.csv in runs/began/
+    python began.py --dataset fashion-mnist --gamma 0.5 --out runs/began-g05   # the paper's gamma: only shoes here
     python began.py --dataset faces/ --preset paper    # the paper's 64x64 networks and settings (for a GPU)
     python began.py --generate 5000                    # runs/began/samples.npz and samples.png from the checkpoint
 """
@@ -21,7 +21,13 @@ import torch.nn as nn
 import data
 
 SCRIPT = os.path.basename(__file__)
-BASE = 8  # the decoders start from an 8x8 map and the encoder stops at one, as in the paper
+
+
+def halvings(image_size):  # (the decoders' start side, doublings): 8 and 2 at 32x32 (the paper's 8x8), 7 and 2 at 28
+    side, n = image_size, 0
+    while side > 8 and side % 2 == 0:
+        side, n = side // 2, n + 1
+    return side, n
 
 
 def conv_block(channels, convs):  # `convs` 3x3 convolutions, each followed by an ELU (the paper's unit)
@@ -31,28 +37,28 @@ def conv_block(channels, convs):  # `convs` 3x3 convolutions, each followed by a
 class Decoder(nn.Module):  # h -> image; no BatchNorm anywhere: BEGAN's losses are per image, each judged alone
     def __init__(self, h_dim, image_size, channels, width, convs=2):
         super().__init__()
-        self.width = width
-        self.fc = nn.Linear(h_dim, width * BASE * BASE)  # (B, w * 8 * 8), viewed as (B, w, 8, 8)
-        layers = conv_block(width, convs)  # at 8x8
-        for _ in range(image_size.bit_length() - BASE.bit_length()):  # (B, w, 2s, 2s): 16x16, 32x32 at 32x32
+        self.width, (self.side, doublings) = width, halvings(image_size)
+        self.fc = nn.Linear(h_dim, width * self.side ** 2)  # (B, w * 7 * 7), viewed as (B, w, 7, 7) at 28x28
+        layers = conv_block(width, convs)  # at 7x7
+        for _ in range(doublings):  # (B, w, 2s, 2s): 14x14, 28x28 at 28x28
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), *conv_block(width, convs)]
         layers.append(nn.Conv2d(width, channels, kernel_size=3, padding=1))  # (B, C, S, S)
         self.net = nn.Sequential(*layers)
 
     def forward(self, h):  # (B, h_dim) -> (B, C, S, S)
-        return self.net(self.fc(h).view(len(h), self.width, BASE, BASE))
+        return self.net(self.fc(h).view(len(h), self.width, self.side, self.side))
 
 
 class Encoder(nn.Module):  # image -> h: each stride-2 conv halves the size and adds w channels (the paper's)
     def __init__(self, image_size, channels, width, h_dim, convs=2):
         super().__init__()
-        blocks = image_size.bit_length() - BASE.bit_length() + 1  # 3 at 32x32
+        side, blocks = halvings(image_size)[0], halvings(image_size)[1] + 1  # 7 and 3 at 28x28
         layers = [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ELU()]  # (B, w, S, S)
-        for i in range(1, blocks):  # (B, 2w, 16, 16), (B, 3w, 8, 8) at 32x32
+        for i in range(1, blocks):  # (B, 2w, 14, 14), (B, 3w, 7, 7) at 28x28
             layers += conv_block(width * i, convs)
             layers += [nn.Conv2d(width * i, width * (i + 1), kernel_size=3, stride=2, padding=1), nn.ELU()]
-        self.net = nn.Sequential(*layers, *conv_block(width * blocks, convs), nn.Flatten())  # (B, 3w * 8 * 8)
-        self.fc = nn.Linear(width * blocks * BASE * BASE, h_dim)
+        self.net = nn.Sequential(*layers, *conv_block(width * blocks, convs), nn.Flatten())  # (B, 3w * 7 * 7)
+        self.fc = nn.Linear(width * blocks * side * side, h_dim)
 
     def forward(self, images):
         return self.fc(self.net(images))
@@ -75,16 +81,6 @@ class Discriminator(nn.Module):  # an autoencoder through latent_dim numbers (th
 
     def forward(self, images):  # (B, C, S, S) -> (B, C, S, S)
         return self.decoder(self.encoder(images))
-
-
-def init_weights(model):
-    """He init: gain sqrt(2) before an ELU, else 1. PyTorch's default shrinks the signal ~3x a layer: G would start
-    collapsed (its output hardly depends on z), and with k_0 = 0 nothing pulls it out."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.ELU))]
-    for layer, after in zip(layers, layers[1:] + [None]):
-        if not isinstance(layer, nn.ELU):
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu" if isinstance(after, nn.ELU) else "linear")
-            nn.init.zeros_(layer.bias)
 
 
 def sample_z(n, latent_dim, device, generator=None):  # the paper's U[-1, 1]; with a generator drawn on the CPU
@@ -178,7 +174,7 @@ def train(args):
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
     checkpoint = load_checkpoint(args) if args.resume else None
-    args.image_size = args.image_size or (32 if args.dataset in data.DATASETS else 64)  # a power of two
+    args.image_size = args.image_size or (28 if args.dataset in data.DATASETS else 64)
     if rank == 0:
         data.prepare_out(args.out)  # writable, and no other run writing there
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
@@ -189,7 +185,7 @@ def train(args):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     G = Generator(args.latent_dim, args.image_size, channels, args.width, args.convs)
     D = Discriminator(args.image_size, channels, args.width, args.latent_dim, args.convs)
-    init_weights(G), init_weights(D)  # then NHWC: tensor cores on CUDA, and ~20% faster 3x3 convolutions on a CPU
+    # PyTorch's default init (He's made G draw noisy textures); NHWC: ~20% faster 3x3 convolutions on a CPU
     G, D = G.to(device, memory_format=torch.channels_last), D.to(device, memory_format=torch.channels_last)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))  # DCGAN's beta1: 0.9 overshoots
@@ -323,13 +319,13 @@ def parse_args(argv):
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
     p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
-    p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, G and D (default 2e-4)")
+    p.add_argument("--lr", type=RATE, default=5e-4, help="Adam's learning rate, G and D (default 5e-4)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of z and of D's bottleneck (default 64)")
-    p.add_argument("--image-size", type=int, choices=[2 ** n for n in range(5, 11)], help="default 32; a folder: 64")
+    p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256, 512, 1024), help="default 28, a folder 64")
     p.add_argument("--width", type=COUNT, default=16, help="channels of the decoders and added a halving (default 16)")
     p.add_argument("--convs", type=COUNT, default=1, help="3x3 convolutions a resolution (default 1; the paper's 2)")
-    p.add_argument("--gamma", type=RATE, default=0.5, help="the L(G(z)) / L(x) k_t aims at (default 0.5)")
-    p.add_argument("--lambda-k", type=number(float, 0), default=0.001, help="gain of the k_t control (default 0.001)")
+    p.add_argument("--gamma", type=RATE, default=1.0, help="the L(G(z)) / L(x) k_t aims at (default 1; paper 0.5)")
+    p.add_argument("--lambda-k", type=number(float, 0), default=0.01, help="gain of k_t's control (default 0.01)")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")

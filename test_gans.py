@@ -108,7 +108,7 @@ TINY = {
     "infogan": ["--latent-dim", 8, "--width", 4],
     "acgan": ["--latent-dim", 8, "--width", 4],
     "began": ["--latent-dim", 8, "--width", 4],
-    "lapgan": ["--latent-dim", 8, "--width", 4],
+    "lapgan": ["--latent-dim", 8, "--width", 4, "--hidden", 16, "--image-size", 32],  # as the folder runs; 28: below
     "biggan": ["--latent-dim", 8, "--width", 4, "--shared-dim", 4, "--attention", 0],
     "stylegan": ["--latent-dim", 8, "--width", 4, "--w-dim", 8, "--mapping-layers", 1],
     "r3gan": ["--latent-dim", 8, "--width", 4, "--cardinality", 2],
@@ -346,7 +346,8 @@ SCRIPT_BAD_FLAGS = {
     "infogan": [["--width", 0], ["--categories", 0], ["--continuous", -1], ["--lambda-cat", -1], ["--lr-g", 0]],
     "acgan": [["--width", 0], ["--class-weight", -1], ["--image-size", 16], ["--class-loss", "both"]],
     "began": [["--width", 0], ["--convs", 0], ["--gamma", 0], ["--lambda-k", -1], ["--image-size", 48]],
-    "lapgan": [["--width", 0], ["--image-size", 48]],
+    "lapgan": [["--width", 0], ["--image-size", 48], ["--hidden", 0], ["--kernel", 4], ["--lr-g", 0],
+               ["--optimizer", "rmsprop"]],
     "biggan": [["--width", 0], ["--d-steps", 0], ["--ortho-beta", -1], ["--shared-dim", -1], ["--image-size", 48]],
     "stylegan": [["--width", 0], ["--style-mixing", 1.5], ["--r1-gamma", -1], ["--mbstd-group", 0],
                  ["--image-size", 48]],
@@ -1462,9 +1463,10 @@ def test_reconstruction_loss_is_the_mean_absolute_error_an_image():
     torch.testing.assert_close(began.reconstruction_loss(halving, images), torch.tensor([2.5 / 8, 0.1]))
 
 
-@pytest.mark.parametrize("image_size,channels", [(32, 1), (64, 3)])
-def test_d_is_an_autoencoder_and_g_has_its_decoders_shape(image_size, channels):
+@pytest.mark.parametrize("image_size,channels,side", [(28, 1, 7), (32, 1, 8), (64, 3, 8)])
+def test_d_is_an_autoencoder_and_g_has_its_decoders_shape(image_size, channels, side):
     G, D = models_began(image_size, channels, convs=2)
+    assert G.decoder.fc.out_features == 4 * side * side  # starts from 8x8 (the paper's), or 7x7 at 28x28
     fake = G(began.sample_z(5, 8, "cpu"))
     assert fake.shape == (5, channels, image_size, image_size) and fake.abs().max() <= 1
     assert D(fake).shape == fake.shape  # D reconstructs, it does not classify
@@ -1540,17 +1542,21 @@ def test_run_logs_k_t_and_m_global_and_resumes_k_exactly(tiny_data_dir, tmp_path
 
 # ---- lapgan.py --------------------------------------------------------------------------------------------------------
 
-TINY_LAPGAN = [*map(str, TINY["lapgan"]), "--epochs", "1"]
+TINY_LAPGAN = ["--latent-dim", "8", "--width", "4", "--hidden", "16", "--epochs", "1"]  # the default sizes: 28, 64
 
 
-def tiny_models(image_size=32, channels=1, num_classes=0):
+def tiny_models(image_size=28, channels=1, num_classes=0):
     torch.manual_seed(0)
-    G = lapgan.Generator(8, image_size, channels, 4, num_classes).apply(lapgan.init_weights)
-    D = lapgan.Discriminator(image_size, channels, 4, num_classes).apply(lapgan.init_weights)
+    G = lapgan.Generator(8, image_size, channels, 4, 16, 3, num_classes).apply(lapgan.init_weights)
+    D = lapgan.Discriminator(image_size, channels, 4, num_classes)
     return G, D
 
 
-@pytest.mark.parametrize("image_size, channels", [(32, 1), (64, 3)])
+def test_pyramid_sizes_halve_while_even_down_to_7_or_8():
+    assert [lapgan.pyramid_sizes(size) for size in (28, 32, 64)] == [[7, 14, 28], [8, 16, 32], [8, 16, 32, 64]]
+
+
+@pytest.mark.parametrize("image_size, channels", [(28, 1), (28, 3), (32, 1), (64, 3)])
 def test_pyramid_adding_the_residuals_back_gives_the_image_exactly(image_size, channels):
     images = torch.randint(0, 256, (5, channels, image_size, image_size), dtype=torch.uint8)
     sizes = lapgan.pyramid_sizes(image_size)
@@ -1561,22 +1567,30 @@ def test_pyramid_adding_the_residuals_back_gives_the_image_exactly(image_size, c
     for residual in bands[1:]:
         image = lapgan.upsample(image) + residual
     assert torch.equal(data.to_uint8(image), images)
-    bands, _ = lapgan.laplacian_pyramid(torch.full((2, 1, 32, 32), 0.25), 3)
-    torch.testing.assert_close(bands[0], torch.full((2, 1, 8, 8), 0.25))  # a constant: no residuals
-    assert all(residual.abs().max() < 1e-6 for residual in bands[1:])
+    bands, _ = lapgan.laplacian_pyramid(torch.full((2, 1, image_size, image_size), 0.25), len(sizes))
+    torch.testing.assert_close(bands[0], torch.full((2, 1, sizes[0], sizes[0]), 0.25))  # a constant: no residuals
+    assert all(residual.abs().max() < 1e-6 for residual in bands[1:])  # also at the edges of the odd 7x7 level
 
 
-def test_one_generator_and_discriminator_per_level_each_finer_g_drawing_a_residual():
-    G, D = tiny_models(64, 3)
-    assert len(G.refiners) == len(D.refiners) == 3  # 8x8 from z, then 16, 32 and 64
-    z, planes = lapgan.cascade_noise(5, 8, 64, torch.Generator().manual_seed(0), "cpu")
+@pytest.mark.parametrize("image_size, channels, sizes", [(28, 1, (7, 14, 28)), (64, 3, (8, 16, 32, 64))])
+def test_one_generator_and_discriminator_per_level_each_finer_g_drawing_a_residual(image_size, channels, sizes):
+    G, D = tiny_models(image_size, channels)
+    assert len(G.refiners) == len(D.refiners) == len(sizes) - 1  # the coarsest from z, then one a finer level
+    z, planes = lapgan.cascade_noise(5, 8, image_size, torch.Generator().manual_seed(0), "cpu")
     levels = G.eval().sample(z, None, planes)
-    assert [image.shape for image in levels] == [(5, 3, size, size) for size in (8, 16, 32, 64)]
+    assert [image.shape for image in levels] == [(5, channels, size, size) for size in sizes]
     for k, refine in enumerate(G.refiners):  # each level: the upsampled coarser one plus its G's residual
         low = lapgan.upsample(levels[k])
         torch.testing.assert_close(levels[k + 1], (low + refine(low, planes[k])).clamp(-1, 1))
-    bands, lows = lapgan.laplacian_pyramid(levels[-1], 4)
-    assert [logits.shape for logits in D(bands, None, lows)] == [(5,)] * 4
+    bands, lows = lapgan.laplacian_pyramid(levels[-1], len(sizes))
+    assert [logits.shape for logits in D(lapgan.level_images(bands, lows), None)] == [(5,)] * len(sizes)
+
+
+def test_finer_generators_have_no_strided_or_transposed_convolutions_and_a_linear_output():
+    G, _ = tiny_models()
+    convs = [m for m in G.refiners.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert convs and all(type(m) is nn.Conv2d and m.stride == (1, 1) for m in convs)
+    assert all(type(refine.net[-1]) is nn.Conv2d for refine in G.refiners)  # a residual is signed: no tanh
 
 
 def test_only_the_coarsest_level_reads_the_class():
@@ -1587,28 +1601,55 @@ def test_only_the_coarsest_level_reads_the_class():
 
 
 def test_levels_train_independently_on_the_real_pyramid_and_report_sums_then_each_level():
-    # a broken 8x8 G (NaN) spoils only its own level: the finer ones train on the real pyramid, not on its output
+    # a broken coarsest G (NaN) spoils only its own level: the finer ones train on the real pyramid, not on its output
     G, D = tiny_models()
     opt_g, opt_d = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
     before = {name: p.detach().clone() for name, p in [*G.named_parameters(), *D.named_parameters()]}
     with torch.no_grad():
-        G.coarse.net[-2].bias.fill_(float("nan"))
+        G.coarse.net[-3].bias.fill_(float("nan"))
     scaler = no_scaler()
-    metrics = lapgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 32, 32) * 2 - 1, None, 8, scaler)
-    assert metrics.shape == (2 + 4 * 3,)  # d_loss, g_loss, then d_loss, g_loss, d_real, d_fake at 8, 16, 32
+    metrics = lapgan.train_step(G, D, opt_g, opt_d, torch.rand(8, 1, 28, 28) * 2 - 1, None, 8, scaler)
+    assert metrics.shape == (2 + 4 * 3,)  # d_loss, g_loss, then d_loss, g_loss, d_real, d_fake at 7, 14, 28
     for model in (G, D):
         assert not all(torch.isfinite(p).all() for p in model.coarse.parameters())
         assert all(torch.isfinite(p).all() for p in model.refiners.parameters())
         assert any(not torch.equal(p, before[f"refiners.{name}"]) for name, p in model.refiners.named_parameters())
     assert torch.isfinite(metrics[6:]).all() and not torch.isfinite(metrics[2:6]).all()
-    assert ((metrics[[8, 9, 12, 13]] >= 0) & (metrics[[8, 9, 12, 13]] <= 1)).all()  # D(x) at 16 and 32: probabilities
+    assert ((metrics[[8, 9, 12, 13]] >= 0) & (metrics[[8, 9, 12, 13]] <= 1)).all()  # D(x) at 14 and 28: probabilities
 
 
-def test_augmentation_moves_each_coarse_image_and_its_residual_together():
-    augment = data.make_augmentation("diffaug", 3, "cpu")
-    image = torch.rand(4, 3, 16, 16) * 2 - 1
-    bands, lows = lapgan.shown_levels(augment, [torch.rand(4, 3, 8, 8), image], [image])
-    assert not torch.equal(lows[0], image) and torch.equal(bands[1], lows[0])  # moved, and alike: no colour change
+def test_paper_preset_builds_the_authors_nets_on_denton_et_als_28px_pyramid():
+    args = lapgan.parse_args(["--preset", "paper"])
+    assert (args.hidden, args.latent_dim, args.width, args.kernel, args.optimizer, args.lr, args.lr_g,
+            args.batch_size) == (1200, 100, 128, 7, "sgd", 0.01, 0.01, 64)
+    G = lapgan.Generator(args.latent_dim, 28, 1, args.width, args.hidden, args.kernel)
+    D = lapgan.Discriminator(28, 1, args.width)
+    assert [m.kernel_size[0] for m in G.refiners[1].modules() if isinstance(m, nn.Conv2d)] == [7, 7, 5]
+    # G: MLP 100 -> 1200 -> 1200 -> 49 with BatchNorm; twice 2*128*49 + 128*128*49 + 128*25+1 convs, 2*2*128 BatchNorm
+    # D at 7 px: 9*256+256, 256*512*16 convs, 2*512 BatchNorm, 512*3*3+1 linear; at 14 and 28 px: 16*128+128,
+    # 128*256*16 convs, 2*256 BatchNorm, then 256*3*3+1 and 256*7*7+1 linears
+    assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (3_264_195, 3_174_147)
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), args.lr), torch.optim.SGD(D.parameters(), args.lr)
+    metrics = lapgan.train_step(G, D, opt_g, opt_d, torch.rand(4, 1, 28, 28) * 2 - 1, None, 100, no_scaler())
+    assert torch.isfinite(metrics).all()  # one step at the paper's size
+
+
+def test_sgd_momentum_rises_by_the_authors_schedule_and_resume_keeps_it(tiny_data_dir, tmp_path):
+    assert run(lapgan, tmp_path, tiny_data_dir, "--preset", "paper", *TINY_LAPGAN, "--kernel", 3, "--lr", 0.05) == 0
+    assert run(lapgan, tmp_path, tiny_data_dir, *TINY_LAPGAN[:-1], "3", "--resume") == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (checkpoint["args"]["optimizer"], checkpoint["args"]["kernel"], checkpoint["args"]["lr"]) == ("sgd", 3, 0.05)
+    assert [group["momentum"] for key in ("opt_g", "opt_d") for group in checkpoint[key]["param_groups"]] == \
+        pytest.approx([0.0016, 0.0016])  # epoch 3: from 0, 0.0008 an epoch
+
+
+def test_each_d_judges_its_levels_image_the_upsampled_coarser_image_plus_the_residual():
+    images = torch.rand(4, 1, 28, 28) * 2 - 1
+    bands, lows = lapgan.laplacian_pyramid(images, 3)
+    levels = lapgan.level_images(bands, lows)
+    assert [level.shape[-1] for level in levels] == [7, 14, 28] and torch.equal(levels[0], bands[0])
+    torch.testing.assert_close(levels[2], images)  # the finest level's image is the image
+    torch.testing.assert_close(levels[1], lapgan.binomial_blur(images)[..., ::2, ::2])  # a finer one: the low-pass
 
 
 def test_run_writes_each_levels_losses_and_d_accuracy_and_a_grid_row_per_level(tiny_data_dir, tmp_path):
@@ -1616,14 +1657,14 @@ def test_run_writes_each_levels_losses_and_d_accuracy_and_a_grid_row_per_level(t
     out = tmp_path / "run"
     with open(out / "metrics.csv") as f:
         row = next(csv.DictReader(f))
-    assert float(row["d_loss"]) == pytest.approx(sum(float(row[f"d_loss_{s}"]) for s in (8, 16, 32)), abs=1e-4)
-    for size in (8, 16, 32):
+    assert float(row["d_loss"]) == pytest.approx(sum(float(row[f"d_loss_{s}"]) for s in (7, 14, 28)), abs=1e-4)
+    for size in (7, 14, 28):
         assert {f"d_loss_{size}", f"g_loss_{size}", f"d_real_{size}", f"d_fake_{size}"} <= set(row)
         assert all(0 <= float(row[f"d_acc_{name}_{size}"]) <= 1 for name in ("real_train", "real_test", "fake"))
     grid = np.asarray(Image.open(out / "samples" / "epoch_001.png"))
-    assert grid.shape == (2 + 4 * 3 * 34, 2 + 10 * 34)  # 4 groups x 3 levels rows, 10 samples a row
-    for r, pixel in ((0, 4), (1, 2)):  # the 8x8 row in 4x4 blocks, the 16x16 row in 2x2 blocks
-        tile = grid[2 + r * 34: 2 + r * 34 + 32, 2:34]
+    assert grid.shape == (2 + 4 * 3 * 30, 2 + 10 * 30)  # 4 groups x 3 levels rows, 10 samples a row
+    for r, pixel in ((0, 4), (1, 2)):  # the 7x7 row in 4x4 blocks, the 14x14 row in 2x2 blocks
+        tile = grid[2 + r * 30: 2 + r * 30 + 28, 2:30]
         assert (tile == np.repeat(np.repeat(tile[::pixel, ::pixel], pixel, 0), pixel, 1)).all()
 
 
