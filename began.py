@@ -52,7 +52,8 @@ class Decoder(nn.Module):  # h -> image; no BatchNorm anywhere: BEGAN's losses a
 class Encoder(nn.Module):  # image -> h: each stride-2 conv halves the size and adds w channels (the paper's)
     def __init__(self, image_size, channels, width, h_dim, convs=2):
         super().__init__()
-        side, blocks = halvings(image_size)[0], halvings(image_size)[1] + 1  # 7 and 3 at 28x28
+        side, halves = halvings(image_size)  # 7 and 2 at 28x28: 3 blocks
+        blocks = halves + 1
         layers = [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ELU()]  # (B, w, S, S)
         for i in range(1, blocks):  # (B, 2w, 14, 14), (B, 3w, 7, 7) at 28x28
             layers += conv_block(width * i, convs)
