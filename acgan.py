@@ -1,8 +1,9 @@
 """AC-GAN (Odena et al. 2017, arXiv:1610.09585): a class-conditional G, and a D that also names the class it sees;
-by default with TAC-GAN's twin class head (Gong et al. 2019, arXiv:1907.02690).
+by default with TAC-GAN's twin class head (Gong et al. 2019, arXiv:1907.02690) and MSGAN's mode-seeking term (Mao et
+al. 2019, arXiv:1903.05628), which keep each class from shrinking to a few prototypes.
 
-    python acgan.py --data-dir DIR                     # MNIST (DIR/mnist/), 5 epochs, one row per class: runs/acgan/
-    python acgan.py --generate 1000 --label 3          # 1000 threes into runs/acgan/samples.npz (with labels)
+    python acgan.py --dataset fashion-mnist            # 6 epochs, 28x28, one row per class: runs/acgan/
+    python acgan.py --generate 1000 --label 3          # 1000 dresses into runs/acgan/samples.npz (with labels)
     python acgan.py --class-loss paper                 # the paper's own loss: D's class head also names the fakes
     python acgan.py --preset paper --dataset DIR       # the paper's CIFAR-10 sizes and hyper-parameters, for a GPU
 """
@@ -26,14 +27,15 @@ SCRIPT = os.path.basename(__file__)
 
 
 class Generator(nn.Module):
-    """z and a class -> image in [-1, 1]: the class as a learned embedding beside z, a 4x4 map, then one stride-2
+    """z and a class -> image in [-1, 1]: the class as a learned embedding beside z, a 4x4 (7x7) map, then one stride-2
     transposed convolution per doubling (kernel 4, stride 2: every output pixel covered equally, no checkerboard)."""
 
     def __init__(self, latent_dim, image_size, channels, width, num_classes, label_dim=16):
         super().__init__()
         self.label_embedding = nn.Embedding(num_classes, label_dim)
-        width_at = [width * image_size // (8 * 2 ** i) for i in range(image_size.bit_length() - 3)]  # 4x4, 8x8, ...
-        layers = [nn.ConvTranspose2d(latent_dim + label_dim, width_at[0], 4, stride=1, padding=0, bias=False),
+        start, doublings = (7, 2) if image_size == 28 else (4, image_size.bit_length() - 3)  # 7, 14, 28 at 28x28
+        width_at = [width * 2 ** i for i in reversed(range(doublings))]  # 4w, 2w, w at 4x4, 8x8, 16x16 (32x32)
+        layers = [nn.ConvTranspose2d(latent_dim + label_dim, width_at[0], start, bias=False),
                   nn.BatchNorm2d(width_at[0]), nn.ReLU()]  # (B, 4w, 4, 4) at 32x32
         for c_in, c_out in zip(width_at, width_at[1:]):  # (B, 2w, 8, 8), (B, w, 16, 16) at 32x32
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
@@ -48,19 +50,21 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """Image (never its label) -> (real/fake logit, class logits, twin class logits or None): stride-2 convolutions
-    down to 4x4, linear heads on the shared features (learning the classes shapes them: Odena et al., sec. 3)."""
+    down to 4x4 (7x7), linear heads on the shared features (learning the classes shapes them: Odena et al., sec. 3)."""
 
     def __init__(self, image_size, channels, width, num_classes, twin=True):
         super().__init__()
-        width_at = [width * 2 ** i for i in range(image_size.bit_length() - 3)]  # 16x16, 8x8, 4x4 at 32x32
+        start, doublings = (7, 2) if image_size == 28 else (4, image_size.bit_length() - 3)
+        width_at = [width * 2 ** i for i in range(doublings)]  # 16x16, 8x8, 4x4 at 32x32; 14x14, 7x7 at 28x28
         layers = [nn.Conv2d(channels, width_at[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]  # (B, w, 16, 16)
         for c_in, c_out in zip(width_at, width_at[1:]):  # (B, 2w, 8, 8), (B, 4w, 4, 4) at 32x32
             layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
                        nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers, nn.Flatten())  # (B, 4w * 4 * 4)
-        self.source = nn.Linear(width_at[-1] * 16, 1)
-        self.classes = nn.Linear(width_at[-1] * 16, num_classes)
-        self.twin = nn.Linear(width_at[-1] * 16, num_classes) if twin else None
+        features = width_at[-1] * start ** 2
+        self.source = nn.Linear(features, 1)
+        self.classes = nn.Linear(features, num_classes)
+        self.twin = nn.Linear(features, num_classes) if twin else None
 
     def forward(self, images):  # (B, C, S, S) -> (B,), (B, num_classes), (B, num_classes) or None
         h = self.features(images)
@@ -92,12 +96,14 @@ def class_loss(class_logits, labels):
     return F.cross_entropy(class_logits.float(), labels)
 
 
-def d_loss(real_logits, fake_logits, real_class_logits, fake_class_logits, labels, class_weight=1.0):
+def d_loss(real_logits, fake_logits, real_class_logits, fake_class_logits, labels, class_weight=1.0,
+           fake_labels=None):
     """D maximises L_S + L_C: the right source of reals and fakes, and the right class of both (of a fake, the class
     G was asked for) by the class head (the paper) or TAC-GAN's twin head, which keeps G and D from agreeing on a
     private mark in place of the class (on MNIST whole rows of 2s came out as 7s, "rightly" named by D)."""
     return (source_loss(real_logits, real=True) + source_loss(fake_logits, real=False)
-            + class_weight * (class_loss(real_class_logits, labels) + class_loss(fake_class_logits, labels)))
+            + class_weight * (class_loss(real_class_logits, labels)
+                              + class_loss(fake_class_logits, labels if fake_labels is None else fake_labels)))
 
 
 def g_loss(fake_logits, fake_class_logits, labels, class_weight=1.0, fake_twin_logits=None):
@@ -107,6 +113,14 @@ def g_loss(fake_logits, fake_class_logits, labels, class_weight=1.0, fake_twin_l
     if fake_twin_logits is not None:
         loss_c = loss_c - class_loss(fake_twin_logits, labels)
     return source_loss(fake_logits, real=True) + class_weight * loss_c
+
+
+def mode_seeking_loss(fake, z):
+    """MSGAN (Mao et al. 2019): the fakes' pairs (i, i + B/2), each pair one class, should differ as much as their z
+    do; G minimises the inverse of that ratio, so it cannot draw one prototype per class whatever z says."""
+    half = len(z) // 2
+    ratio = (fake[:half] - fake[half:2 * half]).abs().mean() / (z[:half] - z[half:2 * half]).abs().mean()
+    return 1 / (ratio.float() + 1e-5)
 
 
 def average_gradients(model):
@@ -121,18 +135,23 @@ def average_gradients(model):
         grad.copy_(mean.view_as(grad))
 
 
-def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, class_weight=1.0, augment=None, amp=False):
+def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, class_weight=1.0, augment=None, amp=False,
+               mode_seeking=0.0):
     """One D update, then one G update against the D just improved, the fakes drawn for the real batch's labels. D's
     twin head, if it has one, makes it TAC-GAN. Returns the losses and D's mean outputs as one device tensor."""
     shown = augment or (lambda images: images)  # what D is shown of an image
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
     z = torch.randn(len(real), latent_dim, device=real.device)
+    fake_labels, half = labels.clone(), len(labels) // 2
+    if mode_seeking:  # fakes i and i + B/2 of one class, for the mode-seeking term
+        fake_labels[half:2 * half] = labels[:half]
     with torch.autocast(real.device.type, cast, enabled=amp):
-        fake = G(z, labels)
+        fake = G(z, fake_labels)
         (real_logits, real_class_logits, _), (fake_logits, fake_class_logits, fake_twin_logits) = (
             D(shown(real)), D(shown(fake.detach())))  # not into G
         loss_d = d_loss(real_logits, fake_logits, real_class_logits,
-                        fake_class_logits if fake_twin_logits is None else fake_twin_logits, labels, class_weight)
+                        fake_class_logits if fake_twin_logits is None else fake_twin_logits, labels, class_weight,
+                        fake_labels)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss_d).backward()
     average_gradients(D)
@@ -143,17 +162,19 @@ def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, class_weigh
     D.requires_grad_(False)  # G's backward passes through D to the image without filling D's gradients
     with torch.autocast(real.device.type, cast, enabled=amp):
         g_logits, g_class_logits, g_twin_logits = D(shown(fake))
-        loss_g = g_loss(g_logits, g_class_logits, labels, class_weight, g_twin_logits)
+        loss_g = g_loss(g_logits, g_class_logits, fake_labels, class_weight, g_twin_logits)
+        if mode_seeking:
+            loss_g = loss_g + mode_seeking * mode_seeking_loss(fake, z)
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
     average_gradients(G)
     scaler.step(opt_g)
     scaler.update()
     D.requires_grad_(True)
-    twin = [] if g_twin_logits is None else [class_loss(g_twin_logits.detach(), labels)]
+    twin = [] if g_twin_logits is None else [class_loss(g_twin_logits.detach(), fake_labels)]
     return torch.stack([loss_d.detach(), loss_g.detach(), real_logits.detach().float().sigmoid().mean(),
                         fake_logits.detach().float().sigmoid().mean(), class_loss(real_class_logits.detach(), labels),
-                        class_loss(g_class_logits.detach(), labels), *twin])
+                        class_loss(g_class_logits.detach(), fake_labels), *twin])
 
 
 @torch.no_grad()
@@ -202,7 +223,7 @@ def train(args):
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
     checkpoint = load_checkpoint(args) if args.resume else None
-    args.image_size = args.image_size or (32 if args.dataset in data.DATASETS else 64)  # a power of two
+    args.image_size = args.image_size or (28 if args.dataset in data.DATASETS else 64)
     if rank == 0:
         data.prepare_out(args.out)  # writable, and no other run writing there
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
@@ -242,7 +263,7 @@ def train(args):
         for i, (real, labels) in enumerate(batches.epoch(epoch), 1):
             real, labels = real.tensor_split(world_size)[rank], labels.tensor_split(world_size)[rank]
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, labels, args.latent_dim, scaler,
-                                 args.class_weight, augment, args.amp)
+                                 args.class_weight, augment, args.amp, args.mode_seeking)
             update_average(G_average, G, (epoch - 1) * len(batches) + i, args.average_decay)
             if i % args.log_every == 0 or i == len(batches):
                 means = totals / i
@@ -308,8 +329,8 @@ def stop(signum, frame):  # SIGTERM, a scheduler's stop: unwinds like Ctrl-C, wi
     raise KeyboardInterrupt("SIGTERM")
 
 
-KEPT = ("preset", "image_size", "width", "latent_dim", "class_loss", "class_weight", "batch_size", "lr", "seed",
-        "average_decay", "train_images", "augment")  # the preset first: another one is refused by name
+KEPT = ("preset", "image_size", "width", "latent_dim", "class_loss", "class_weight", "mode_seeking", "batch_size",
+        "lr", "seed", "average_decay", "train_images", "augment")  # the preset first: another one is refused by name
 
 
 def load_checkpoint(args):
@@ -349,7 +370,7 @@ class ArgumentParser(argparse.ArgumentParser):
 # --preset paper: the appendix's CIFAR-10 G (110-d input, convs 384, 192, 96), batch, Adam and loss, for a GPU; its D
 # (six 3x3 convolutions, dropout) is not this script's, which gets the same widths.
 PRESETS = {"cpu": {}, "paper": {"image_size": 32, "latent_dim": 100, "width": 96, "batch_size": 100, "lr": 2e-4,
-                                "class_loss": "paper"}}
+                                "class_loss": "paper", "mode_seeking": 0.0}}
 
 
 def parse_args(argv):
@@ -357,15 +378,17 @@ def parse_args(argv):
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, stacked-mnist or a folder of class folders")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
-    p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
-    p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
+    p.add_argument("--epochs", type=COUNT, default=6, help="total passes over the training set (default 6)")
+    p.add_argument("--batch-size", type=COUNT, default=32, help="images a step, over all processes (default 32)")
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, G and D (default 2e-4)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
-    p.add_argument("--image-size", type=number(int, 32), help="a power of two >= 32 (default 32, 64 for a folder)")
-    p.add_argument("--width", type=COUNT, default=32, help="channels of G's last and D's first layer (default 32)")
+    p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256, 512), help="default 28, a folder 64")
+    p.add_argument("--width", type=COUNT, default=64, help="channels of G's last and D's first layer (default 64)")
     p.add_argument("--class-loss", default="tac", choices=["tac", "paper"], help="D's twin head (default) or class "
                    "head learns the class of fakes")
     p.add_argument("--class-weight", type=number(float, 0), default=1.0, help="of L_C against L_S (default 1)")
+    p.add_argument("--mode-seeking", type=number(float, 0), default=0.5, help="weight of MSGAN's term in G's loss, "
+                   "against one prototype per class (default 0.5; 0: off)")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "
@@ -383,8 +406,6 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile G and D (pays off on GPUs)")
     p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])  # then the flags given win
     args = p.parse_args(argv)
-    if args.image_size and args.image_size & (args.image_size - 1):
-        p.error(f"--image-size {args.image_size}: use a power of two (32, 64, 128, ...)")
     if args.label is not None and not args.generate:
         p.error(f"--label {args.label}: only with --generate N")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or args.device != "cpu" and not torch.cuda.is_available():

@@ -1,6 +1,6 @@
 """InfoGAN (Chen et al. 2016, arXiv:1606.03657): a GAN whose latent codes learn, without labels, to mean something.
 
-    python infogan.py                                  # MNIST (30 epochs): one grid row per code value, runs/infogan/
+    python infogan.py                                  # MNIST (45 epochs): one grid row per code value, runs/infogan/
     python infogan.py --preset paper                   # the paper's MNIST networks and hyper-parameters (a GPU's job)
     python infogan.py --generate 5000                  # samples.npz, its labels the images' categorical codes
 
@@ -377,14 +377,15 @@ def parse_args(argv):
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, stacked-mnist or a folder (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
-    p.add_argument("--epochs", type=COUNT, default=30, help="total passes over the training set (default 30)")
+    p.add_argument("--epochs", type=COUNT, default=45, help="total passes over the training set (default 45)")
     p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate of D (default 2e-4, the paper's)")
     p.add_argument("--lr-g", type=RATE, default=1e-3, help="of G and Q's own layers (default 1e-3, the paper's)")
     p.add_argument("--latent-dim", type=COUNT, default=62, help="size of the noise vector z (default 62, the paper's)")
     p.add_argument("--categories", type=COUNT, default=10, help="values of the categorical code (default 10)")
     p.add_argument("--continuous", type=number(int, 0), default=2, help="continuous codes (default 2; 0 for none)")
-    p.add_argument("--lambda-cat", type=WEIGHT, default=1.0, help="weight of its information term (default 1)")
+    p.add_argument("--lambda-cat", type=WEIGHT, default=2.0, help="weight of its information term (default 2; "
+                   "the paper's 1)")
     p.add_argument("--lambda-cont", type=WEIGHT, default=0.1, help="weight of theirs (default 0.1, the paper's)")
     p.add_argument("--image-size", type=COUNT, help="28 or a power of two >= 32 (default 28, 64 for a folder)")
     p.add_argument("--width", type=COUNT, default=32, help="channels of G's last and D's first layer (default 32)")

@@ -1387,6 +1387,23 @@ def test_twin_head_not_the_class_head_learns_the_class_of_fakes(monkeypatch):
                                                                                               seen["g_twin"])
 
 
+def test_mode_seeking_term_is_one_over_the_image_distance_per_z_distance():
+    fake = torch.tensor([[0.0, 0.0], [4.0, 0.0], [1.0, 3.0], [4.0, 2.0]]).view(4, 1, 1, 2)  # pair gaps 1, 3, 0, 2: 1.5
+    z = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, -0.5], [2.0, 3.0]])  # pair gaps 0.5, 0.5, 1, 2: 1.0
+    assert acgan.mode_seeking_loss(fake, z).item() == pytest.approx(1 / 1.5, rel=1e-4)
+
+
+def test_mode_seeking_draws_the_fakes_in_pairs_of_one_class(monkeypatch):
+    G, D = models_acgan()
+    asked, forward = [], G.forward
+    monkeypatch.setattr(G, "forward", lambda z, labels: (asked.append(labels.clone()), forward(z, labels))[1])
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.0), torch.optim.SGD(D.parameters(), lr=0.0)
+    real = torch.rand(8, 1, 32, 32) * 2 - 1
+    acgan.train_step(G, D, opt_g, opt_d, real, torch.arange(8), 16, no_scaler())
+    acgan.train_step(G, D, opt_g, opt_d, real, torch.arange(8), 16, no_scaler(), mode_seeking=1.0)
+    assert asked[0].tolist() == list(range(8)) and asked[1].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
 def test_accuracy_columns_count_both_heads_on_training_held_out_and_fake_images():
     class BrightD(nn.Module):  # source logit = brightness; class 0 for bright images, 1 for dark ones
         def __init__(self):
