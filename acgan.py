@@ -142,9 +142,8 @@ def train_step(G, D, opt_g, opt_d, real, labels, latent_dim, scaler, class_weigh
     shown = augment or (lambda images: images)  # what D is shown of an image
     cast = torch.float16 if real.device.type == "cuda" else torch.bfloat16  # --amp (loss scaling: CUDA only)
     z = torch.randn(len(real), latent_dim, device=real.device)
-    fake_labels, half = labels.clone(), len(labels) // 2
-    if mode_seeking:  # fakes i and i + B/2 of one class, for the mode-seeking term
-        fake_labels[half:2 * half] = labels[:half]
+    half = len(labels) // 2  # with the mode-seeking term, fakes i and i + B/2 are of one class
+    fake_labels = torch.cat([labels[:half], labels[:half], labels[2 * half:]]) if mode_seeking else labels
     with torch.autocast(real.device.type, cast, enabled=amp):
         fake = G(z, fake_labels)
         (real_logits, real_class_logits, _), (fake_logits, fake_class_logits, fake_twin_logits) = (
