@@ -84,6 +84,41 @@ class Discriminator(nn.Module):  # an autoencoder through latent_dim numbers (th
         return self.decoder(self.encoder(images))
 
 
+class SmallGenerator(nn.Module):  # --nets infogan: Lucic et al.'s BEGAN G, InfoGAN's 28 px G (BatchNorm, ReLU)
+    def __init__(self, latent_dim, image_size, channels, width):
+        super().__init__()
+        side, flat = image_size // 4, 2 * width * (image_size // 4) ** 2
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 16 * width, bias=False), nn.BatchNorm1d(16 * width), nn.ReLU(),  # (B, 1024)
+            nn.Linear(16 * width, flat, bias=False), nn.BatchNorm1d(flat), nn.ReLU(),  # (B, 128 * 7 * 7)
+            nn.Unflatten(1, (2 * width, side, side)),
+            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1), nn.Tanh())  # (B, 64, 14, 14), (B, C, 28, 28)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class SmallDiscriminator(nn.Module):  # --nets infogan: an autoencoder with one conv each way, through 32 numbers
+    def __init__(self, image_size, channels, width, h_dim=32):
+        super().__init__()
+        side = image_size // 2
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),  # (B, 64 * 14 * 14)
+            nn.Linear(width * side * side, h_dim), nn.Linear(h_dim, width * side * side), nn.ReLU(),  # no BatchNorm
+            nn.Unflatten(1, (width, side, side)), nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1))
+
+    def forward(self, images):  # (B, C, S, S) -> (B, C, S, S)
+        return self.net(images)
+
+
+def build(nets, latent_dim, image_size, channels, width, convs):  # (G, D): the paper's, or the CPU default's
+    if nets == "paper":
+        return (Generator(latent_dim, image_size, channels, width, convs),
+                Discriminator(image_size, channels, width, latent_dim, convs))
+    return SmallGenerator(latent_dim, image_size, channels, width), SmallDiscriminator(image_size, channels, width)
+
+
 def sample_z(n, latent_dim, device, generator=None):  # the paper's U[-1, 1]; with a generator drawn on the CPU
     return (torch.rand(n, latent_dim, generator=generator, device="cpu" if generator else device) * 2 - 1).to(device)
 
@@ -148,6 +183,8 @@ def update_average(G_average, G, step, decay):
     decay = min(decay, (1 + step) / (10 + step))
     for average, current in zip(G_average.parameters(), G.parameters()):
         average.lerp_(current, 1 - decay)
+    for average, current in zip(G_average.buffers(), G.buffers()):  # BatchNorm's running statistics
+        average.copy_(current)
 
 
 @torch.no_grad()
@@ -184,8 +221,7 @@ def train(args):
     channels = dataset.image_shape[0]
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    G = Generator(args.latent_dim, args.image_size, channels, args.width, args.convs)
-    D = Discriminator(args.image_size, channels, args.width, args.latent_dim, args.convs)
+    G, D = build(args.nets, args.latent_dim, args.image_size, channels, args.width, args.convs)
     # PyTorch's default init (He's made G draw noisy textures); NHWC: ~20% faster 3x3 convolutions on a CPU
     G, D = G.to(device, memory_format=torch.channels_last), D.to(device, memory_format=torch.channels_last)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
@@ -258,7 +294,7 @@ def generate(args):
     checkpoint = load_checkpoint(args)
     saved = argparse.Namespace(**checkpoint["args"])
     channels, image_size = checkpoint["image_shape"][0], checkpoint["image_shape"][-1]
-    G = Generator(saved.latent_dim, image_size, channels, saved.width, saved.convs).to(args.device)
+    G = build(saved.nets, saved.latent_dim, image_size, channels, saved.width, saved.convs)[0].to(args.device)
     G.load_state_dict(checkpoint["generator_average"])
     data.save_samples(args.out, generate_images(G, args.generate, saved.latent_dim, args.device, args.seed))
 
@@ -271,7 +307,7 @@ def stop(signum, frame):  # SIGTERM, a scheduler's stop: unwinds like Ctrl-C, wi
     raise KeyboardInterrupt("SIGTERM")
 
 
-KEPT = ("preset", "image_size", "width", "convs", "latent_dim", "gamma", "lambda_k", "batch_size", "lr", "seed",
+KEPT = ("preset", "image_size", "nets", "width", "convs", "latent_dim", "gamma", "lambda_k", "batch_size", "lr", "seed",
         "average_decay", "train_images", "augment")  # the preset first: another one is refused by name
 
 
@@ -309,7 +345,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # --preset paper (for a GPU): secs. 3.4-4.1 and Figure 1. Not reproduced: halving lr whenever M_global stalls.
-PRESETS = {"cpu": {}, "paper": {"image_size": 64, "width": 64, "convs": 2, "latent_dim": 64, "batch_size": 16,
+PRESETS = {"cpu": {}, "paper": {"image_size": 64, "nets": "paper", "width": 64, "convs": 2, "latent_dim": 64, "batch_size": 16,
                                 "lr": 1e-4, "gamma": 0.5, "lambda_k": 0.001}}
 
 
@@ -320,11 +356,14 @@ def parse_args(argv):
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
     p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
-    p.add_argument("--lr", type=RATE, default=5e-4, help="Adam's learning rate, G and D (default 5e-4)")
-    p.add_argument("--latent-dim", type=COUNT, default=64, help="size of z and of D's bottleneck (default 64)")
+    p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, G and D (default 2e-4)")
+    p.add_argument("--latent-dim", type=COUNT, default=64, help="size of z, and of the paper nets' bottleneck (default 64)")
     p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256, 512, 1024), help="default 28, a folder 64")
-    p.add_argument("--width", type=COUNT, default=16, help="channels of the decoders and added a halving (default 16)")
-    p.add_argument("--convs", type=COUNT, default=1, help="3x3 convolutions a resolution (default 1; the paper's 2)")
+    p.add_argument("--nets", choices=("infogan", "paper"), default="infogan", help="infogan: InfoGAN's G and a "
+                   "one-conv autoencoder D, Lucic et al.'s (default); paper: the paper's ELU nets")
+    p.add_argument("--width", type=COUNT, default=64, help="infogan: G's last and D's channels; paper: the decoders' "
+                   "channels, added at each halving (default 64)")
+    p.add_argument("--convs", type=COUNT, default=2, help="paper nets: 3x3 convolutions a resolution (default 2)")
     p.add_argument("--gamma", type=RATE, default=1.0, help="the L(G(z)) / L(x) k_t aims at (default 1; paper 0.5)")
     p.add_argument("--lambda-k", type=number(float, 0), default=0.01, help="gain of k_t's control (default 0.01)")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
