@@ -1,7 +1,7 @@
 """R3GAN (Huang et al. 2024, arXiv:2501.05441): the relativistic loss with R1 and R2, a residual G and D without
 normalisation. Unconditional (the paper's CIFAR-10 run is conditional).
 
-    python r3gan.py --dataset fashion-mnist                  # 32x32 grids, GIF, metrics in runs/r3gan/
+    python r3gan.py --dataset fashion-mnist                  # 28x28 grids, GIF, metrics in runs/r3gan/
     python r3gan.py --generate 1000                          # runs/r3gan/samples.npz and samples.png
     python r3gan.py --preset paper --dataset cifar/ --device cuda   # the paper's CIFAR-10 networks and schedules
 """
@@ -59,43 +59,56 @@ class ResidualBlock(nn.Module):
         return x + self.conv3(y)
 
 
-class Generator(nn.Module):  # z -> a learned 4x4 basis scaled by a linear map of z -> blocks, upsampling -> 1x1
-    """The same width at every resolution, as the paper's CIFAR-10 model (its 1x1 transitions where widths change
-    are then not needed)."""
+def stage_widths(image_size, width, max_width):  # (the basis' side, channels a stage from the coarsest)
+    side = image_size
+    while side > 4 and side % 2 == 0:  # 32 -> 4: 4, 8, 16, 32; 28 -> 7: 7, 14, 28
+        side //= 2
+    stages = (image_size // side).bit_length()
+    return side, [min(width << k, max(max_width, width)) for k in reversed(range(stages))]
 
-    def __init__(self, latent_dim, image_size, channels, width, cardinality, blocks):
+
+class Generator(nn.Module):  # z -> a learned basis scaled by a linear map of z -> blocks, upsampling -> 1x1
+    """--width channels at the finest resolution, twice as many at each coarser one up to --max-width (the paper's
+    CIFAR-10 model: the same width everywhere). Where the width changes, a 1x1 conv before upsampling (the paper's)."""
+
+    def __init__(self, latent_dim, image_size, channels, width, max_width, group_width, blocks):
         super().__init__()
-        stages = image_size.bit_length() - 2  # 4, 8, ..., S px
-        self.basis = nn.Parameter(torch.randn(width, 4, 4))
-        self.linear = nn.Linear(latent_dim, width, bias=False)
+        side, widths = stage_widths(image_size, width, max_width)
+        self.basis = nn.Parameter(torch.randn(widths[0], side, side))
+        self.linear = nn.Linear(latent_dim, widths[0], bias=False)
         nn.init.normal_(self.linear.weight, 0.0, 1 / math.sqrt(latent_dim))
-        self.stages = nn.ModuleList(nn.Sequential(*[ResidualBlock(width, cardinality, blocks * stages)
-                                                    for _ in range(blocks)]) for _ in range(stages))
-        self.to_image = conv(width, channels)
+        self.stages = nn.ModuleList(nn.Sequential(*[ResidualBlock(w, EXPANSION * w // group_width,
+                                                                  blocks * len(widths)) for _ in range(blocks)])
+                                    for w in widths)
+        self.transitions = nn.ModuleList(conv(a, b) if a != b else nn.Identity() for a, b in zip(widths, widths[1:]))
+        self.to_image = conv(widths[-1], channels)
 
     def forward(self, z):  # (B, latent_dim) -> (B, C, S, S); no tanh (the paper): D and the data keep it in range
-        x = self.basis * self.linear(z)[:, :, None, None]  # (B, width, 4, 4)
-        for i, stage in enumerate(self.stages):  # (B, width, 8, 8), ..., (B, width, S, S)
-            x = stage(upsample(x) if i else x)
+        x = self.stages[0](self.basis * self.linear(z)[:, :, None, None])  # (B, widths[0], 4, 4) or 7x7
+        for transition, stage in zip(self.transitions, self.stages[1:]):  # 8, 16, 32 px (14, 28)
+            x = stage(upsample(transition(x)))
         return self.to_image(x)
 
 
-class Discriminator(nn.Module):  # image -> 1x1 -> blocks, downsampling -> a learned 4x4 depthwise basis -> linear
-    def __init__(self, image_size, channels, width, cardinality, blocks):
+class Discriminator(nn.Module):  # image -> 1x1 -> blocks, downsampling -> a learned depthwise basis -> linear
+    def __init__(self, image_size, channels, width, max_width, group_width, blocks):
         super().__init__()
-        stages = image_size.bit_length() - 2  # S, S/2, ..., 4 px
-        self.from_image = conv(channels, width)
-        self.stages = nn.ModuleList(nn.Sequential(*[ResidualBlock(width, cardinality, blocks * stages)
-                                                    for _ in range(blocks)]) for _ in range(stages))
-        self.basis = nn.Conv2d(width, width, 4, groups=width, bias=False)  # a 4x4 filter a channel: (B, width, 1, 1)
-        nn.init.normal_(self.basis.weight, 0.0, 1 / 4)  # He's N(0, 1 / fan_in), fan_in 16
-        self.linear = nn.Linear(width, 1, bias=False)
-        nn.init.normal_(self.linear.weight, 0.0, 1 / math.sqrt(width))
+        side, widths = stage_widths(image_size, width, max_width)
+        widths = widths[::-1]  # from the finest
+        self.from_image = conv(channels, widths[0])
+        self.stages = nn.ModuleList(nn.Sequential(*[ResidualBlock(w, EXPANSION * w // group_width,
+                                                                  blocks * len(widths)) for _ in range(blocks)])
+                                    for w in widths)
+        self.transitions = nn.ModuleList(conv(a, b) if a != b else nn.Identity() for a, b in zip(widths, widths[1:]))
+        self.basis = nn.Conv2d(widths[-1], widths[-1], side, groups=widths[-1], bias=False)  # (B, width, 1, 1)
+        nn.init.normal_(self.basis.weight, 0.0, 1 / side)  # He's N(0, 1 / fan_in), fan_in side^2
+        self.linear = nn.Linear(widths[-1], 1, bias=False)
+        nn.init.normal_(self.linear.weight, 0.0, 1 / math.sqrt(widths[-1]))
 
     def forward(self, images):  # (B, C, S, S) -> (B,) logits
-        x = self.from_image(images)  # (B, width, S, S)
-        for i, stage in enumerate(self.stages):  # (B, width, S/2, S/2), ..., (B, width, 4, 4)
-            x = stage(downsample(x) if i else x)
+        x = self.stages[0](self.from_image(images))  # (B, widths[0], S, S)
+        for transition, stage in zip(self.transitions, self.stages[1:]):  # downsampling, then a 1x1 (the paper's)
+            x = stage(transition(downsample(x)))
         return self.linear(self.basis(x).flatten(1)).squeeze(1)
 
 
@@ -199,7 +212,7 @@ def train(args):
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
     checkpoint = load_checkpoint(args) if args.resume else None
-    args.image_size = args.image_size or (32 if args.dataset in data.DATASETS else 64)  # a power of two
+    args.image_size = args.image_size or (28 if args.dataset in data.DATASETS else 64)  # 28: stages 7, 14, 28
     if rank == 0:
         data.prepare_out(args.out)  # writable, and no other run writing there
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
@@ -208,8 +221,9 @@ def train(args):
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
     channels = dataset.image_shape[0]
-    G = Generator(args.latent_dim, args.image_size, channels, args.width, args.cardinality, args.blocks).to(device)
-    D = Discriminator(args.image_size, channels, args.width, args.cardinality, args.blocks).to(device)
+    nets = args.width, args.max_width, args.group_width, args.blocks
+    G, D = Generator(args.latent_dim, args.image_size, channels, *nets), Discriminator(args.image_size, channels, *nets)
+    G, D = G.to(device), D.to(device)
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.9), eps=1e-8)  # the paper's beta1 0
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.9), eps=1e-8)
@@ -283,8 +297,8 @@ def generate_images(G, n, latent_dim, device, seed):  # uint8 (n, C, H, W), 500 
 def generate(args):
     checkpoint = load_checkpoint(args)
     saved = argparse.Namespace(**checkpoint["args"])
-    G = Generator(saved.latent_dim, saved.image_size, checkpoint["image_shape"][0], saved.width, saved.cardinality,
-                  saved.blocks).to(args.device)
+    G = Generator(saved.latent_dim, saved.image_size, checkpoint["image_shape"][0], saved.width, saved.max_width,
+                  saved.group_width, saved.blocks).to(args.device)
     G.load_state_dict(checkpoint["generator_average"])
     data.save_samples(args.out, generate_images(G, args.generate, saved.latent_dim, args.device, args.seed))
 
@@ -298,7 +312,7 @@ def stop(signum, frame):  # SIGTERM, a scheduler's stop: unwinds like Ctrl-C, wi
 
 
 # The preset first: resuming with another one names it, not a setting it changed.
-KEPT = ("preset", "image_size", "width", "cardinality", "blocks", "latent_dim", "batch_size", "lr", "gamma",
+KEPT = ("preset", "image_size", "width", "max_width", "group_width", "blocks", "latent_dim", "batch_size", "lr", "gamma",
         "schedule_images", "seed", "average_decay", "train_images", "augment")
 
 
@@ -338,7 +352,7 @@ PRESETS = {
     "cpu": {},
     "paper": {
         "image_size": 32,  # CIFAR-10's 32x32
-        "width": 768, "cardinality": 96, "blocks": 2,  # 3/4 x 1024 at 4..32 px, groups of 16 of the 1536 inner
+        "width": 768, "max_width": 768, "group_width": 16, "blocks": 2,  # 3/4 x 1024 at 4..32 px; 96 groups of 1536
         "latent_dim": 64, "batch_size": 512,  # NoiseDimension 64
         "lr": 2e-4, "gamma": 0.05, "schedule_images": 20_000_000,  # -> 5e-5 and 0.005, beta2 0.9 -> 0.99, cosine
         "average_decay": 0.5 ** (512 / 5_000_000),  # EMA half-life 5M images (the paper ramps it over 20M)
@@ -353,14 +367,16 @@ def parse_args(argv):
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, stacked-mnist or a folder (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
-    p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
+    p.add_argument("--epochs", type=COUNT, default=6, help="total passes over the training set (default 6)")
     p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, G and D (default 2e-4)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
-    p.add_argument("--image-size", type=int, choices=(32, 64, 128, 256, 512, 1024), help="default 32, 64 for a folder")
-    p.add_argument("--width", type=COUNT, default=16, help="channels at every resolution, G and D (default 16)")
-    p.add_argument("--cardinality", type=COUNT, default=2, help="groups of each 3x3 conv: 16 channels each, as the "
-                   "paper's (default 2)")
+    p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256, 512), help="default 28, 64 for a folder")
+    p.add_argument("--width", type=COUNT, default=32, help="channels at the finest resolution, G and D (default 32)")
+    p.add_argument("--max-width", type=COUNT, default=128, help="channels double at each coarser resolution up to "
+                   "this (default 128)")
+    p.add_argument("--group-width", type=COUNT, default=16, help="channels a group of each grouped 3x3 conv, as the "
+                   "paper's (default 16)")
     p.add_argument("--blocks", type=COUNT, default=1, help="residual blocks a resolution (default 1)")
     p.add_argument("--gamma", type=number(float, 0), default=0.1, help="weight of R1 + R2, gamma/2 (R1 + R2) "
                    "(default 0.1; 0: off)")
@@ -383,9 +399,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or args.device != "cpu" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: use cpu, or cuda, cuda:1, ... where torch sees a GPU")
-    if EXPANSION * args.width % args.cardinality:
-        p.error(f"--cardinality {args.cardinality}: must divide a block's {EXPANSION} x --width = "
-                f"{EXPANSION * args.width} inner channels")
+    for flag, width in ("--width", args.width), ("--max-width", max(args.max_width, args.width)):
+        if EXPANSION * width % args.group_width:
+            p.error(f"--group-width {args.group_width}: must divide a block's {EXPANSION} x {flag} = "
+                    f"{EXPANSION * width} inner channels")
     return args
 
 

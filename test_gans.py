@@ -111,7 +111,7 @@ TINY = {
     "lapgan": ["--latent-dim", 8, "--width", 4, "--hidden", 16, "--image-size", 32],  # as the folder runs; 28: below
     "biggan": ["--latent-dim", 8, "--width", 4, "--shared-dim", 4, "--attention", 0],
     "stylegan": ["--latent-dim", 8, "--width", 4, "--w-dim", 8, "--mapping-layers", 1],
-    "r3gan": ["--latent-dim", 8, "--width", 4, "--cardinality", 2],
+    "r3gan": ["--latent-dim", 8, "--width", 4, "--max-width", 8, "--group-width", 4],
 }
 # The flags that make a model conditional (--label K with --generate; infogan's labels are its categorical code).
 CONDITIONAL = {"cgan": [], "acgan": [], "biggan": [], "infogan": [],
@@ -345,13 +345,14 @@ SCRIPT_BAD_FLAGS = {
     "wgan_gp": [["--width", 0], ["--n-critic", 0], ["--gp-weight", -1], ["--clip-value", 0], ["--image-size", 48]],
     "infogan": [["--width", 0], ["--categories", 0], ["--continuous", -1], ["--lambda-cat", -1], ["--lr-g", 0]],
     "acgan": [["--width", 0], ["--class-weight", -1], ["--image-size", 16], ["--class-loss", "both"]],
-    "began": [["--width", 0], ["--convs", 0], ["--gamma", 0], ["--lambda-k", -1], ["--image-size", 48]],
+    "began": [["--nets", "big"], ["--width", 0], ["--convs", 0], ["--gamma", 0], ["--lambda-k", -1], ["--image-size", 48]],
     "lapgan": [["--width", 0], ["--image-size", 48], ["--hidden", 0], ["--kernel", 4], ["--lr-g", 0],
                ["--optimizer", "rmsprop"]],
     "biggan": [["--width", 0], ["--d-steps", 0], ["--ortho-beta", -1], ["--shared-dim", -1], ["--image-size", 48]],
     "stylegan": [["--width", 0], ["--style-mixing", 1.5], ["--r1-gamma", -1], ["--mbstd-group", 0],
                  ["--image-size", 48]],
-    "r3gan": [["--width", 0], ["--cardinality", 0], ["--cardinality", 3], ["--blocks", 0], ["--gamma", -1],
+    "r3gan": [["--width", 0], ["--max-width", 0], ["--group-width", 0], ["--group-width", 3], ["--blocks", 0],
+              ["--group-width", 16, "--width", 32, "--max-width", 36], ["--gamma", -1],
               ["--schedule-images", -1], ["--image-size", 48]],
 }
 
@@ -1529,14 +1530,36 @@ def test_reconstruction_columns_measure_d_on_train_held_out_and_fakes():
 
 def test_paper_preset_builds_the_papers_64px_networks():
     args = began.parse_args(["--preset", "paper"])
-    assert (args.image_size, args.width, args.convs, args.latent_dim, args.batch_size, args.lr, args.gamma,
-            args.lambda_k) == (64, 64, 2, 64, 16, 1e-4, 0.5, 0.001)
+    assert (args.image_size, args.nets, args.width, args.convs, args.latent_dim, args.batch_size, args.lr, args.gamma,
+            args.lambda_k) == (64, "paper", 64, 2, 64, 16, 1e-4, 0.5, 0.001)
     G, D = models_began(64, 3, args.width, args.latent_dim, args.convs)
     # decoder: fc 64 -> 64*8*8 (266,240) + 8 convs 64->64 (8 x 36,928) + output conv 64->3 (1,731) = 563,395;
     # encoder: conv 3->64 (1,792) + two convs at 64, 128, 192, 256 channels (73,856 + 295,168 + 663,936 + 1,180,160)
     # + stride-2 64->128, 128->192, 192->256 (73,856 + 221,376 + 442,624) + fc 256*8*8 -> 64 (1,048,640)
     assert sum(p.numel() for p in G.parameters()) == 563_395
     assert sum(p.numel() for p in D.parameters()) == 4_001_408 + 563_395
+
+
+def test_default_nets_are_lucic_et_al_s_infogan_g_and_a_one_conv_autoencoder_d():
+    args = began.parse_args([])
+    assert (args.nets, args.width, args.lr) == ("infogan", 64, 2e-4)
+    G, D = began.build(args.nets, 64, 28, 1, args.width, args.convs)
+    # G: fc 64 -> 1024, BN, fc -> 128 * 7 * 7, BN, 4x4 stride-2 deconvs to 64 channels (BN) and to the image
+    g_count = 64 * 1024 + 2 * 1024 + 1024 * 6272 + 2 * 6272 + 128 * 64 * 16 + 2 * 64 + 64 * 16 + 1
+    # D: 4x4 stride-2 conv to 64 x 14 x 14, fc to 32 numbers and back, a 4x4 stride-2 deconv to the image
+    d_count = 16 * 64 + 64 + 12544 * 32 + 32 + 32 * 12544 + 12544 + 64 * 16 + 1
+    assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (g_count, d_count)
+    fake = G(began.sample_z(5, 64, "cpu"))
+    assert fake.shape == (5, 1, 28, 28) and fake.abs().max() <= 1 and D(fake).shape == fake.shape
+    assert any(isinstance(m, nn.BatchNorm2d) for m in G.modules())  # G normalises its batch; D judges each image
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in D.modules())
+
+
+def test_the_averaged_g_takes_the_batchnorm_statistics():
+    G, G_average = began.SmallGenerator(8, 28, 1, 4), began.SmallGenerator(8, 28, 1, 4)
+    G(began.sample_z(6, 8, "cpu"))  # one training-mode forward moves the running statistics
+    began.update_average(G_average, G, step=0, decay=0.999)
+    assert all(torch.equal(a, b) for a, b in zip(G_average.buffers(), G.buffers()))
 
 
 def test_run_logs_k_t_and_m_global_and_resumes_k_exactly(tiny_data_dir, tmp_path, capsys):
@@ -2003,7 +2026,7 @@ def test_r1_at_the_reals_and_r2_at_the_fakes_through_the_augmentation_at_the_una
 
 def test_each_residual_block_starts_as_its_shortcut_and_nothing_normalises():
     torch.manual_seed(0)
-    G, D = r3gan.Generator(8, 32, 3, 8, 2, 2), r3gan.Discriminator(32, 3, 8, 2, 2)
+    G, D = r3gan.Generator(8, 32, 3, 8, 8, 8, 2), r3gan.Discriminator(32, 3, 8, 8, 8, 2)
     blocks = [m for net in (G, D) for m in net.modules() if isinstance(m, r3gan.ResidualBlock)]
     assert len(blocks) == 2 * 2 * 4  # 2 a resolution at 4, 8, 16, 32 px, in G and in D
     x = torch.randn(2, 8, 4, 4)
@@ -2027,20 +2050,32 @@ def test_resampling_is_the_1_2_1_filter_as_bilinear_interpolation():
 
 def test_preset_paper_is_the_authors_cifar_10_configuration_and_its_parameter_count():
     args = r3gan.parse_args(["--preset", "paper"])
-    assert (args.width, args.cardinality, args.blocks, args.latent_dim, args.batch_size) == (768, 96, 2, 64, 512)
+    assert (args.width, args.max_width, args.group_width, args.blocks) == (768, 768, 16, 2)  # 96 groups of 1536
+    assert (args.latent_dim, args.batch_size, args.image_size) == (64, 512, 32)
     assert (args.lr, args.gamma, args.schedule_images) == (2e-4, 0.05, 20_000_000)
     assert math.log(0.5) / math.log(args.average_decay) * 512 == pytest.approx(5_000_000)  # half-life 5M images
-    G = r3gan.Generator(args.latent_dim, args.image_size, 3, args.width, args.cardinality, args.blocks)
-    D = r3gan.Discriminator(args.image_size, 3, args.width, args.cardinality, args.blocks)
+    nets = args.width, args.max_width, args.group_width, args.blocks
+    G, D = r3gan.Generator(args.latent_dim, args.image_size, 3, *nets), r3gan.Discriminator(args.image_size, 3, *nets)
     c, inner = 768, 1536
     block = 2 * c * inner + inner * (inner // 96) * 9 + 2 * inner  # 1x1, grouped 3x3, 1x1, two biases
     g_count = c * 16 + 64 * c + 8 * block + c * 3  # basis, z -> basis scales, 2 blocks at 4..32 px, 1x1 to RGB
     d_count = 3 * c + 8 * block + c * 16 + c  # 1x1 from RGB, blocks, depthwise 4x4 basis, linear head
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert (count(G), count(D)) == (g_count, d_count) == (20_732_160, 20_683_776)
+
+
+def test_cpu_default_nets_at_28_px_halve_the_width_at_each_finer_stage_with_1x1_transitions():
     cpu = r3gan.parse_args([])
-    assert (count(r3gan.Generator(64, 32, 1, cpu.width, cpu.cardinality, cpu.blocks)),
-            count(r3gan.Discriminator(32, 1, cpu.width, cpu.cardinality, cpu.blocks))) == (24_080, 23_072)
+    assert r3gan.stage_widths(28, cpu.width, cpu.max_width) == (7, [128, 64, 32])  # 7x7 basis, 14, 28 px
+    assert r3gan.stage_widths(32, 8, 8) == (4, [8, 8, 8, 8]) and r3gan.stage_widths(64, 16, 32)[1] == [32] * 3 + [16] * 2
+    nets = cpu.width, cpu.max_width, cpu.group_width, cpu.blocks
+    G, D = r3gan.Generator(64, 28, 1, *nets), r3gan.Discriminator(28, 1, *nets)
+    block = lambda c: 2 * c * 2 * c + 2 * c * 16 * 9 + 2 * 2 * c  # noqa: E731  1x1, grouped 3x3 (16 a group), 1x1
+    blocks, transitions = block(128) + block(64) + block(32), 128 * 64 + 64 * 32
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(G) == 128 * 49 + 64 * 128 + blocks + transitions + 32  # basis, z -> its scales, ..., 1x1 to gray
+    assert count(D) == 32 + blocks + transitions + 128 * 49 + 128  # 1x1 from gray, ..., 7x7 depthwise basis, head
+    assert G(torch.randn(2, 64)).shape == (2, 1, 28, 28) and D(torch.randn(2, 1, 28, 28)).shape == (2,)
 
 
 def test_schedules_are_the_papers_cosines_and_constant_without_schedule_images(tiny_data_dir, tmp_path):
