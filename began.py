@@ -366,7 +366,8 @@ def parse_args(argv):
     p.add_argument("--convs", type=COUNT, default=2, help="paper nets: 3x3 convolutions a resolution (default 2)")
     p.add_argument("--gamma", type=RATE, default=1.0, help="the L(G(z)) / L(x) k_t aims at (default 1; paper 0.5)")
     p.add_argument("--lambda-k", type=number(float, 0), default=0.01, help="gain of k_t's control (default 0.01)")
-    p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
+    p.add_argument("--average-decay", type=DECAY, default=0.0, help="of the moving average of G samples come from "
+                   "(default 0: G itself, docs/began.md)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")
