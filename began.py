@@ -345,8 +345,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # --preset paper (for a GPU): secs. 3.4-4.1 and Figure 1. Not reproduced: halving lr whenever M_global stalls.
-PRESETS = {"cpu": {}, "paper": {"image_size": 64, "nets": "paper", "width": 64, "convs": 2, "latent_dim": 64, "batch_size": 16,
-                                "lr": 1e-4, "gamma": 0.5, "lambda_k": 0.001}}
+PRESETS = {"cpu": {}, "paper": {"image_size": 64, "nets": "paper", "width": 64, "convs": 2, "latent_dim": 64,
+                                "batch_size": 16, "lr": 1e-4, "gamma": 0.5, "lambda_k": 0.001}}
 
 
 def parse_args(argv):
@@ -357,14 +357,15 @@ def parse_args(argv):
     p.add_argument("--epochs", type=COUNT, default=5, help="total passes over the training set (default 5)")
     p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, G and D (default 2e-4)")
-    p.add_argument("--latent-dim", type=COUNT, default=64, help="size of z, and of the paper nets' bottleneck (default 64)")
+    p.add_argument("--latent-dim", type=COUNT, default=64, help="size of z (and of the paper nets' bottleneck; "
+                   "default 64)")
     p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256, 512, 1024), help="default 28, a folder 64")
     p.add_argument("--nets", choices=("infogan", "paper"), default="infogan", help="infogan: InfoGAN's G and a "
                    "one-conv autoencoder D, Lucic et al.'s (default); paper: the paper's ELU nets")
     p.add_argument("--width", type=COUNT, default=64, help="infogan: G's last and D's channels; paper: the decoders' "
                    "channels, added at each halving (default 64)")
     p.add_argument("--convs", type=COUNT, default=2, help="paper nets: 3x3 convolutions a resolution (default 2)")
-    p.add_argument("--gamma", type=RATE, default=1.0, help="the L(G(z)) / L(x) k_t aims at (default 1; paper 0.5)")
+    p.add_argument("--gamma", type=RATE, default=1.05, help="the L(G(z)) / L(x) k_t aims at (default 1.05; paper 0.5)")
     p.add_argument("--lambda-k", type=number(float, 0), default=0.01, help="gain of k_t's control (default 0.01)")
     p.add_argument("--average-decay", type=DECAY, default=0.0, help="of the moving average of G samples come from "
                    "(default 0: G itself, docs/began.md)")

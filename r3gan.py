@@ -312,8 +312,8 @@ def stop(signum, frame):  # SIGTERM, a scheduler's stop: unwinds like Ctrl-C, wi
 
 
 # The preset first: resuming with another one names it, not a setting it changed.
-KEPT = ("preset", "image_size", "width", "max_width", "group_width", "blocks", "latent_dim", "batch_size", "lr", "gamma",
-        "schedule_images", "seed", "average_decay", "train_images", "augment")
+KEPT = ("preset", "image_size", "width", "max_width", "group_width", "blocks", "latent_dim", "batch_size", "lr",
+        "gamma", "schedule_images", "seed", "average_decay", "train_images", "augment")
 
 
 def load_checkpoint(args):

@@ -345,7 +345,8 @@ SCRIPT_BAD_FLAGS = {
     "wgan_gp": [["--width", 0], ["--n-critic", 0], ["--gp-weight", -1], ["--clip-value", 0], ["--image-size", 48]],
     "infogan": [["--width", 0], ["--categories", 0], ["--continuous", -1], ["--lambda-cat", -1], ["--lr-g", 0]],
     "acgan": [["--width", 0], ["--class-weight", -1], ["--image-size", 16], ["--class-loss", "both"]],
-    "began": [["--nets", "big"], ["--width", 0], ["--convs", 0], ["--gamma", 0], ["--lambda-k", -1], ["--image-size", 48]],
+    "began": [["--nets", "big"], ["--width", 0], ["--convs", 0], ["--gamma", 0], ["--lambda-k", -1],
+              ["--image-size", 48]],
     "lapgan": [["--width", 0], ["--image-size", 48], ["--hidden", 0], ["--kernel", 4], ["--lr-g", 0],
                ["--optimizer", "rmsprop"]],
     "biggan": [["--width", 0], ["--d-steps", 0], ["--ortho-beta", -1], ["--shared-dim", -1], ["--image-size", 48]],
@@ -2067,7 +2068,8 @@ def test_preset_paper_is_the_authors_cifar_10_configuration_and_its_parameter_co
 def test_cpu_default_nets_at_28_px_halve_the_width_at_each_finer_stage_with_1x1_transitions():
     cpu = r3gan.parse_args([])
     assert r3gan.stage_widths(28, cpu.width, cpu.max_width) == (7, [128, 64, 32])  # 7x7 basis, 14, 28 px
-    assert r3gan.stage_widths(32, 8, 8) == (4, [8, 8, 8, 8]) and r3gan.stage_widths(64, 16, 32)[1] == [32] * 3 + [16] * 2
+    assert r3gan.stage_widths(32, 8, 8) == (4, [8, 8, 8, 8])
+    assert r3gan.stage_widths(64, 16, 32)[1] == [32, 32, 32, 32, 16]  # 4, 8, 16, 32 px at the cap, 64 at 16
     nets = cpu.width, cpu.max_width, cpu.group_width, cpu.blocks
     G, D = r3gan.Generator(64, 28, 1, *nets), r3gan.Discriminator(28, 1, *nets)
     block = lambda c: 2 * c * 2 * c + 2 * c * 16 * 9 + 2 * 2 * c  # noqa: E731  1x1, grouped 3x3 (16 a group), 1x1
