@@ -1,7 +1,7 @@
 """BEGAN (Berthelot et al. 2017, arXiv:1703.10717): D is an autoencoder; G and D balance its reconstruction losses.
 
     python began.py --dataset fashion-mnist            # 28x28, 5 epochs: grids, GIF, metrics.csv in runs/began/
-    python began.py --dataset fashion-mnist --gamma 0.5 --out runs/began-g05   # the paper's gamma: only shoes here
+    python began.py --dataset fashion-mnist --nets paper --out runs/began-paper   # the paper's ELU nets, at 28x28
     python began.py --dataset faces/ --preset paper    # the paper's 64x64 networks and settings (for a GPU)
     python began.py --generate 5000                    # runs/began/samples.npz and samples.png from the checkpoint
 """

@@ -67,6 +67,12 @@ def stage_widths(image_size, width, max_width):  # (the basis' side, channels a 
     return side, [min(width << k, max(max_width, width)) for k in reversed(range(stages))]
 
 
+def residual_stages(widths, group_width, blocks):  # each width's blocks, and a 1x1 conv where the width changes
+    stages = nn.ModuleList(nn.Sequential(*[ResidualBlock(w, EXPANSION * w // group_width, blocks * len(widths))
+                                           for _ in range(blocks)]) for w in widths)
+    return stages, nn.ModuleList(conv(a, b) if a != b else nn.Identity() for a, b in zip(widths, widths[1:]))
+
+
 class Generator(nn.Module):  # z -> a learned basis scaled by a linear map of z -> blocks, upsampling -> 1x1
     """--width channels at the finest resolution, twice as many at each coarser one up to --max-width (the paper's
     CIFAR-10 model: the same width everywhere). Where the width changes, a 1x1 conv before upsampling (the paper's)."""
@@ -77,10 +83,7 @@ class Generator(nn.Module):  # z -> a learned basis scaled by a linear map of z 
         self.basis = nn.Parameter(torch.randn(widths[0], side, side))
         self.linear = nn.Linear(latent_dim, widths[0], bias=False)
         nn.init.normal_(self.linear.weight, 0.0, 1 / math.sqrt(latent_dim))
-        self.stages = nn.ModuleList(nn.Sequential(*[ResidualBlock(w, EXPANSION * w // group_width,
-                                                                  blocks * len(widths)) for _ in range(blocks)])
-                                    for w in widths)
-        self.transitions = nn.ModuleList(conv(a, b) if a != b else nn.Identity() for a, b in zip(widths, widths[1:]))
+        self.stages, self.transitions = residual_stages(widths, group_width, blocks)
         self.to_image = conv(widths[-1], channels)
 
     def forward(self, z):  # (B, latent_dim) -> (B, C, S, S); no tanh (the paper): D and the data keep it in range
@@ -96,10 +99,7 @@ class Discriminator(nn.Module):  # image -> 1x1 -> blocks, downsampling -> a lea
         side, widths = stage_widths(image_size, width, max_width)
         widths = widths[::-1]  # from the finest
         self.from_image = conv(channels, widths[0])
-        self.stages = nn.ModuleList(nn.Sequential(*[ResidualBlock(w, EXPANSION * w // group_width,
-                                                                  blocks * len(widths)) for _ in range(blocks)])
-                                    for w in widths)
-        self.transitions = nn.ModuleList(conv(a, b) if a != b else nn.Identity() for a, b in zip(widths, widths[1:]))
+        self.stages, self.transitions = residual_stages(widths, group_width, blocks)
         self.basis = nn.Conv2d(widths[-1], widths[-1], side, groups=widths[-1], bias=False)  # (B, width, 1, 1)
         nn.init.normal_(self.basis.weight, 0.0, 1 / side)  # He's N(0, 1 / fan_in), fan_in side^2
         self.linear = nn.Linear(widths[-1], 1, bias=False)
