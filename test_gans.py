@@ -1684,6 +1684,21 @@ def test_sgd_momentum_rises_by_the_authors_schedule_and_resume_keeps_it(tiny_dat
         pytest.approx([0.0016, 0.0016])  # epoch 3: from 0, 0.0008 an epoch
 
 
+def test_the_averaged_g_gets_batchnorm_statistics_of_its_own_samples_and_keeps_its_weights():
+    G = tiny_models()[0]
+    weights = {name: p.clone() for name, p in G.named_parameters()}
+    lapgan.recompute_batchnorm(G, 8, 28, 0, "cpu", seed=3, n=500)  # two chunks of 250 cascades
+    noise, hidden = torch.Generator().manual_seed(3), []
+    for _ in range(2):  # the same draws: z and the planes, then the (unused) classes
+        z, _ = lapgan.cascade_noise(250, 8, 28, noise, "cpu")
+        torch.randint(1, (250,), generator=noise)
+        hidden.append(G.coarse.net[0](z).detach())  # what the first BatchNorm normalises
+    norm = G.coarse.net[1]
+    torch.testing.assert_close(norm.running_mean, torch.cat(hidden).mean(0))  # the mean over all 500, not a moving one
+    torch.testing.assert_close(norm.running_var, torch.stack([h.var(0) for h in hidden]).mean(0))
+    assert not G.training and all(torch.equal(p, weights[name]) for name, p in G.named_parameters())
+
+
 def test_each_d_judges_its_levels_image_the_upsampled_coarser_image_plus_the_residual():
     images = torch.rand(4, 1, 28, 28) * 2 - 1
     bands, lows = lapgan.laplacian_pyramid(images, 3)
