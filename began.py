@@ -241,6 +241,7 @@ def train(args):
     names = ["d_loss", "g_loss", "l_real", "l_fake", "m_global"]  # the epoch's means; then k_t as it stands
     if rank == 0:
         print(f"{len(dataset.images)} images from {dataset.source}, {len(batches)} steps an epoch, {device}")
+    last_m = float(history[-1]["m_global"]) if history else math.inf
     for epoch in range(start_epoch + 1, args.epochs + 1):
         if rank > 0:  # every process its own noise, from a stream fixed by (seed, rank, epoch) for --resume
             torch.manual_seed(args.seed * 1_000_003 + rank * 1009 + epoch)
@@ -261,6 +262,10 @@ def train(args):
                     print(f"epoch {epoch}/{args.epochs} step {i}/{len(batches)} | d_loss {means[0]:.3f} g_loss "
                           f"{means[1]:.3f} | M_global {means[4]:.3f} k_t {means[5]:.4f} | "
                           f"{i * args.batch_size / (time.time() - started):.0f} img/s", flush=True)
+        if means[4] >= last_m:  # M_global stalled: both rates halve, down to a tenth (the paper's schedule, per epoch)
+            for group in opt_g.param_groups + opt_d.param_groups:
+                group["lr"] = max(group["lr"] / 2, args.lr / 10)
+        last_m = float(f"{means[4]:.5f}")  # as metrics.csv has it, which --resume reads back
         if rank > 0:
             continue
         seconds = time.time() - started
@@ -344,7 +349,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# --preset paper (for a GPU): secs. 3.4-4.1 and Figure 1. Not reproduced: halving lr whenever M_global stalls.
+# --preset paper (for a GPU): secs. 3.4-4.1 and Figure 1.
 PRESETS = {"cpu": {}, "paper": {"image_size": 64, "nets": "paper", "width": 64, "convs": 2, "latent_dim": 64,
                                 "batch_size": 16, "lr": 1e-4, "gamma": 0.5, "lambda_k": 0.001}}
 
@@ -365,7 +370,7 @@ def parse_args(argv):
     p.add_argument("--width", type=COUNT, default=64, help="infogan: G's last and D's channels; paper: the decoders' "
                    "channels, added at each halving (default 64)")
     p.add_argument("--convs", type=COUNT, default=2, help="paper nets: 3x3 convolutions a resolution (default 2)")
-    p.add_argument("--gamma", type=RATE, default=1.05, help="the L(G(z)) / L(x) k_t aims at (default 1.05; paper 0.5)")
+    p.add_argument("--gamma", type=RATE, default=1.1, help="the L(G(z)) / L(x) k_t aims at (default 1.1; paper 0.5)")
     p.add_argument("--lambda-k", type=number(float, 0), default=0.01, help="gain of k_t's control (default 0.01)")
     p.add_argument("--average-decay", type=DECAY, default=0.0, help="of the moving average of G samples come from "
                    "(default 0: G itself, docs/began.md)")

@@ -1563,11 +1563,11 @@ def test_the_averaged_g_takes_the_batchnorm_statistics():
     assert all(torch.equal(a, b) for a, b in zip(G_average.buffers(), G.buffers()))
 
 
-def test_run_logs_k_t_and_m_global_and_resumes_k_exactly(tiny_data_dir, tmp_path, capsys):
+def test_run_logs_k_t_and_m_global_halves_lr_when_m_stalls_and_resumes_exactly(tiny_data_dir, tmp_path, capsys):
     fast_k = [*TINY_BEGAN, "--lambda-k", "0.5", "--gamma", "1"]
-    assert run(began, tmp_path, tiny_data_dir, *fast_k, "--epochs", "2", out="straight") == 0
-    assert run(began, tmp_path, tiny_data_dir, *fast_k, "--epochs", "1", out="split") == 0
-    assert run(began, tmp_path, tiny_data_dir, *TINY_BEGAN, "--epochs", "2", "--resume", out="split") == 0
+    assert run(began, tmp_path, tiny_data_dir, *fast_k, "--epochs", "3", out="straight") == 0
+    assert run(began, tmp_path, tiny_data_dir, *fast_k, "--epochs", "2", out="split") == 0
+    assert run(began, tmp_path, tiny_data_dir, *TINY_BEGAN, "--epochs", "3", "--resume", out="split") == 0
     checkpoints, rows = [], []
     for out in ("straight", "split"):
         checkpoints.append(torch.load(tmp_path / out / "checkpoint.pt", weights_only=True))
@@ -1576,6 +1576,12 @@ def test_run_logs_k_t_and_m_global_and_resumes_k_exactly(tiny_data_dir, tmp_path
                          for row in csv.DictReader(f)])
     assert rows[0] == rows[1] and checkpoints[0]["k"] == checkpoints[1]["k"] > 0
     assert float(rows[0][-1]["k_t"]) == pytest.approx(checkpoints[0]["k"], abs=1e-5)
+    m = [float(row["m_global"]) for row in rows[0]]
+    lr = 2e-4
+    for before, after in zip(m, m[1:]):  # an epoch whose M_global is not below the last one's halves both rates
+        lr = max(lr / 2, 2e-5) if after >= before else lr
+    for checkpoint in checkpoints:
+        assert [g["lr"] for key in ("opt_g", "opt_d") for g in checkpoint[key]["param_groups"]] == pytest.approx([lr] * 2)
     for column in ("m_global", "l_real", "l_fake", "d_recon_real_train", "d_recon_real_test", "d_recon_fake"):
         assert float(rows[0][-1][column]) > 0, column
     assert "M_global" in capsys.readouterr().out and (tmp_path / "straight" / "losses.png").stat().st_size > 0
