@@ -207,9 +207,9 @@ def update_average(G_average, G, step, decay):  # the moving average of G that s
 
 
 @torch.no_grad()
-def recompute_batchnorm(G, latent_dim, image_size, num_classes, device, seed, n=10_000):
+def recompute_batchnorm(G, latent_dim, image_size, num_classes, device, seed, n=2000):
     """The averaged G's own BatchNorm statistics, the mean over n samples of its cascade: G's running statistics
-    belong to G's weights, not to the average (feature FID 40.0 -> 25.4, docs/lapgan.md)."""
+    belong to G's weights, not to the average (feature FID 40.0 -> 25.2, docs/lapgan.md)."""
     norms = [m for m in G.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
     for norm in norms:
         norm.reset_running_stats()
