@@ -378,8 +378,8 @@ def parse_args(argv):
     p.add_argument("--group-width", type=COUNT, default=16, help="channels a group of each grouped 3x3 conv, as the "
                    "paper's (default 16)")
     p.add_argument("--blocks", type=COUNT, default=1, help="residual blocks a resolution (default 1)")
-    p.add_argument("--gamma", type=number(float, 0), default=0.1, help="weight of R1 + R2, gamma/2 (R1 + R2) "
-                   "(default 0.1; 0: off)")
+    p.add_argument("--gamma", type=number(float, 0), default=1.0, help="weight of R1 + R2, gamma/2 (R1 + R2) "
+                   "(default 1; 0: off)")
     p.add_argument("--schedule-images", type=number(int, 0), default=0, help="cosine schedules over N images: lr "
                    "-> lr/4, gamma -> gamma/10, Adam's beta2 0.9 -> 0.99 (default 0: constant)")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G, a half-life ramped "
