@@ -1581,7 +1581,8 @@ def test_run_logs_k_t_and_m_global_halves_lr_when_m_stalls_and_resumes_exactly(t
     for before, after in zip(m, m[1:]):  # an epoch whose M_global is not below the last one's halves both rates
         lr = max(lr / 2, 2e-5) if after >= before else lr
     for checkpoint in checkpoints:
-        assert [g["lr"] for key in ("opt_g", "opt_d") for g in checkpoint[key]["param_groups"]] == pytest.approx([lr] * 2)
+        rates = [group["lr"] for key in ("opt_g", "opt_d") for group in checkpoint[key]["param_groups"]]
+        assert rates == pytest.approx([lr] * 2)
     for column in ("m_global", "l_real", "l_fake", "d_recon_real_train", "d_recon_real_test", "d_recon_fake"):
         assert float(rows[0][-1][column]) > 0, column
     assert "M_global" in capsys.readouterr().out and (tmp_path / "straight" / "losses.png").stat().st_size > 0
