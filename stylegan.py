@@ -1,6 +1,6 @@
 """StyleGAN2 (Karras et al. 2020, arXiv:1912.04958): mapping network, modulated convolutions, noise, skip generator.
 
-    python stylegan.py --dataset fashion-mnist               # 32x32 grids, GIF, metrics in runs/stylegan/
+    python stylegan.py --dataset fashion-mnist               # 28x28 grids, GIF, metrics in runs/stylegan/, ~13 min
     python stylegan.py --generate 1000 --truncation 0.7      # samples.npz/.png, style_mixing.png, truncation.png
     python stylegan.py --preset paper --dataset cifar/ --device cuda   # StyleGAN2-ADA's cifar configuration
 """
@@ -104,8 +104,10 @@ class ToRGB(nn.Module):  # features -> this resolution's image: a modulated 1x1 
         return self.conv(x, w) + self.bias[:, None, None]
 
 
-def channels_at(image_size, width, channel_base):  # {4: c4, 8: c8, ...}: min(channel_base / resolution, width)
-    return {4 * 2 ** i: max(1, min(channel_base // (4 * 2 ** i), width)) for i in range(image_size.bit_length() - 2)}
+def channels_at(image_size, width, channel_base):  # {4: c4, 8: c8, ...} ({7: c7, 14: c14, 28: c28} at 28 px)
+    start = 7 if image_size == 28 else 4  # channels at resolution r: min(channel_base / r, width)
+    sides = [start << i for i in range((image_size // start).bit_length())]
+    return {side: max(1, min(channel_base // side, width)) for side in sides}
 
 
 class MappingNetwork(nn.Module):  # z -> w at 1/100 the learning rate (StyleGAN, app. C.1); w_avg: truncation's centre
@@ -128,8 +130,8 @@ class SynthesisNetwork(nn.Module):  # ws -> image: a ToRGB per resolution, upsam
     def __init__(self, w_dim, image_size, channels, width, channel_base):
         super().__init__()
         widths = list(channels_at(image_size, width, channel_base).items())  # [(4, c4), (8, c8), ...]
-        self.const = nn.Parameter(torch.randn(widths[0][1], 4, 4))
-        self.layers = nn.ModuleList([SynthesisLayer(widths[0][1], widths[0][1], w_dim, 4)])
+        self.const = nn.Parameter(torch.randn(widths[0][1], widths[0][0], widths[0][0]))  # (c4, 4, 4)
+        self.layers = nn.ModuleList([SynthesisLayer(widths[0][1], widths[0][1], w_dim, widths[0][0])])
         self.to_rgbs = nn.ModuleList([ToRGB(widths[0][1], channels, w_dim)])
         for (_, c_in), (resolution, c_out) in zip(widths, widths[1:]):
             self.layers.append(SynthesisLayer(c_in, c_out, w_dim, resolution, up=True))
@@ -173,9 +175,10 @@ class Discriminator(nn.Module):  # image -> one logit: the official 'orig' D (no
         self.blocks = nn.ModuleList(  # (B, c16, 16, 16), (B, c8, 8, 8), (B, c4, 4, 4) at 32 px
             nn.ModuleList([EqualConv2d(widths[r], widths[r], 3), EqualConv2d(widths[r], widths[r // 2], 3)])
             for r in sorted(widths, reverse=True)[:-1])
-        self.mbstd_group = mbstd_group
-        self.conv = EqualConv2d(widths[4] + 1, widths[4], 3)  # (B, c4, 4, 4) after the stddev channel
-        self.fc, self.out = EqualLinear(widths[4] * 16, widths[4]), EqualLinear(widths[4], 1)
+        self.mbstd_group, self.start = mbstd_group, min(widths)  # 4 (7 at 28 px)
+        c = widths[self.start]
+        self.conv = EqualConv2d(c + 1, c, 3)  # (B, c4, 4, 4) after the stddev channel
+        self.fc, self.out = EqualLinear(c * self.start ** 2, c), EqualLinear(c, 1)
 
     def forward(self, images):  # (B, C, S, S) -> (B,)
         x = leaky_relu(self.from_rgb(images))
@@ -184,7 +187,8 @@ class Discriminator(nn.Module):  # image -> one logit: the official 'orig' D (no
         group = max(d for d in range(1, min(self.mbstd_group, len(x)) + 1) if len(x) % d == 0)  # divides B
         y = x.unflatten(0, (group, -1))  # minibatch stddev (ProGAN): sample k in group k mod B/group
         y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt().mean(dim=(1, 2, 3))  # (B / group,): how varied
-        x = leaky_relu(self.conv(torch.cat([x, y[:, None, None, None].repeat(group, 1, 4, 4)], dim=1)))
+        y = y[:, None, None, None].repeat(group, 1, self.start, self.start)  # a constant channel, (B, 1, 4, 4)
+        x = leaky_relu(self.conv(torch.cat([x, y], dim=1)))
         return self.out(leaky_relu(self.fc(x.flatten(1)))).squeeze(1)
 
 
@@ -297,7 +301,7 @@ def train(args):
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
     checkpoint = load_checkpoint(args) if args.resume else None
-    args.image_size = args.image_size or (32 if args.dataset in data.DATASETS else 64)  # a power of two
+    args.image_size = args.image_size or (28 if args.dataset in data.DATASETS else 64)
     if rank == 0:
         data.prepare_out(args.out)  # writable, and no other run writing there
     dataset = data.load_data(args.dataset, args.data_dir, args.image_size, rank)
@@ -388,11 +392,13 @@ def generate_images(G, n, latent_dim, device, seed, psi=1.0):  # uint8 (n, C, H,
 
 
 @torch.no_grad()
-def style_grids(G, latent_dim, device, seed, columns=9, rows=6, cutoff=4):
+def style_grids(G, latent_dim, device, seed, columns=9, rows=6, cutoff=None):
     """(file name, images) of the grids written after the last epoch and by --generate. style_mixing.png, the
     paper's Figure 3: after an empty corner the top row holds `columns` coarse sources, the left column `rows` fine
-    ones; a cell takes the coarse ws (ws[:4], at 32 px the 4x4 and 8x8 layers: shape) from its column's source, the
-    fine ones (16x16 and up: stroke, texture) from its row's. truncation.png: one z a row, psi from 1 down to 0."""
+    ones; a cell takes the coarse ws (ws[:cutoff], by default every stage but the last: at 28 px the 7x7 and 14x14
+    layers, shape) from its column's source, the fine ones (the last stage's: stroke, shading) from its row's.
+    truncation.png: one z a row, psi from 1 down to 0."""
+    cutoff = G.num_ws - 3 if cutoff is None else cutoff  # the last stage's two layers and its ToRGB are fine
     G.eval()
     ws = G.ws(torch.randn(columns + rows, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device))
     coarse = torch.arange(G.num_ws, device=device)[:, None] < cutoff  # (num_ws, 1)
@@ -495,18 +501,18 @@ def parse_args(argv):
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, stacked-mnist or a folder (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=3, help="total passes over the training set (default 3)")
-    p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
+    p.add_argument("--batch-size", type=COUNT, default=32, help="images a step, over all processes (default 32)")
     p.add_argument("--lr", type=RATE, default=0.0025, help="Adam's learning rate, G and D (default 0.0025)")
     p.add_argument("--latent-dim", type=COUNT, default=128, help="size of the noise vector z (default 128)")
     p.add_argument("--w-dim", type=COUNT, default=128, help="size of w, the mapping network's output (default 128)")
     p.add_argument("--mapping-layers", type=COUNT, default=2, help="layers of the mapping network (default 2)")
-    p.add_argument("--image-size", type=int, choices=[32, 64, 128, 256, 512, 1024], metavar="S",
-                   help="side of the images (default 32 for mnist/fashion-mnist, 64 for a folder)")
+    p.add_argument("--image-size", type=int, choices=[28, 32, 64, 128, 256, 512, 1024], metavar="S",
+                   help="side of the images (default 28 for mnist/fashion-mnist, 64 for a folder)")
     p.add_argument("--width", type=COUNT, default=64, help="the most channels of any layer (default 64)")
     p.add_argument("--channel-base", type=COUNT, default=512, help="channels at resolution r: min(channel_base / r, "
-                   "width) (default 512: 64/64/32/16 at 4/8/16/32 px)")
-    p.add_argument("--r1-gamma", type=WEIGHT, default=0.1, help=f"weight gamma of R1, gamma/2 E||grad D(x)||^2 on "
-                   f"the reals, every {R1_INTERVAL} steps (default 0.1; 0: off)")
+                   "width) (default 512: 64/36/18 at 7/14/28 px)")
+    p.add_argument("--r1-gamma", type=WEIGHT, default=4.0, help=f"weight gamma of R1, gamma/2 E||grad D(x)||^2 on "
+                   f"the reals, every {R1_INTERVAL} steps (default 4; 0: off)")
     p.add_argument("--style-mixing", type=probability, default=0.0, help="chance a batch mixes 2 z (default 0)")
     p.add_argument("--pl-weight", type=WEIGHT, default=0.0, help="path length regularisation's weight (default 0)")
     p.add_argument("--mbstd-group", type=COUNT, default=4, help="group of D's minibatch stddev (default 4)")

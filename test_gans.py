@@ -473,7 +473,7 @@ def test_preset_paper_parses_and_the_flags_given_win(name):
     parse_args, preset = MODULES[name].parse_args, MODULES[name].PRESETS["paper"]
     cpu, paper = vars(parse_args([])), vars(parse_args(["--preset", "paper"]))
     assert {key: paper[key] for key in preset} == preset
-    key = sorted(key for key in preset if cpu[key] not in (None, preset[key]))[0]
+    key = sorted(key for key in preset if cpu[key] not in (None, preset[key]))[-1]  # one the preset changes
     flag, value = f"--{key.replace('_', '-')}", cpu[key]
     given = parse_args(["--preset", "paper", flag, str(value)] if not isinstance(value, bool) else
                        ["--preset", "paper", *[flag] * value, *[f"--no-{key.replace('_', '-')}"] * (not value)])
@@ -1768,25 +1768,47 @@ def step_biggan(G, D, group, events=(), lr=1e-3, **options):  # events: a list t
 BATCH = torch.rand(4, 1, 32, 32) * 2 - 1, torch.arange(4)  # (reals, labels)
 
 
-@pytest.mark.parametrize("image_size, channels, num_classes", [(32, 1, 10), (64, 3, 0)])
+@pytest.mark.parametrize("image_size, channels, num_classes", [(28, 1, 10), (32, 1, 10), (64, 3, 0)])
 def test_shapes_one_block_per_doubling_attention_where_asked_as_the_identity(image_size, channels, num_classes):
-    G, D = models_biggan(image_size, channels, num_classes, attention=16)
+    side = 14 if image_size == 28 else 16  # the default --attention, a stage of G
+    G, D = models_biggan(image_size, channels, num_classes, attention=side)
     seen = {}
     for name, module in (("G", G.attention), ("D", D.attention)):
         module.register_forward_hook(lambda m, inputs, out, name=name: seen.__setitem__(name, (inputs[0], out)))
     labels = torch.arange(6) % max(num_classes, 1)
     fake = G(torch.randn(6, 8), labels)
     assert fake.shape == (6, channels, image_size, image_size) and fake.abs().max() <= 1 and D(fake, labels).ndim == 1
-    assert [x.shape[-1] for x, _ in seen.values()] == [16, 16] and all(torch.equal(x, y) for x, y in seen.values())
-    size = ["--image-size", str(image_size)]  # --attention: a power of two from 8 to half the image size
+    assert [x.shape[-1] for x, _ in seen.values()] == [side, side] and all(torch.equal(x, y) for x, y in seen.values())
+    size = ["--image-size", str(image_size)]  # --attention: the side of one of G's stages below the image's
+    assert biggan.parse_args(size).attention == side and biggan.parse_args(["--attention", "0", *size]).attention == 0
     assert biggan.parse_args(["--attention", str(image_size // 2), *size]).attention == image_size // 2
-    for bad in (4, 12, image_size):
+    for bad in (4, 7, 12, image_size):
         with pytest.raises(SystemExit):
             biggan.parse_args(["--attention", str(bad), *size])
-    blocks = image_size.bit_length() - 3  # 4x4 -> 32x32: 3 blocks up; D: 2 down at 32x32, then 2 without
-    assert len(G.blocks) == blocks and len(D.blocks) == blocks + 1 and sum(not b.downsample for b in D.blocks) == 2
+    blocks = {28: 2, 32: 3, 64: 4}[image_size]  # 7 -> 28 (4 -> 32): a block up per doubling; D: down to 7 (8), then 2
+    down = {28: 2, 32: 2, 64: 3}[image_size]
+    assert len(G.blocks) == blocks and len(D.blocks) == down + 2 and sum(not b.downsample for b in D.blocks) == 2
     assert len(G.z_chunks) == blocks + 1 and sum(G.z_chunks) == 8  # hierarchical z: a chunk per block + the linear
     assert (G.shared is not None, D.projection is not None) == (bool(num_classes), bool(num_classes))
+
+
+def test_biggans_average_gets_batchnorm_statistics_of_its_own_samples_and_keeps_its_weights():
+    G = models_biggan(28)[0]
+    with torch.no_grad():  # spectral norm's power iterations settle first, so sigma no longer moves
+        for _ in range(30):
+            G(torch.randn(4, 8), torch.arange(4))
+    weights = {name: p.clone() for name, p in G.named_parameters()}
+    biggan.recompute_batchnorm(G, 8, 10, "cpu", seed=3, n=500)  # two batches of 250
+    noise, hidden = torch.Generator().manual_seed(3), []
+    for _ in range(2):  # the same draws: z, then the classes
+        z = torch.randn(250, 8, generator=noise)
+        torch.randint(10, (250,), generator=noise)
+        hidden.append(G.linear(z.split(G.z_chunks, dim=1)[0]).view(250, 4, 7, 7).detach())  # the first BatchNorm's input
+    norm = G.blocks[0].bn1.bn
+    torch.testing.assert_close(norm.running_mean, torch.cat(hidden).mean((0, 2, 3)), atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(norm.running_var, torch.stack([h.var((0, 2, 3)) for h in hidden]).mean(0),
+                               atol=1e-5, rtol=1e-3)  # the mean of the batches' statistics, not a moving one
+    assert not G.training and all(torch.equal(p, weights[name]) for name, p in G.named_parameters())
 
 
 def test_g_batchnorms_read_the_shared_class_embedding_and_their_own_chunk_of_z():
@@ -1886,6 +1908,17 @@ def tiny_stylegan(image_size=32, channels=1):
 def one_step(G, D, real, step, **flags):
     opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
     return stylegan.train_step(G, D, opt_g, opt_d, real, 8, no_scaler(), step, **flags)
+
+
+def test_stylegan_stages_double_from_4x4_or_from_7x7_at_28_px():
+    assert stylegan.channels_at(32, 64, 512) == {4: 64, 8: 64, 16: 32, 32: 16}  # min(channel_base / side, width)
+    assert stylegan.channels_at(28, 64, 512) == {7: 64, 14: 36, 28: 18}  # the named datasets' native size
+    for size in (28, 32):
+        G, D = tiny_stylegan(size)
+        fake = G(torch.randn(4, 8))
+        assert G.synthesis.const.shape[-1] == {28: 7, 32: 4}[size] and fake.shape == (4, 1, size, size)
+        assert D(fake).shape == (4,)
+        assert G.num_ws == 2 * len(stylegan.channels_at(size, 8, 1024))  # 2 layers a stage (1 at the first) + ToRGB
 
 
 def test_demodulation_is_the_per_sample_unit_norm_weight():
