@@ -2024,11 +2024,11 @@ def test_run_compensates_lazy_regularisation_and_generate_writes_the_style_grids
     for (group,), c in ((checkpoint["opt_d"]["param_groups"], 16 / 17), (checkpoint["opt_g"]["param_groups"], 4 / 5)):
         assert group["lr"] == pytest.approx(0.0025 * c) and group["betas"] == (0.0, 0.99 ** c)  # R1 and path length
     assert checkpoint["generator"]["pl_mean"] > 0 and checkpoint["generator_average"]["mapping.w_avg"].any()
-    assert Image.open(out / "style_mixing.png").size == (2 + 10 * 34, 2 + 7 * 34)  # sources row + 6 mixed rows
+    assert Image.open(out / "style_mixing.png").size == (2 + 10 * 30, 2 + 7 * 30)  # sources row + 6 mixed rows, 28 px
     os.remove(out / "truncation.png")
     assert stylegan.main(["--out", str(out), "--generate", "12", "--truncation", "0"]) == 0
     images = np.load(out / "samples.npz")["images"]
-    assert images.shape == (12, 32, 32, 1) and (images == images[0]).all()  # psi 0: the mean image every time
+    assert images.shape == (12, 28, 28, 1) and (images == images[0]).all()  # psi 0: the mean image every time
     assert (out / "truncation.png").is_file() and (out / "style_mixing.png").is_file()
 
 
