@@ -1,7 +1,7 @@
-"""R3GAN (Huang et al. 2024, arXiv:2501.05441): the relativistic loss with R1 and R2, a residual G and D without
-normalisation. Unconditional (the paper's CIFAR-10 run is conditional).
+"""R3GAN (Huang et al. 2024, arXiv:2501.05441): the relativistic loss with R1 and R2; the paper's residual G and D
+without normalisation (--nets resnet, --preset paper), or on a CPU wgan_gp.py's conv nets. Unconditional.
 
-    python r3gan.py --dataset fashion-mnist                  # 28x28 grids, GIF, metrics in runs/r3gan/
+    python r3gan.py --dataset stacked-mnist                  # 28x28 grids, GIF, metrics in runs/r3gan/
     python r3gan.py --generate 1000                          # runs/r3gan/samples.npz and samples.png
     python r3gan.py --preset paper --dataset cifar/ --device cuda   # the paper's CIFAR-10 networks and schedules
 """
@@ -40,14 +40,10 @@ def conv(c_in, c_out, kernel_size=1, groups=1, gain=1.0):  # no bias; He's init 
     return layer
 
 
-class ResidualBlock(nn.Module):
-    """x + 1x1 -> grouped 3x3 -> 1x1 (ResNeXt), a bias and leaky ReLU between. The last conv starts at zero, so the
-    block starts as its shortcut; the others are scaled by blocks^(-1/4) (the paper's fix-up init) so that the sum
-    of all the branches stays near unit variance as they grow."""
-
+class ResidualBlock(nn.Module):  # x + 1x1 -> grouped 3x3 -> 1x1 (ResNeXt), a bias and leaky ReLU between
     def __init__(self, width, cardinality, num_blocks):
-        super().__init__()
-        gain = math.sqrt(2 / (1 + 0.2 ** 2)) * num_blocks ** -0.25  # leaky ReLU's gain, Fixup's scaling
+        super().__init__()  # the last conv starts at zero (the block starts as its shortcut); the paper's fix-up init:
+        gain = math.sqrt(2 / (1 + 0.2 ** 2)) * num_blocks ** -0.25  # leaky ReLU's gain, scaled by blocks^(-1/4)
         inner = width * EXPANSION
         self.conv1, self.conv2 = conv(width, inner, gain=gain), conv(inner, inner, 3, cardinality, gain=gain)
         self.conv3 = conv(inner, width, gain=0.0)
@@ -55,16 +51,12 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x):  # (B, width, R, R) -> the same
         y = F.leaky_relu(self.conv1(x) + self.bias1, 0.2)
-        y = F.leaky_relu(self.conv2(y) + self.bias2, 0.2)
-        return x + self.conv3(y)
+        return x + self.conv3(F.leaky_relu(self.conv2(y) + self.bias2, 0.2))
 
 
 def stage_widths(image_size, width, max_width):  # (the basis' side, channels a stage from the coarsest)
-    side = image_size
-    while side > 4 and side % 2 == 0:  # 32 -> 4: 4, 8, 16, 32; 28 -> 7: 7, 14, 28
-        side //= 2
-    stages = (image_size // side).bit_length()
-    return side, [min(width << k, max(max_width, width)) for k in reversed(range(stages))]
+    side = 7 if image_size % 7 == 0 else 4  # 28 px: 7, 14, 28; 32 px: 4, 8, 16, 32
+    return side, [min(width << k, max(max_width, width)) for k in reversed(range((image_size // side).bit_length()))]
 
 
 def residual_stages(widths, group_width, blocks):  # each width's blocks, and a 1x1 conv where the width changes
@@ -74,9 +66,6 @@ def residual_stages(widths, group_width, blocks):  # each width's blocks, and a 
 
 
 class Generator(nn.Module):  # z -> a learned basis scaled by a linear map of z -> blocks, upsampling -> 1x1
-    """--width channels at the finest resolution, twice as many at each coarser one up to --max-width (the paper's
-    CIFAR-10 model: the same width everywhere). Where the width changes, a 1x1 conv before upsampling (the paper's)."""
-
     def __init__(self, latent_dim, image_size, channels, width, max_width, group_width, blocks):
         super().__init__()
         side, widths = stage_widths(image_size, width, max_width)
@@ -110,6 +99,37 @@ class Discriminator(nn.Module):  # image -> 1x1 -> blocks, downsampling -> a lea
         for transition, stage in zip(self.transitions, self.stages[1:]):  # downsampling, then a 1x1 (the paper's)
             x = stage(transition(downsample(x)))
         return self.linear(self.basis(x).flatten(1)).squeeze(1)
+
+
+class ConvGenerator(nn.Sequential):
+    """--nets conv (the CPU default; why: r3gan.md): wgan_gp.py's G: z -> 7x7 (4x4) by a transposed conv, a stride-2
+    transposed conv a doubling, BatchNorm and ReLU between, tanh."""
+
+    def __init__(self, latent_dim, image_size, channels, width):
+        side, widths = stage_widths(image_size // 2, width, width << 10)  # 7, 14 px: 2w, w at 28 px
+        layers = [nn.Unflatten(1, (latent_dim, 1, 1)), nn.ConvTranspose2d(latent_dim, widths[0], side, bias=False)]
+        for c_in, c_out in zip(widths, widths[1:]):  # (B, 2w, 7, 7) -> (B, w, 14, 14) at 28 px
+            layers += [nn.BatchNorm2d(c_in), nn.ReLU(), nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False)]
+        layers += [nn.BatchNorm2d(width), nn.ReLU(), nn.ConvTranspose2d(width, channels, 4, 2, 1), nn.Tanh()]
+        super().__init__(*layers)
+        self.apply(dcgan_init)
+
+
+class ConvDiscriminator(nn.Sequential):  # --nets conv: wgan_gp.py's critic (layer norm, not BatchNorm); -> (B,)
+    def __init__(self, image_size, channels, width):
+        side, widths = stage_widths(image_size // 2, width, width << 10)
+        layers = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]  # (B, w, 14, 14) at 28 px
+        for c_in, c_out in zip(widths[::-1], widths[-2::-1]):  # (B, 2w, 7, 7)
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(1, c_out), nn.LeakyReLU(0.2)]
+        super().__init__(*layers, nn.Flatten(), nn.Linear(widths[0] * side ** 2, 1), nn.Flatten(0))
+        self.apply(dcgan_init)
+
+
+def dcgan_init(module):  # DCGAN's N(0, 0.02) weights (BatchNorm's scales N(1, 0.02)), zero biases
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d)):
+        nn.init.normal_(module.weight, float(isinstance(module, nn.BatchNorm2d)), 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 # ---- The GAN itself: the relativistic pairing loss, R1 and R2, the alternating update ---------------------------
@@ -173,8 +193,7 @@ def train_step(G, D, opt_g, opt_d, real, latent_dim, scaler, gamma, augment=None
 
 
 def schedule(start, end, images, total):  # the paper's cosine from start to end over total images; 0: start
-    return start if not total else end if images >= total else end + (start - end) * (1 + math.cos(
-        math.pi * images / total)) / 2
+    return start if not total else end + (start - end) * (1 + math.cos(math.pi * min(images / total, 1))) / 2
 
 
 @torch.no_grad()
@@ -183,12 +202,12 @@ def update_average(G_average, G, step, decay, ramp=0.05):  # stylegan.py's: a ha
     beta = 0.5 ** (1 / half_life) if half_life > 0 else 0.0
     for average, current in zip(G_average.parameters(), G.parameters()):
         average.lerp_(current, 1 - beta)
+    for average, current in zip(G_average.buffers(), G.buffers()):  # the conv G's BatchNorm statistics
+        average.copy_(current)
 
 
 @torch.no_grad()
-def d_accuracy(D, G, reals, latent_dim, n=1000):
-    """gan.py's accuracies for a relativistic D, whose logits mean something only against each other: D calls an
-    image real above the midpoint of its mean logits on n training images and on n fakes."""
+def d_accuracy(D, G, reals, latent_dim, n=1000):  # D calls real what is above the midpoint of its mean logits
     D.eval(), G.eval()
     device = next(D.parameters()).device
     logits = {name: images is not None and torch.cat([D(data.to_float(x.to(device))) for x in images[:n].split(250)])
@@ -199,6 +218,14 @@ def d_accuracy(D, G, reals, latent_dim, n=1000):
     share["d_acc_fake"] = (fake <= threshold).float().mean()
     D.train(), G.train()
     return {name: f"{value:.4f}" if value is not False else "" for name, value in share.items()}
+
+
+def make_nets(args, channels):  # (G, D) of --nets at the run's sizes
+    if args.nets == "conv":
+        return ConvGenerator(args.latent_dim, args.image_size, channels, args.width), \
+            ConvDiscriminator(args.image_size, channels, args.width)
+    nets = args.width, args.max_width, args.group_width, args.blocks
+    return Generator(args.latent_dim, args.image_size, channels, *nets), Discriminator(args.image_size, channels, *nets)
 
 
 def train(args):
@@ -221,9 +248,7 @@ def train(args):
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
     channels = dataset.image_shape[0]
-    nets = args.width, args.max_width, args.group_width, args.blocks
-    G, D = Generator(args.latent_dim, args.image_size, channels, *nets), Discriminator(args.image_size, channels, *nets)
-    G, D = G.to(device), D.to(device)
+    G, D = (net.to(device) for net in make_nets(args, channels))
     G_average = copy.deepcopy(G).requires_grad_(False)  # what grids, --generate and --fid sample from
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.9), eps=1e-8)  # the paper's beta1 0
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.9), eps=1e-8)
@@ -248,11 +273,10 @@ def train(args):
         for i, (real, _) in enumerate(batches.epoch(epoch), 1):
             step = (epoch - 1) * len(batches) + i
             images = (step - 1) * args.batch_size  # seen so far: the schedules' clock
-            gamma = schedule(args.gamma, args.gamma / 10, images, args.schedule_images)  # the paper's ratios
-            for opt in (opt_g, opt_d):
-                for group in opt.param_groups:
-                    group["lr"] = schedule(args.lr, args.lr / 4, images, args.schedule_images)
-                    group["betas"] = (0.0, schedule(0.9, 0.99, images, args.schedule_images))
+            gamma, lr, beta2 = (schedule(start, end, images, args.schedule_images) for start, end in  # the paper's
+                                ((args.gamma, args.gamma / 10), (args.lr, args.lr / 4), (0.9, 0.99)))  # ratios
+            for group in opt_g.param_groups + opt_d.param_groups:
+                group["lr"], group["betas"] = lr, (0.0, beta2)
             real = real.tensor_split(world_size)[rank]  # this process's share of the global batch
             totals += train_step(G_fast, D_fast, opt_g, opt_d, real, args.latent_dim, scaler, gamma, augment, args.amp)
             update_average(G_average, G, step, args.average_decay)
@@ -297,8 +321,7 @@ def generate_images(G, n, latent_dim, device, seed):  # uint8 (n, C, H, W), 500 
 def generate(args):
     checkpoint = load_checkpoint(args)
     saved = argparse.Namespace(**checkpoint["args"])
-    G = Generator(saved.latent_dim, saved.image_size, checkpoint["image_shape"][0], saved.width, saved.max_width,
-                  saved.group_width, saved.blocks).to(args.device)
+    G = make_nets(saved, checkpoint["image_shape"][0])[0].to(args.device)
     G.load_state_dict(checkpoint["generator_average"])
     data.save_samples(args.out, generate_images(G, args.generate, saved.latent_dim, args.device, args.seed))
 
@@ -312,7 +335,7 @@ def stop(signum, frame):  # SIGTERM, a scheduler's stop: unwinds like Ctrl-C, wi
 
 
 # The preset first: resuming with another one names it, not a setting it changed.
-KEPT = ("preset", "image_size", "width", "max_width", "group_width", "blocks", "latent_dim", "batch_size", "lr",
+KEPT = ("preset", "image_size", "nets", "width", "max_width", "group_width", "blocks", "latent_dim", "batch_size", "lr",
         "gamma", "schedule_images", "seed", "average_decay", "train_images", "augment")
 
 
@@ -348,17 +371,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # --preset cpu: parse_args' defaults, timed on two CPU cores (docs/r3gan.md). paper: brownvc/R3GAN train.py's
 # 'CIFAR10' preset and its README's CIFAR-10 command (--batch 512); Generator/Discriminator as its R3GAN/Networks.py.
-PRESETS = {
-    "cpu": {},
-    "paper": {
-        "image_size": 32,  # CIFAR-10's 32x32
-        "width": 768, "max_width": 768, "group_width": 16, "blocks": 2,  # 3/4 x 1024 at 4..32 px; 96 groups of 1536
-        "latent_dim": 64, "batch_size": 512,  # NoiseDimension 64
-        "lr": 2e-4, "gamma": 0.05, "schedule_images": 20_000_000,  # -> 5e-5 and 0.005, beta2 0.9 -> 0.99, cosine
-        "average_decay": 0.5 ** (512 / 5_000_000),  # EMA half-life 5M images (the paper ramps it over 20M)
-        "augment": "ada",  # the paper: StyleGAN2-ADA's pipeline at a p scheduled 0 -> 0.55; here ADA's own p
-    },
-}
+PRESETS = {"cpu": {}, "paper": {
+    "image_size": 32, "nets": "resnet", "latent_dim": 64, "batch_size": 512,  # CIFAR-10, NoiseDimension 64
+    "width": 768, "max_width": 768, "group_width": 16, "blocks": 2,  # 3/4 x 1024 at 4..32 px; 96 groups of 1536
+    "lr": 2e-4, "gamma": 0.05, "schedule_images": 20_000_000,  # -> 5e-5 and 0.005, beta2 0.9 -> 0.99, cosine
+    "average_decay": 0.5 ** (512 / 5_000_000), "augment": "ada"}}  # half-life 5M images; ADA: docs/r3gan.md
 
 
 def parse_args(argv):
@@ -367,23 +384,20 @@ def parse_args(argv):
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (default) or paper; flags given win")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, stacked-mnist or a folder (default mnist)")
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
-    p.add_argument("--epochs", type=COUNT, default=6, help="total passes over the training set (default 6)")
-    p.add_argument("--batch-size", type=COUNT, default=64, help="images a step, over all processes (default 64)")
+    p.add_argument("--epochs", type=COUNT, default=30, help="total passes over the training set (default 30)")
+    p.add_argument("--batch-size", type=COUNT, default=32, help="images a step, over all processes (default 32)")
     p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, G and D (default 2e-4)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
     p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256, 512), help="default 28, 64 for a folder")
-    p.add_argument("--width", type=COUNT, default=32, help="channels at the finest resolution, G and D (default 32)")
-    p.add_argument("--max-width", type=COUNT, default=128, help="channels double at each coarser resolution up to "
-                   "this (default 128)")
-    p.add_argument("--group-width", type=COUNT, default=16, help="channels a group of each grouped 3x3 conv, as the "
-                   "paper's (default 16)")
-    p.add_argument("--blocks", type=COUNT, default=1, help="residual blocks a resolution (default 1)")
-    p.add_argument("--gamma", type=number(float, 0), default=1.0, help="weight of R1 + R2, gamma/2 (R1 + R2) "
-                   "(default 1; 0: off)")
-    p.add_argument("--schedule-images", type=number(int, 0), default=0, help="cosine schedules over N images: lr "
-                   "-> lr/4, gamma -> gamma/10, Adam's beta2 0.9 -> 0.99 (default 0: constant)")
-    p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G, a half-life ramped "
-                   "up as 0.05 x the steps (default 0.999)")
+    p.add_argument("--nets", choices=("conv", "resnet"), default="conv", help="conv (default) or the paper's resnet")
+    p.add_argument("--width", type=COUNT, default=32, help="channels at the finest resolution (default 32)")
+    p.add_argument("--max-width", type=COUNT, default=128, help="resnet: the widths' cap (default 128)")
+    p.add_argument("--group-width", type=COUNT, default=16, help="resnet: channels a group of a 3x3 (default 16)")
+    p.add_argument("--blocks", type=COUNT, default=1, help="resnet: residual blocks a resolution (default 1)")
+    p.add_argument("--gamma", type=number(float, 0), default=1.0, help="gamma/2 (R1 + R2) (default 1; 0: off)")
+    p.add_argument("--schedule-images", type=number(int, 0), default=0, help="the paper's cosines over N images "
+                   "(default 0: constant)")
+    p.add_argument("--average-decay", type=DECAY, default=0.999, help="of G's moving average (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")

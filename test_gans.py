@@ -1,6 +1,7 @@
 """The tests: python -m pytest test_gans.py (offline, CPU only). First what every training script promises
 (CONTRACT.md), run once per script on a tiny dataset; then gan.py's own variant; then each script's own."""
 import contextlib
+import copy
 import csv
 import gzip
 import inspect
@@ -2106,6 +2107,7 @@ def test_resampling_is_the_1_2_1_filter_as_bilinear_interpolation():
 
 def test_preset_paper_is_the_authors_cifar_10_configuration_and_its_parameter_count():
     args = r3gan.parse_args(["--preset", "paper"])
+    assert args.nets == "resnet" and r3gan.parse_args([]).nets == "conv"
     assert (args.width, args.max_width, args.group_width, args.blocks) == (768, 768, 16, 2)  # 96 groups of 1536
     assert (args.latent_dim, args.batch_size, args.image_size) == (64, 512, 32)
     assert (args.lr, args.gamma, args.schedule_images) == (2e-4, 0.05, 20_000_000)
@@ -2120,7 +2122,7 @@ def test_preset_paper_is_the_authors_cifar_10_configuration_and_its_parameter_co
     assert (count(G), count(D)) == (g_count, d_count) == (20_732_160, 20_683_776)
 
 
-def test_cpu_default_nets_at_28_px_halve_the_width_at_each_finer_stage_with_1x1_transitions():
+def test_resnet_nets_at_28_px_halve_the_width_at_each_finer_stage_with_1x1_transitions():
     cpu = r3gan.parse_args([])
     assert r3gan.stage_widths(28, cpu.width, cpu.max_width) == (7, [128, 64, 32])  # 7x7 basis, 14, 28 px
     assert r3gan.stage_widths(32, 8, 8) == (4, [8, 8, 8, 8])
@@ -2135,12 +2137,33 @@ def test_cpu_default_nets_at_28_px_halve_the_width_at_each_finer_stage_with_1x1_
     assert G(torch.randn(2, 64)).shape == (2, 1, 28, 28) and D(torch.randn(2, 1, 28, 28)).shape == (2,)
 
 
+def test_cpu_default_nets_are_wgan_gps_and_the_average_keeps_their_batchnorm_statistics():
+    args = r3gan.parse_args(["--image-size", "28"])
+    torch.manual_seed(0)
+    G, D = r3gan.make_nets(args, 3)
+    torch.manual_seed(0)
+    wgan_g, wgan_d = wgan_gp.Generator(64, 28, 3, 32).apply(wgan_gp.init_weights), \
+        wgan_gp.Critic(28, 3, 32).apply(wgan_gp.init_weights)
+    for ours, theirs in ((G, wgan_g), (D, wgan_d)):  # the same layers, drawn alike from the same seed
+        assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    z = torch.randn(4, 64)
+    wgan_g.eval(), G.eval()
+    torch.testing.assert_close(G(z), wgan_g(z))
+    torch.testing.assert_close(D(G(z)), wgan_d(G(z)))
+    G.train()
+    average = copy.deepcopy(G)
+    G(torch.randn(8, 64))  # moves G's BatchNorm statistics
+    r3gan.update_average(average, G, step=100, decay=0.999)
+    assert all(torch.equal(a, b) for a, b in zip(average.buffers(), G.buffers()))
+
+
 def test_schedules_are_the_papers_cosines_and_constant_without_schedule_images(tiny_data_dir, tmp_path):
     assert [r3gan.schedule(2e-4, 5e-5, n, 20_000_000) for n in (0, 10_000_000, 20_000_000, 30_000_000)] == \
         pytest.approx([2e-4, 1.25e-4, 5e-5, 5e-5])
     assert r3gan.schedule(0.05, 0.005, 10 ** 9, 0) == 0.05
     assert run(r3gan, tmp_path, tiny_data_dir, *TINY["r3gan"], "--epochs", 1, "--schedule-images", 64,
-               "--gamma", 0.1) == 0
+               "--gamma", 0.1, "--nets", "resnet") == 0
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     progress = (1 - math.cos(math.pi * 48 / 64)) / 2  # the 4th step of 16 images has seen 48 of 64
     (group,) = checkpoint["opt_d"]["param_groups"]
