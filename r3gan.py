@@ -386,7 +386,7 @@ def parse_args(argv):
     p.add_argument("--data-dir", default="data", help="where named datasets are found or downloaded (default data)")
     p.add_argument("--epochs", type=COUNT, default=30, help="total passes over the training set (default 30)")
     p.add_argument("--batch-size", type=COUNT, default=32, help="images a step, over all processes (default 32)")
-    p.add_argument("--lr", type=RATE, default=2e-4, help="Adam's learning rate, G and D (default 2e-4)")
+    p.add_argument("--lr", type=RATE, default=5e-4, help="Adam's learning rate, G and D (default 5e-4)")
     p.add_argument("--latent-dim", type=COUNT, default=64, help="size of the noise vector z (default 64)")
     p.add_argument("--image-size", type=int, choices=(28, 32, 64, 128, 256, 512), help="default 28, 64 for a folder")
     p.add_argument("--nets", choices=("conv", "resnet"), default="conv", help="conv (default) or the paper's resnet")
