@@ -1058,6 +1058,25 @@ def test_resume_keeps_the_runs_loss_r1_gamma_and_learning_rates(tiny_data_dir, t
     assert [checkpoint[k]["param_groups"][0]["lr"] for k in ("opt_g", "opt_d")] == [1e-3, 2e-4]
 
 
+def test_dcgan_truncation_cuts_z_and_is_the_conditional_runs_default(tiny_data_dir, tmp_path):
+    noise = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(dcgan.sample_z(50, 4, math.inf, noise()), torch.randn(50, 4, generator=noise()))  # none: uncut
+    z = dcgan.sample_z(20000, 4, 0.5, noise())
+    # the normal truncated to [-a, a]: variance 1 - 2a phi(a) / (2 Phi(a) - 1) = 0.2839^2 at a = 0.5
+    assert z.abs().max() <= 0.5 and abs(z.mean().item()) < 0.01 and z.std().item() == pytest.approx(0.2839, abs=0.005)
+    for flags, out, expected in ((["--conditional"], "cond", 1.75), ([], "plain", math.inf),
+                                 (["--conditional", "--truncation", "none"], "uncut", math.inf)):
+        assert run(dcgan, tmp_path, tiny_data_dir, *TINY_DCGAN, *flags, out=out) == 0
+        assert torch.load(tmp_path / out / "checkpoint.pt", weights_only=True)["args"]["truncation"] == expected
+    samples, cut = {}, ["--truncation", "1.75"]
+    for out, flags in ("cond", []), ("cond", ["--truncation", "none"]), ("uncut", []), ("cond", cut):
+        assert dcgan.main(["--out", str(tmp_path / out), "--generate", "8", *flags]) == 0  # not given: the run's
+        samples[" ".join([out, *flags])] = np.load(tmp_path / out / "samples.npz")["images"]
+    assert np.array_equal(samples["cond"], samples["cond --truncation 1.75"])
+    assert not np.array_equal(samples["cond"], samples["cond --truncation none"])
+    assert np.array_equal(samples["uncut"], samples["cond --truncation none"])  # the same weights, uncut z
+
+
 # ---- wgan_gp.py -------------------------------------------------------------------------------------------------------
 
 TINY_WGAN_GP = [*map(str, TINY["wgan_gp"]), "--epochs", "1"]
