@@ -282,7 +282,7 @@ def stop(signum, frame):  # SIGTERM, a scheduler's stop: unwinds like Ctrl-C, wi
 
 
 KEPT = ("preset", "image_size", "width", "latent_dim", "conditional", "loss", "batch_size", "lr", "lr_g", "seed",
-        "average_decay", "r1_gamma", "train_images", "augment", "truncation")
+        "average_decay", "r1_gamma", "train_images", "augment")
 
 
 def load_checkpoint(args):
