@@ -106,7 +106,7 @@ class ConvGenerator(nn.Sequential):
     transposed conv a doubling, BatchNorm and ReLU between, tanh."""
 
     def __init__(self, latent_dim, image_size, channels, width):
-        side, widths = stage_widths(image_size // 2, width, width << 10)  # 7, 14 px: 2w, w at 28 px
+        side, widths = stage_widths(image_size // 2, width, math.inf)  # no cap; 7, 14 px: 2w, w at 28 px
         layers = [nn.Unflatten(1, (latent_dim, 1, 1)), nn.ConvTranspose2d(latent_dim, widths[0], side, bias=False)]
         for c_in, c_out in zip(widths, widths[1:]):  # (B, 2w, 7, 7) -> (B, w, 14, 14) at 28 px
             layers += [nn.BatchNorm2d(c_in), nn.ReLU(), nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False)]
@@ -117,7 +117,7 @@ class ConvGenerator(nn.Sequential):
 
 class ConvDiscriminator(nn.Sequential):  # --nets conv: wgan_gp.py's critic (layer norm, not BatchNorm); -> (B,)
     def __init__(self, image_size, channels, width):
-        side, widths = stage_widths(image_size // 2, width, width << 10)
+        side, widths = stage_widths(image_size // 2, width, math.inf)
         layers = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]  # (B, w, 14, 14) at 28 px
         for c_in, c_out in zip(widths[::-1], widths[-2::-1]):  # (B, 2w, 7, 7)
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(1, c_out), nn.LeakyReLU(0.2)]
