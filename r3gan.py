@@ -397,7 +397,7 @@ def parse_args(argv):
     p.add_argument("--gamma", type=number(float, 0), default=1.0, help="gamma/2 (R1 + R2) (default 1; 0: off)")
     p.add_argument("--schedule-images", type=number(int, 0), default=0, help="the paper's cosines over N images "
                    "(default 0: constant)")
-    p.add_argument("--average-decay", type=DECAY, default=0.999, help="of G's moving average (default 0.999)")
+    p.add_argument("--average-decay", type=DECAY, default=0.995, help="of G's moving average (default 0.995)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="what D sees (default none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32), default=0, help="seeds everything (default 0)")
