@@ -435,6 +435,10 @@ def number(kind, low, high=math.inf):
 COUNT, RATE, DECAY = number(int, 1), number(float, 1e-12), number(float, 0, 1)
 
 
+def truncation(text):  # --truncation T >= 0, or none: z not cut
+    return None if text == "none" else number(float, 0)(text)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, no usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -444,7 +448,7 @@ class ArgumentParser(argparse.ArgumentParser):
 PRESETS = {
     "cpu": {},  # the defaults: 3 epochs of Fashion-MNIST at 28 px, 5,625 steps of 0.14 s on 2 CPU cores
     "paper": {"image_size": 32, "width": 256, "latent_dim": 128, "shared_dim": 0, "hier": False, "attention": 0,
-              "ortho_beta": 0.0, "batch_size": 50, "d_steps": 4, "average_decay": 0.9999},
+              "ortho_beta": 0.0, "batch_size": 50, "d_steps": 4, "average_decay": 0.9999, "truncation": None},
 }
 
 
@@ -466,7 +470,8 @@ def parse_args(argv):
                    "0: none)")
     p.add_argument("--ortho-beta", type=number(float, 0), default=1e-4, help="G's ortho. regularisation (default 1e-4)")
     p.add_argument("--d-steps", type=COUNT, default=1, help="D steps a G step, each on its own batch (default 1)")
-    p.add_argument("--truncation", type=number(float, 0), metavar="T", help="sample z truncated to [-T, T]")
+    p.add_argument("--truncation", type=truncation, default=1.5, metavar="T", help="sample z cut to [-T, T], or none "
+                   "(default 1.5)")
     p.add_argument("--average-decay", type=DECAY, default=0.999, help="of the moving average of G (default 0.999)")
     p.add_argument("--train-images", type=COUNT, help="train on the first N training images only (default all)")
     p.add_argument("--augment", choices=("none", "diffaug", "ada"), default="none", help="augment every image D "

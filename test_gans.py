@@ -1849,6 +1849,7 @@ def test_truncated_z_is_the_normal_inside_t_and_t_0_gives_one_image_per_class():
     torch.testing.assert_close(z.quantile(q), normal[normal.abs() <= 0.5][:100000].quantile(q), atol=0.01, rtol=0)
     images = biggan.generate_images(models_biggan()[0], torch.tensor([0, 0, 5, 5]), 8, "cpu", seed=1, truncation=0)
     assert torch.equal(images[0], images[1]) and torch.equal(images[2], images[3]) and not torch.equal(*images[1:3])
+    assert biggan.parse_args([]).truncation == 1.5 and biggan.parse_args(["--truncation", "none"]).truncation is None
 
 
 def test_spectral_norm_keeps_every_layers_largest_singular_value_near_1():
@@ -1896,7 +1897,8 @@ def test_d_steps_group_the_batches_one_d_update_each_then_one_g_update_on_every_
 def test_paper_preset_builds_the_authors_cifar_10_networks():
     args = biggan.parse_args(["--preset", "paper"])  # launch_cifar_ema.sh; lr 2e-4 for G and D like the defaults
     assert vars(args).items() >= dict(image_size=32, width=256, latent_dim=128, shared_dim=0, hier=False, attention=0,
-                                      ortho_beta=0, batch_size=50, d_steps=4, average_decay=0.9999, lr=2e-4).items()
+                                      ortho_beta=0, batch_size=50, d_steps=4, average_decay=0.9999, lr=2e-4,
+                                      truncation=None).items()
     G = biggan.Generator(args.latent_dim, 32, 3, args.width, 10, args.shared_dim, args.hier, args.attention)
     D = biggan.Discriminator(32, 3, args.width, 10, args.attention)
     # BigGAN-PyTorch's counts for the model of launch_cifar_ema.sh
